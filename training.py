@@ -1,0 +1,614 @@
+"""training.py -- what the training scripts (train_lm.py, train_vit.py) share.
+
+Nothing here knows about language or images: a script hands `train_loop` a model, an optimiser,
+a `batch_fn(step, micro)` that returns this process's share of a batch, and a
+`loss_fn(model, batch) -> (mean loss, units)`; everything else lives here, once.
+
+The maths the loop implements
+-----------------------------
+Global batch.  With W processes (DDP through `torchrun`) and k micro-batches per optimiser step
+(gradient accumulation), each micro-batch holds B / (W k) examples and its loss is a mean over
+them.  The loop back-propagates loss / k and DDP averages gradients over processes, so
+
+    g = (1/W) Σ_r (1/k) Σ_m ∇ mean_loss(r, m) = ∇ (1/B) Σ_b loss_b          (equal micro-batches)
+
+which is exactly the gradient of the global mean: 1 process with batch B and 2 processes with
+B/2 each take the same step (up to float rounding), which the tests check.
+
+Clipping (global norm):  g ← g · min(1, c / ‖g‖₂).
+
+Schedule (linear warmup, then cosine to a floor), step s = 0, 1, ..., S-1:
+
+    lr(s) = lr_max · (s + 1) / w                                      s < w
+    lr(s) = lr_min + (lr_max − lr_min) · (1 + cos(π p)) / 2,  p = (s − w) / (S − w)   s ≥ w
+
+Exact resume.  A checkpoint holds model, optimiser, step, every RNG state (Python, NumPy,
+torch CPU and CUDA) and the run's config.  Batches are a pure function of (seed, step), so
+restoring those states replays the same arithmetic: on CPU the losses after `--resume` equal the
+uninterrupted run's bit for bit (the tests check it).  Checkpoints are written to a temporary
+file and renamed (os.replace is atomic on POSIX), so a kill never leaves a half-written one.
+
+Signals.  SIGTERM / SIGINT set a flag; the loop finishes the optimiser step it is in, saves a
+checkpoint and returns "interrupted" (a second Ctrl-C kills at once).  Under DDP the ranks agree
+on the flag with an all-reduce, so they all stop at the same step.
+
+Precision and speed.  On CUDA: bf16 autocast (no loss scaling needed: bf16 has fp32's exponent
+range) and torch.compile.  On MPS and CPU: float32, eager.  Device order: cuda > mps > cpu.
+
+A run folder holds config.json, versions.json, metrics.csv (long format: step, split, metric,
+value), loss.png and ckpt.pt.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+
+# ----------------------------------------------------------------------------------------------
+# Device, precision, distributed
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Runtime:
+    """Where this process runs: its device, its rank among `world_size` processes, and the
+    autocast dtype (bf16 on CUDA, None = float32 elsewhere)."""
+    device: torch.device
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    amp_dtype: torch.dtype | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' picks cuda > mps > cpu; 'cuda' / 'mps' / 'cpu' are checked to exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name not in ("cuda", "mps", "cpu"):
+        raise ValueError(f"unknown device {name!r}: choose auto, cuda, mps or cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but this PyTorch sees no CUDA GPU")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError("--device mps was asked for but this machine has no usable MPS device")
+    return torch.device(name)
+
+
+def setup_runtime(device: str = "auto", amp: bool = True) -> Runtime:
+    """One process's runtime.  Under `torchrun` (env WORLD_SIZE > 1) it joins the process group:
+    NCCL with one GPU per process on CUDA, gloo on CPU."""
+    dev = pick_device(device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1:
+        if dev.type == "mps":
+            raise ValueError("DDP is not supported on MPS: run one process, or use CUDA or CPU")
+        if dev.type == "cuda":
+            dev = torch.device("cuda", local)
+            torch.cuda.set_device(dev)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    amp_dtype = torch.bfloat16 if (amp and dev.type == "cuda") else None
+    return Runtime(device=dev, rank=rank, local_rank=local, world_size=world, amp_dtype=amp_dtype)
+
+
+def teardown(rt: Runtime) -> None:
+    if rt.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def autocast(rt: Runtime):
+    """bf16 autocast on CUDA, nothing elsewhere."""
+    if rt.amp_dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=rt.device.type, dtype=rt.amp_dtype)
+
+
+def wrap_model(model: torch.nn.Module, rt: Runtime, *, compile: bool | None = None,
+               find_unused_parameters: bool = False) -> torch.nn.Module:
+    """DDP (when distributed), then torch.compile (CUDA only unless compile=True is forced).
+    Keep a reference to the raw model: checkpoints and evaluation use it."""
+    out = model
+    if rt.distributed:
+        ids = [rt.device.index] if rt.device.type == "cuda" else None
+        out = torch.nn.parallel.DistributedDataParallel(
+            out, device_ids=ids, find_unused_parameters=find_unused_parameters)
+    if compile if compile is not None else rt.device.type == "cuda":
+        out = torch.compile(out)
+    return out
+
+
+def all_reduce(x: torch.Tensor, rt: Runtime, op: str = "sum") -> torch.Tensor:
+    """Sum / max / mean of a tensor over processes (identity on one process)."""
+    if not rt.distributed:
+        return x
+    y = x.detach().clone()
+    dist.all_reduce(y, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return y / rt.world_size if op == "mean" else y
+
+
+def split_batch(global_batch: int, rt: Runtime, grad_accum: int) -> int:
+    """Examples per micro-batch on this process: B / (W k), which must be a whole number."""
+    parts = rt.world_size * grad_accum
+    if global_batch < 1 or grad_accum < 1 or global_batch % parts:
+        raise ValueError(f"the global batch size {global_batch} must be a positive multiple of "
+                         f"processes × gradient-accumulation steps = {rt.world_size} × {grad_accum}")
+    return global_batch // parts
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedule
+# ----------------------------------------------------------------------------------------------
+def cosine_lr(step: int, *, lr: float, total: int, warmup: int = 0, min_lr: float = 0.0) -> float:
+    """Linear warmup over `warmup` steps, then cosine from lr to min_lr at step `total`."""
+    if step < warmup:
+        # lr(s) = lr_max (s + 1) / w
+        return lr * (step + 1) / warmup
+    # p = (s − w) / (S − w), clamped to [0, 1]
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    # lr(s) = lr_min + (lr_max − lr_min) (1 + cos πp) / 2
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG state, checkpoints, config checks
+# ----------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every RNG the loop may touch.  Stored as tensors / plain Python values so the checkpoint
+    loads with torch.load(weights_only=True)."""
+    mt, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call write(tmp_path), then rename tmp onto path: readers see the old file or the new one,
+    never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_checkpoint(path, *, model, optimizer, step: int, config: dict, extra: dict | None = None) -> None:
+    """Atomic checkpoint: model, optimiser, step, RNG states, config (and anything in extra)."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": int(step),
+             "rng": rng_state(), "config": dict(config), "extra": extra or {}}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Read a checkpoint written by save_checkpoint; a missing, corrupt or truncated file is a
+    ValueError with one sentence."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "ckpt.pt"
+    if not path.is_file():
+        raise ValueError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
+        raise ValueError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__})") from None
+    if not isinstance(state, dict) or not {"model", "optimizer", "step", "rng", "config"} <= set(state):
+        raise ValueError(f"{path} is not a checkpoint written by this project's training.py")
+    return state
+
+
+def check_config(saved: dict, current: dict, keys, where: str = "the checkpoint") -> None:
+    """Refuse to resume a run whose model / data settings differ: name the first difference."""
+    for k in keys:
+        if saved.get(k) != current.get(k):
+            raise ValueError(f"{where} comes from another config: it has {k}={saved.get(k)!r} "
+                             f"but this command asks for {k}={current.get(k)!r}")
+
+
+def restore(state: dict, model: torch.nn.Module, optimizer) -> int:
+    """Load model, optimiser and RNG states; return the step to continue from."""
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise ValueError(f"the checkpoint does not fit this model ({first})") from None
+    set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Run folder: config.json, versions.json, metrics.csv, loss.png
+# ----------------------------------------------------------------------------------------------
+def versions() -> dict:
+    """What produced the numbers: interpreter, libraries, machine, git commit, command line."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,
+            "platform": platform.platform(), "processor": platform.processor(),
+            "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "git_commit": commit or None, "argv": sys.argv}
+
+
+class RunDir:
+    """A run's folder.  Only the main process writes; other ranks get no-op calls."""
+    FIELDS = ("step", "split", "metric", "value")
+
+    def __init__(self, path, *, active: bool = True):
+        self.path = Path(path)
+        self.active = active
+        self.ckpt = self.path / "ckpt.pt"
+        self.metrics = self.path / "metrics.csv"
+
+    def write_json(self, name: str, obj) -> None:
+        if self.active:
+            atomic_write(self.path / name, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
+
+    def start(self, config: dict, *, resume_step: int | None = None) -> None:
+        """A new run writes config.json, versions.json and the metrics header; a resumed run
+        drops the metric rows written after its checkpoint (so the log matches an unbroken run)."""
+        if not self.active:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.write_json("config.json", config)
+        self.write_json("versions.json", versions())
+        rows = [r for r in self.read() if resume_step is not None and r["step"] <= resume_step]
+        atomic_write(self.metrics, lambda tmp: self._write_rows(tmp, rows))
+
+    def _write_rows(self, path, rows) -> None:
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(self.FIELDS)
+            w.writerows([(r["step"], r["split"], r["metric"], repr(r["value"])) for r in rows])
+
+    def read(self) -> list[dict]:
+        """metrics.csv as a list of dicts (malformed rows from a hard kill are skipped)."""
+        if not self.metrics.exists():
+            return []
+        out = []
+        with open(self.metrics, newline="") as f:
+            for row in csv.DictReader(f):
+                try:
+                    out.append({"step": int(row["step"]), "split": row["split"], "metric": row["metric"],
+                                "value": float(row["value"])})
+                except (TypeError, ValueError, KeyError):
+                    continue
+        return out
+
+    def log(self, step: int, split: str, metrics: dict) -> None:
+        if not self.active:
+            return
+        with open(self.metrics, "a", newline="") as f:
+            csv.writer(f).writerows([(step, split, k, repr(float(v))) for k, v in metrics.items()])
+
+    def plot(self, title: str = "", metric: str = "loss") -> None:
+        """loss.png: `metric` against step, one line per split."""
+        if not self.active:
+            return
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        series: dict[str, list] = {}
+        for r in self.read():
+            if r["metric"] == metric:
+                series.setdefault(r["split"], []).append((r["step"], r["value"]))
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for split, pts in series.items():
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, "-" if split == "train" else "o-", label=split, lw=1 if split == "train" else 1.5)
+        ax.set_xlabel("optimiser step")
+        ax.set_ylabel(f"{metric} (nats per token)" if metric == "loss" else metric)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        if series:
+            ax.legend()
+        fig.tight_layout()
+        atomic_write(self.path / "loss.png", lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+        plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Signals
+# ----------------------------------------------------------------------------------------------
+class GracefulExit:
+    """Within `with GracefulExit() as g:`, SIGTERM / SIGINT set g.signum instead of killing the
+    process; a second signal restores the default behaviour and re-raises at once."""
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+        self.signals = signals
+        self.signum: int | None = None
+        self._old = {}
+
+    def _handler(self, signum, frame):
+        if self.signum is not None:  # second signal: give up waiting
+            self._restore()
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+
+    def _restore(self):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handler) for s in self.signals}
+        return self
+
+    def __exit__(self, *exc):
+        self._restore()
+        return False
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# Downloads
+# ----------------------------------------------------------------------------------------------
+def file_digest(path, algo: str) -> str:
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_file(path, *, sha256: str | None = None, md5: str | None = None, size: int | None = None) -> None:
+    """ValueError unless the file has the expected size and digest (those that are given)."""
+    path = Path(path)
+    if size is not None and path.stat().st_size != size:
+        raise ValueError(f"{path} has {path.stat().st_size} bytes, not the published {size}: "
+                         f"it is truncated or another file (delete it and download again)")
+    for algo, want in (("sha256", sha256), ("md5", md5)):
+        if want and file_digest(path, algo) != want:
+            raise ValueError(f"{path} does not match its published {algo} checksum "
+                             f"(delete it and download again)")
+
+
+def download(urls, dest, *, sha256: str | None = None, md5: str | None = None, size: int | None = None,
+             timeout: float = 60.0) -> Path:
+    """Fetch a file into the cache once, with a progress bar, verified before it is renamed into
+    place (a failed or interrupted download leaves nothing at `dest`).  A cached file is verified
+    again on every use.  Offline: one sentence saying where to put the file by hand."""
+    dest = Path(dest)
+    urls = [urls] if isinstance(urls, str) else list(urls)
+    if dest.exists():
+        verify_file(dest, sha256=sha256, md5=md5, size=size)
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + f".part{os.getpid()}")
+    errors = []
+    for url in urls:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as r, open(part, "wb") as f:
+                total = int(r.headers.get("Content-Length") or 0) or size
+                with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {dest.name}") as bar:
+                    while chunk := r.read(1 << 20):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            part.unlink(missing_ok=True)
+            errors.append(f"{url}: {getattr(e, 'reason', e)}")
+            continue
+        try:
+            verify_file(part, sha256=sha256, md5=md5, size=size)
+        except ValueError:
+            part.unlink(missing_ok=True)
+            raise ValueError(f"the file downloaded from {url} does not match its published checksum "
+                             f"or size, so it was discarded") from None
+        os.replace(part, dest)
+        return dest
+    raise ValueError(f"could not download {dest.name} ({'; '.join(errors)}); if this machine is "
+                     f"offline, fetch {urls[0]} elsewhere and put it at {dest}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop
+# ----------------------------------------------------------------------------------------------
+def train_loop(model, optimizer, *, rt: Runtime, run: RunDir, config: dict, steps: int,
+               batch_fn, loss_fn, eval_fn=None, raw_model=None, lr: float, warmup: int = 0,
+               min_lr: float = 0.0, grad_accum: int = 1, clip: float = 0.0, eval_every: int = 0,
+               ckpt_every: int = 0, log_every: int = 10, start_step: int = 0, unit: str = "tok",
+               extra_state: dict | None = None, title: str = "") -> dict:
+    """Run optimiser steps start_step .. steps-1.
+
+    batch_fn(step, micro) -> this process's micro-batch;  loss_fn(model, batch) -> (mean loss,
+    number of units in the batch);  eval_fn(raw_model) -> {split: {metric: value}}, called in
+    eval mode under no_grad at every `eval_every` steps and at the end.  Returns
+    {"status": "done" | "interrupted", "step", "signal", "eval": last eval}.
+    """
+    raw = raw_model if raw_model is not None else model
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel) or \
+        isinstance(getattr(model, "_orig_mod", None), torch.nn.parallel.DistributedDataParallel)
+    params = [p for p in raw.parameters() if p.requires_grad]
+    last_eval: dict = {}
+
+    def evaluate(step):
+        nonlocal last_eval
+        if eval_fn is None:
+            return
+        raw.eval()
+        with torch.no_grad(), autocast(rt):
+            last_eval = eval_fn(raw)
+        raw.train()
+        for split, metrics in last_eval.items():
+            run.log(step, split, metrics)
+        if rt.is_main:
+            tqdm.write(f"step {step}: " + "  ".join(f"{s} {k} {v:.4f}" for s, m in last_eval.items()
+                                                    for k, v in m.items()))
+        run.plot(title)
+
+    def save(step):
+        if rt.is_main:
+            save_checkpoint(run.ckpt, model=raw, optimizer=optimizer, step=step, config=config,
+                            extra=extra_state)
+        if rt.distributed:
+            dist.barrier()
+
+    step = start_step
+    raw.train()
+    loss_sum = torch.zeros((), device=rt.device)
+    n_logged, units_since, t_since = 0, 0, time.perf_counter()
+    bar = tqdm(total=steps, initial=start_step, unit="step", disable=not rt.is_main, dynamic_ncols=True)
+    with GracefulExit() as stop:
+        while step < steps:
+            # the learning rate of this step, from the schedule
+            lr_now = cosine_lr(step, lr=lr, total=steps, warmup=warmup, min_lr=min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_now * group.get("lr_scale", 1.0)
+            units = 0
+            for micro in range(grad_accum):
+                batch = batch_fn(step, micro)
+                # skip DDP's gradient all-reduce on all but the last micro-batch
+                sync = nullcontext() if (not ddp or micro == grad_accum - 1) else model.no_sync()
+                with sync:
+                    with autocast(rt):
+                        loss, n = loss_fn(model, batch)
+                    # accumulate ∇(loss / k): the mean over the k micro-batches
+                    (loss / grad_accum).backward()
+                loss_sum += loss.detach().float() / grad_accum
+                units += int(n)
+            # g ← g · min(1, c / ‖g‖)  (c = inf only measures the norm)
+            gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            n_logged += 1
+            units_since += units * rt.world_size
+            bar.update(1)
+            stop_now = stop.requested
+            if rt.distributed:  # all ranks stop at the same step
+                flag = torch.tensor(float(stop_now), device=rt.device)
+                stop_now = bool(all_reduce(flag, rt, "max").item())
+            if step % max(1, log_every) == 0 or step == steps or stop_now:
+                # mean training loss over the steps since the last log line, averaged over ranks
+                mean_loss = all_reduce(loss_sum / n_logged, rt, "mean").item()
+                if not math.isfinite(mean_loss):
+                    raise ValueError(f"the training loss became {mean_loss} at step {step}: "
+                                     f"lower --lr or raise --warmup")
+                dt = time.perf_counter() - t_since
+                rate = units_since / max(dt, 1e-9)
+                run.log(step, "train", {"loss": mean_loss, "lr": lr_now, "grad_norm": float(gnorm),
+                                        f"{unit}_per_s": rate})
+                bar.set_postfix({"loss": f"{mean_loss:.4f}", f"{unit}/s": f"{rate:,.0f}"})
+                loss_sum.zero_()
+                n_logged, units_since, t_since = 0, 0, time.perf_counter()
+            if eval_every and step % eval_every == 0 and step < steps:
+                evaluate(step)
+                t_since = time.perf_counter()  # the throughput counts training time only
+            if stop_now or step == steps or (ckpt_every and step % ckpt_every == 0):
+                if step == steps:
+                    evaluate(step)
+                    if eval_fn is None:
+                        run.plot(title)
+                save(step)
+            if stop_now:
+                bar.close()
+                return {"status": "interrupted", "step": step, "signal": stop.signum, "eval": last_eval}
+    bar.close()
+    if step == start_step:  # nothing left to train: still evaluate what the checkpoint holds
+        evaluate(step)
+    return {"status": "done", "step": step, "signal": None, "eval": last_eval}
+
+
+# ----------------------------------------------------------------------------------------------
+# Scripts: bad input is one sentence and exit code 2
+# ----------------------------------------------------------------------------------------------
+USER_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, PermissionError)
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a ValueError (one sentence, exit 2 through run_cli)
+    instead of printing its usage block."""
+
+    def error(self, message):
+        raise ValueError(message)
+
+
+def run_cli(main, argv=None) -> int:
+    """Call main(argv); turn a user error into one sentence on stderr and exit code 2."""
+    try:
+        return int(main(argv) or 0)
+    except USER_ERRORS as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, OSError) and e.filename:
+            msg = f"{e.strerror or 'cannot open'}: {e.filename}"
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    parser = ArgParser(description=__doc__.split("\n\n")[0] + " (a library: run "
+                                     "train_lm.py or train_vit.py).  This entry point prints the "
+                                     "warmup+cosine schedule for the given settings.")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--min-lr", type=float, default=0.0)
+
+    def _main(argv):
+        a = parser.parse_args(argv)
+        if a.steps < 1 or a.warmup < 0 or a.lr <= 0:
+            raise ValueError("--steps must be ≥ 1, --warmup ≥ 0 and --lr > 0")
+        for s in sorted({0, a.warmup - 1, a.warmup, a.steps // 2, a.steps - 1} - {-1}):
+            print(f"step {s:>6}  lr {cosine_lr(s, lr=a.lr, total=a.steps, warmup=a.warmup, min_lr=a.min_lr):.3e}")
+    sys.exit(run_cli(_main))
