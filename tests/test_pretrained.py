@@ -83,7 +83,8 @@ def test_tiny_models_match_transformers(kind, dtype, tol):
     net = P.from_hf(hf, dtype)
     g = torch.Generator().manual_seed(1)
     vision = kind in ("vit", "deit")
-    x = torch.randn(2, 3, 8, 8, dtype=dtype, generator=g) if vision else torch.randint(0, 50, (2, 9), generator=g)
+    x = (torch.randn(2, 3, 8, 8, dtype=dtype, generator=g) if vision
+         else torch.randint(0, 50, (2, 9), generator=g))
     with torch.no_grad():
         ref, out = hf(x, output_hidden_states=True), net(x)
     assert len(out.hidden_states) == net.config.n_layers + 1
@@ -163,6 +164,21 @@ def test_gguf_file_with_llama_cpp_permutation_loads_with_interleaved_rope(tmp_pa
         assert (net(ids).logits - ref).abs().max() > 1e-2
 
 
+def test_load_a_local_transformers_folder(tmp_path):
+    hf = _tiny("gpt2").eval()
+    _random_llm_weights(hf)
+    hf.save_pretrained(str(tmp_path))                      # weights + config, no tokenizer files
+    net = P.load(str(tmp_path))
+    assert net.tokenizer is None and net.config.arch == "gpt2"
+    ids = torch.randint(0, 50, (1, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(net(ids).logits, hf(ids).logits, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="no tokenizer"):
+        P.hidden_states(net, "some text")
+    with pytest.raises(ValueError, match="empty input"):
+        P.hidden_states(net, [])
+
+
 # ------------------------------------------------------------------------------------------------
 # layer_matrices: an independent recomputation of attention from (Q, K, V, O)
 # ------------------------------------------------------------------------------------------------
@@ -240,7 +256,8 @@ def test_minilm_sentence_embedding_matches_transformers_bert(minilm):
 
 def test_minilm_layout_tokenizer_and_semantics(minilm):
     c = minilm.config
-    assert (c.arch, c.n_layers, c.n_heads, c.d, c.pe, c.prenorm) == ("bert", 6, 12, 384, "absolute-learned", False)
+    assert (c.arch, c.n_layers, c.n_heads, c.d, c.pe, c.prenorm) == (
+        "bert", 6, 12, 384, "absolute-learned", False)
     # standard BERT uncased ids: [CLS] hello world [SEP]
     assert minilm.tokenizer.encode("Hello world") == [101, 7592, 2088, 102]
     states = P.hidden_states(minilm, "Hello world")
@@ -252,7 +269,8 @@ def test_minilm_layout_tokenizer_and_semantics(minilm):
 
 def test_smollm2_knows_the_capital_of_france(smollm2):
     c = smollm2.config
-    assert (c.arch, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.pe) == ("llama", 30, 9, 3, 64, "rotary")
+    assert (c.arch, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.pe) == (
+        "llama", 30, 9, 3, 64, "rotary")
     assert c.rope_pairing == "interleaved" and c.rope_base == 100000.0 and c.tie
     top = [t for t, _ in P.top_next_tokens(smollm2, "The capital of France is", 5)]
     assert " Paris" in top
@@ -278,7 +296,8 @@ def test_smollm2_gguf_needs_the_interleaved_pairing(smollm2):
     finally:
         for layer in smollm2.layers:
             layer.attn.rope_pairing = "interleaved"
-    assert right < 3.5 and wrong > right + 0.5, (right, wrong)
+    # measured: 2.55 nats interleaved, 3.71 half (both still say " Paris" on the 5-token prompt)
+    assert right < 3.0 and wrong > right + 0.6, (right, wrong)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -288,6 +307,11 @@ def test_unknown_names_raise_value_error(tmp_path):
     for bad in ["no such model!", "", "../../x y"]:
         with pytest.raises(ValueError, match="unknown model|non-empty"):
             P.load(bad)
+    if importlib.util.find_spec("gguf") is not None:
+        bad = tmp_path / "bad.gguf"
+        bad.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(range(100)))   # truncated header
+        with pytest.raises(ValueError, match="cannot read GGUF"):
+            P.load(str(bad))
     pytest.importorskip("transformers")
     with pytest.raises(ValueError, match="unknown model"):
         P.load(str(tmp_path))                              # a folder with no checkpoint in it
