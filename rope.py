@@ -60,6 +60,11 @@ def _check_finite(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} contains non-finite values (NaN or inf).")
 
 
+def _broadcasts(small: tuple, big: tuple) -> bool:
+    """True when shape `small` broadcasts against `big` (plain Python: this runs every forward)."""
+    return len(small) <= len(big) and all(a in (1, b) or b == 1 for a, b in zip(small[::-1], big[::-1]))
+
+
 def _angle_dtype(x: torch.Tensor) -> torch.dtype:
     # float64 stays float64; anything lower (float32, bf16, fp16) gets float32 angles.
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -108,13 +113,10 @@ def apply_rope(x: torch.Tensor, positions, base: float = 10000.0, pairing: str =
     pos = torch.as_tensor(positions, device=x.device)
     adt = _angle_dtype(x)
     theta = rope_frequencies(rd, base, device=x.device, dtype=adt)
-    try:
-        # angle_{t,k} = t θ_k  (computed in float32/float64, then cast to x's dtype)
-        ang = pos.to(adt).unsqueeze(-1) * theta
-        torch.broadcast_shapes(ang.shape[:-1], x.shape[:-1])
-    except RuntimeError as e:
-        raise ValueError(f"positions of shape {tuple(pos.shape)} do not fit x of shape "
-                         f"{tuple(x.shape)}: {e}") from None
+    if not _broadcasts(tuple(pos.shape), tuple(x.shape[:-1])):
+        raise ValueError(f"positions of shape {tuple(pos.shape)} do not fit x of shape {tuple(x.shape)}.")
+    # angle_{t,k} = t θ_k  (computed in float32/float64, then cast to x's dtype)
+    ang = pos.to(adt).unsqueeze(-1) * theta
     cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
     if rd == d:
         return _rotate_pairs(x, cos, sin, pairing)
