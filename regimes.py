@@ -69,7 +69,7 @@ def _as_float64(name: str, M) -> torch.Tensor:
         raise ValueError(f"{name} must be a matrix, got shape {tuple(M.shape)}.")
     if not torch.isfinite(M).all():
         raise ValueError(f"{name} contains non-finite values (NaN or inf).")
-    return M.double()
+    return M.detach().double()
 
 
 def inertia(S: torch.Tensor, tol: float = 1e-6) -> tuple[int, int, int]:
