@@ -282,7 +282,10 @@ def analyse_layer(Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, O: torch.Te
     * the layer: W = Σₕ Wₕ (the logit form when all heads attend alike) and the multi-head value
       path M = Σₕ Vₕ Oₕ = V O (the d × d map that a token's attention update applies), so the
       layer's A = W (Mᵀ)⁻¹, classified as for the single-head field, with cond(M) reported. When M
-      is ill-conditioned (cond > cond_max) A is not formed and the layer regime is "undefined".
+      is singular or ill-conditioned (cond > cond_max — e.g. grouped-query attention, where
+      rank M ≤ n_kv·d_h < d) no A satisfies A Mᵀ = W in general (it needs ker Mᵀ ⊆ ker W). The
+      layer regime is then "undefined"; we report rank(M) and the least-squares A = W (Mᵀ)⁺ with its
+      relative residual ‖A Mᵀ − W‖/‖W‖, which says how far the identity (I) is from holding.
     """
     Q, K, V = _as_float64("Q", Q), _as_float64("K", K), _as_float64("V", V)
     d, hq = Q.shape
@@ -313,7 +316,10 @@ def analyse_layer(Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, O: torch.Te
         out.update(A=A, regime=r["regime"], inertia_A=r["inertia_A"],
                    eig_W_sym=r["eig_W_sym"], eig_A_sym=r["eig_A_sym"])
     else:
-        out.update(A=None, regime="undefined", inertia_A=None,
+        A_lsq = W @ torch.linalg.pinv(M.T)                          # least squares: A Mᵀ ≈ W
+        resid = float(torch.linalg.norm(A_lsq @ M.T - W) / torch.linalg.norm(W).clamp_min(1e-300))
+        out.update(A=None, regime="undefined", inertia_A=None, rank_M=int(torch.linalg.matrix_rank(M)),
+                   A_lsq=A_lsq, A_lsq_residual=resid, inertia_A_lsq=inertia(A_lsq, tol),
                    eig_W_sym=torch.linalg.eigvalsh(sym(W)), eig_A_sym=None)
     return out
 
