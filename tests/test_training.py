@@ -1,0 +1,189 @@
+"""training.py: schedule, checkpoints, exact resume through a real SIGTERM, gradient accumulation,
+run folder, verified downloads, and the one-sentence / exit-2 contract."""
+import hashlib
+import http.server
+import math
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import training  # noqa: E402
+
+
+def test_cosine_lr_closed_form():
+    lr, lo, w, S = 1e-3, 1e-4, 10, 110
+    f = lambda s: training.cosine_lr(s, lr=lr, total=S, warmup=w, min_lr=lo)
+    # warmup: lr (s + 1) / w, reaching the peak at s = w − 1
+    assert [f(s) for s in range(w)] == pytest.approx([lr * (s + 1) / w for s in range(w)])
+    assert f(w) == pytest.approx(lr)
+    # half-way through the cosine: (lr + lr_min) / 2; at the end: lr_min
+    assert f(w + (S - w) // 2) == pytest.approx((lr + lo) / 2)
+    assert f(S) == pytest.approx(lo) and f(S + 50) == pytest.approx(lo)
+    after = [f(s) for s in range(w, S + 1)]
+    assert all(a >= b for a, b in zip(after, after[1:]))
+    # min_lr = lr is a constant schedule (the enwik8 preset)
+    assert training.cosine_lr(37, lr=lr, total=S, min_lr=lr) == pytest.approx(lr)
+
+
+def test_checkpoint_roundtrip_corruption_and_config_check(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    path = tmp_path / "run" / "ckpt.pt"
+    training.save_checkpoint(path, model=model, optimizer=opt, step=7, config={"d": 3})
+    assert sorted(os.listdir(path.parent)) == ["ckpt.pt"]          # no temporary file left
+    state = training.load_checkpoint(path.parent)                  # a folder finds its ckpt.pt
+    assert state["step"] == 7 and state["config"] == {"d": 3}
+    assert torch.equal(state["model"]["weight"], model.weight)
+    # truncated and garbage files are one ValueError sentence
+    (tmp_path / "trunc.pt").write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    for bad in ("trunc.pt", "junk.pt", "missing.pt"):
+        with pytest.raises(ValueError, match="checkpoint"):
+            training.load_checkpoint(tmp_path / bad)
+    with pytest.raises(ValueError, match=r"d=3.*d=4"):
+        training.check_config({"d": 3}, {"d": 4}, ["d"])
+    with pytest.raises(ValueError, match="does not fit"):
+        training.restore(state, torch.nn.Linear(3, 5), opt)
+
+
+def test_rng_state_roundtrip():
+    training.seed_everything(3)
+    state = training.rng_state()
+    a = (torch.rand(3), __import__("numpy").random.rand(2), __import__("random").random())
+    training.set_rng_state(state)
+    b = (torch.rand(3), __import__("numpy").random.rand(2), __import__("random").random())
+    assert torch.equal(a[0], b[0]) and (a[1] == b[1]).all() and a[2] == b[2]
+
+
+# -- the shared loop on a tiny regression model ----------------------------------------------------
+def _tiny_run(tmp, *, steps, grad_accum=1, kill_at=None, resume=False, batch=8, dropout=0.3):
+    """A 2-layer MLP with dropout (so RNG state matters) trained by training.train_loop."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Dropout(dropout), torch.nn.Tanh(),
+                                torch.nn.Linear(16, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    rt = training.Runtime(device=torch.device("cpu"))
+    run = training.RunDir(tmp)
+    start = training.restore(training.load_checkpoint(run.ckpt), model, opt) if resume else 0
+    run.start({"d": 4}, resume_step=start if resume else None)
+    micro = training.split_batch(batch, rt, grad_accum)
+
+    def batch_fn(step, m):  # a pure function of (step, micro)
+        g = torch.Generator().manual_seed(1000 * step + 1)
+        x = torch.randn(batch, 4, generator=g)
+        y = torch.sin(x.sum(1, keepdim=True))
+        return x[m * micro:(m + 1) * micro], y[m * micro:(m + 1) * micro]
+
+    def loss_fn(mdl, b):
+        if loss_fn.step == kill_at:
+            os.kill(os.getpid(), signal.SIGTERM)                       # a real signal, mid-step
+        loss_fn.step += 1
+        return torch.nn.functional.mse_loss(mdl(b[0]), b[1]), len(b[0])
+    loss_fn.step = start * grad_accum
+
+    evals = lambda m: {"val": {"loss": float(torch.nn.functional.mse_loss(m(torch.ones(2, 4)), torch.zeros(2, 1)))}}
+    out = training.train_loop(model, opt, rt=rt, run=run, config={"d": 4}, steps=steps, batch_fn=batch_fn,
+                              loss_fn=loss_fn, eval_fn=evals, lr=0.05, warmup=2, grad_accum=grad_accum,
+                              clip=1.0, eval_every=3, log_every=1, start_step=start)
+    return out, model, run
+
+
+def test_sigterm_saves_and_resume_replays_the_uninterrupted_run(tmp_path):
+    full, m_full, run_full = _tiny_run(tmp_path / "a", steps=8)
+    assert full["status"] == "done"
+    part, _, run = _tiny_run(tmp_path / "b", steps=8, kill_at=4)
+    assert part["status"] == "interrupted" and part["signal"] == signal.SIGTERM and part["step"] == 5
+    assert training.load_checkpoint(run.ckpt)["step"] == 5
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL       # handlers restored
+    done, m_res, run = _tiny_run(tmp_path / "b", steps=8, resume=True)
+    assert done["status"] == "done"
+    key = lambda rows: [(r["step"], r["split"], r["metric"], r["value"]) for r in rows
+                        if not r["metric"].endswith("_per_s")]
+    assert key(run.read()) == key(run_full.read())                 # bit-for-bit the same losses
+    for p, q in zip(m_full.parameters(), m_res.parameters()):
+        assert torch.equal(p, q)
+    assert (run.path / "loss.png").stat().st_size > 1000
+
+
+def test_grad_accumulation_is_the_full_batch_gradient(tmp_path):
+    # Σₘ ∇ mean_loss(m) / k = ∇ mean_loss(batch): 1, 2 and 4 micro-batches take the same steps
+    params = []
+    for k in (1, 2, 4):
+        _, model, run = _tiny_run(tmp_path / f"k{k}", steps=4, grad_accum=k, dropout=0.0)
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        assert [r["step"] for r in run.read() if r["metric"] == "loss" and r["split"] == "train"] == [1, 2, 3, 4]
+    torch.testing.assert_close(params[0], params[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(params[0], params[2], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="multiple"):
+        training.split_batch(6, training.Runtime(device=torch.device("cpu"), world_size=2), 2)
+
+
+def test_run_dir_truncates_rows_after_the_checkpoint(tmp_path):
+    run = training.RunDir(tmp_path / "r")
+    run.start({"a": 1})
+    for s in range(1, 6):
+        run.log(s, "train", {"loss": 1.0 / s})
+    with open(run.metrics, "a") as f:
+        f.write("6,train,lo")                                      # a row cut by a hard kill
+    run.start({"a": 1}, resume_step=3)
+    assert [r["step"] for r in run.read()] == [1, 2, 3]
+    assert (tmp_path / "r" / "config.json").exists() and (tmp_path / "r" / "versions.json").exists()
+
+
+# -- downloads ------------------------------------------------------------------------------------
+@pytest.fixture
+def http_server(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "data.zip").write_bytes(b"real bytes " * 1000)
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(root))
+    http.server.SimpleHTTPRequestHandler.log_message = lambda *a: None
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}", root
+    srv.shutdown()
+
+
+def test_download_verifies_before_renaming(http_server, tmp_path):
+    url, root = http_server
+    body = (root / "data.zip").read_bytes()
+    good = hashlib.sha256(body).hexdigest()
+    cache = tmp_path / "cache"
+    # a wrong checksum: ValueError, and nothing at the destination
+    with pytest.raises(ValueError, match="checksum"):
+        training.download(f"{url}/data.zip", cache / "d.zip", sha256="0" * 64)
+    assert list(cache.iterdir()) == []
+    # the first URL is dead, the mirror works: downloaded, verified, renamed into place
+    p = training.download([f"{url}/missing.zip", f"{url}/data.zip"], cache / "d.zip", sha256=good, size=len(body))
+    assert p.read_bytes() == body and sorted(os.listdir(cache)) == ["d.zip"]
+    md5 = hashlib.md5(body).hexdigest()
+    assert training.download("http://127.0.0.1:9/never", cache / "d.zip", md5=md5) == p  # cached: no network
+    # a cached file that no longer matches is refused
+    (cache / "d.zip").write_bytes(body[:-1])
+    with pytest.raises(ValueError, match="truncated|checksum"):
+        training.download(f"{url}/data.zip", cache / "d.zip", size=len(body))
+    # offline: one sentence naming where to put the file by hand
+    with pytest.raises(ValueError, match=r"offline.*put it at .*e\.zip"):
+        training.download("http://127.0.0.1:9/e.zip", cache / "e.zip", timeout=5)
+    assert not (cache / "e.zip").exists() and not any(n.startswith("e.zip.part") for n in os.listdir(cache))
+
+
+def test_run_cli_turns_user_errors_into_exit_2(capsys):
+    def bad(argv):
+        raise ValueError("the corpus is empty\nsecond line never shown")
+    assert training.run_cli(bad, []) == 2
+    err = capsys.readouterr().err
+    assert err == "error: the corpus is empty\n"
+    p = training.ArgParser()
+    p.add_argument("--pe", choices=("rope",))
+    with pytest.raises(ValueError, match="invalid choice"):
+        p.parse_args(["--pe", "nope"])
+    assert math.isfinite(training.cosine_lr(0, lr=1.0, total=1))

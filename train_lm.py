@@ -1,0 +1,807 @@
+"""train_lm.py -- causal language models built from ode_attention.Block, with every positional
+encoding, the λ-term and definiteness-constrained attention.
+
+    python train_lm.py --pe rope --lam -0.1                 # ~2 MB of English that ships with Python
+    python train_lm.py --preset enwik8 --regime divergent   # the paper's PD run (downloads enwik8)
+    python train_lm.py --bench                              # tokens/s of every variant, as ratios
+    torchrun --nproc_per_node 4 train_lm.py --preset wikitext103 --pe rope --lam 0.05 --lam-mode softplus-diag
+
+The model (a compact GPT, pre-LN, causal)
+-----------------------------------------
+Tokens t₁..t_n (bytes, or words for WikiText-103) become rows of X⁰ ∈ R^{n×d}:
+
+    x⁰ᵢ = E[tᵢ]                  --pe none | rope | alibi   (position enters the attention)
+    x⁰ᵢ = √d E[tᵢ] + pᵢ           --pe sin     (Vaswani et al.'s table, rope.sinusoidal_pe)
+    x⁰ᵢ = E[tᵢ] + Pᵢ              --pe learned (rope.LearnedPE)
+
+then L blocks, each one Euler step of the attention field plus an MLP (ode_attention.Block):
+
+    Xˡ⁺¹ = Xˡ + Attn(LN(Xˡ)),  Xˡ⁺¹ ← Xˡ⁺¹ + MLP(LN(Xˡ⁺¹))
+
+with head h's logits  sᵢⱼ = [ (xᵢQₕ)R(i)ᵀ·(xⱼKₕ)R(j)ᵀ + λₕ xᵢ⁽ʰ⁾ᵀMₕxⱼ⁽ʰ⁾ ] / √d_h + bᵢⱼ for j ≤ i:
+R = RoPE rotations (--pe rope), bᵢⱼ = −mₕ(i − j) (--pe alibi), λ the learnable λ-term (--lam, any
+sign; --lam-mode identity: Mₕ = I, λₕ per head; softplus-diag: λₕMₕ = diag(softplus(φₕ)) > 0, the
+authors' form), and --regime divergent|intermediate|convergent the definiteness-constrained
+attention whose K and V are solved from (Q, W, A) at every step (the paper's PD/HD/ND runs).
+All of it goes through F.scaled_dot_product_attention (ode_attention.Attention folds λ into the
+query/key features), so fused kernels run on GPU.  Output: LN, then logits X E ᵀ (tied), or an
+adaptive softmax (nn.AdaptiveLogSoftmaxWithLoss) for the 267k-word WikiText-103 vocabulary.
+
+Loss and metrics.  ℓ = −(1/N) Σᵢ ln p(tᵢ₊₁ | t≤ᵢ) in nats;  bits per byte/character = ℓ / ln 2
+(enwik8, text8, the embedded corpus, local files); perplexity = e^ℓ (WikiText-103).  Evaluation
+uses non-overlapping windows of --seq-len tokens (every token sees the context since its
+window's start; the final partial window is dropped), so numbers are comparable between runs of
+one --seq-len, not with papers that evaluate with sliding windows or Transformer-XL memory.
+
+The token probe (notes §5.4) runs a fixed batch of validation windows through the trained
+model twice -- full blocks, and attention-only updates x ← x + Attn(x) -- and records after
+every layer the mean token norm, Σᵢⱼ‖xᵢ − xⱼ‖², the mean pairwise cosine and the sharpness
+(probe.csv, probe.png): whether a run's tokens converge or spread.
+
+Data (--data) and where it comes from
+-------------------------------------
+pydocs (default, no download)  The English prose that ships with Python itself: the Python
+    Language Reference topics that `help()` shows (pydoc_data.topics, ~0.47 MB) followed by the
+    docstrings of the standard library's pure-Python modules (~1.5 MB, parsed with `ast`; test
+    packages and site-packages skipped); ~2.0 MB of UTF-8, byte level (256 symbols).  It depends on
+    the Python version (the numbers in the README are for CPython 3.11.7).  Split by document:
+    of every 20 consecutive documents the 19th goes to validation and the 20th to test.
+enwik8     http://mattmahoney.net/dc/enwik8.zip  (sha256 547994d9…34bc, 36,445,475 bytes; the
+    checksum published in Hugging Face's dataset record): first 10⁸ bytes of a 2006 Wikipedia
+    XML dump, byte level, split 90M / 5M / 5M (train / validation / test), bits per character.
+text8      http://mattmahoney.net/dc/text8.zip  (31,344,016 bytes: the size every word2vec tutorial
+    checks; no digest is published that we could confirm, so only the size is checked): 10⁸
+    characters of cleaned Wikipedia (a-z and space), split 90M / 5M / 5M, bits per character.
+wikitext103  wikitext-103-v1.zip, the TOKENISED word-level release (not the -raw one), from the
+    authors' S3 bucket (mirror: wikitext.smerity.com), md5 9ddaacaf6af0710eda8c456decff7832 (as
+    in torchtext): its own train/valid/test files; vocabulary = the training words by frequency
+    plus <eos> at every line end (Transformer-XL's convention, 267,735 symbols); perplexity.
+PATH       any local text file (.bz2 / .gz / .xz are decompressed; a .zip is recognised as one of
+    the archives above by its members), byte level, split 90% / 5% / 5% contiguously.
+Downloads go to --cache-dir (default ./cache), are verified before they are renamed into place
+and verified again on every use.
+
+Run folder (--out, default runs/lm-…): config.json, versions.json, metrics.csv, loss.png,
+ckpt.pt, probe.csv, probe.png, summary.json.  The checkpoint's "config" holds everything needed
+to rebuild the model (d_model, n_layers, n_heads, mlp_ratio, pe, attn_pe, lam, lam_mode, regime,
+vocab_size, seq_len, cutoffs); block i's attention is `blocks.{i}.attn.*` in its state dict.
+"""
+from __future__ import annotations
+
+import ast
+import bz2
+import gzip
+import io
+import json
+import lzma
+import math
+import os
+import sys
+import sysconfig
+import time
+import warnings
+import zipfile
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import ode_attention
+import rope as rope_mod
+import training
+
+HERE = Path(__file__).resolve().parent
+
+# ----------------------------------------------------------------------------------------------
+# Defaults: the small CPU preset (used when no --preset is given) and the paper's two settings
+# (notes §4.2).  Any flag given on the command line overrides its preset value.
+# ----------------------------------------------------------------------------------------------
+PRESETS = {
+    "small": dict(data="pydocs", pe="rope", d_model=128, n_layers=4, n_heads=4, mlp_ratio=4.0,
+                  seq_len=128, batch_size=16, grad_accum=1, steps=800, lr=2e-3, min_lr=1e-4,
+                  warmup=50, beta2=0.99, weight_decay=0.0, clip=1.0, dropout=0.0,
+                  eval_every=200, eval_tokens=65536, cutoffs=""),
+    # enwik8 (x-transformers run): 6 × 512, 8 heads, learned absolute PE, 1024 bytes, batch 16 × 4,
+    # Adam 6e-4 constant (min_lr = lr), clip 0.5, 25,000 steps, validation every 500 steps.
+    "enwik8": dict(data="enwik8", pe="learned", d_model=512, n_layers=6, n_heads=8, mlp_ratio=4.0,
+                   seq_len=1024, batch_size=64, grad_accum=4, steps=25000, lr=6e-4, min_lr=6e-4,
+                   warmup=0, beta2=0.999, weight_decay=0.0, clip=0.5, dropout=0.0,
+                   eval_every=500, eval_tokens=0, cutoffs=""),
+    # WikiText-103 (Transformer-XL run, mem_len 0): 16 × 410, 10 heads, FFN 2100, context 150,
+    # batch 60, Adam 2.5e-4 cosine to 0 over 200,000 steps, warmup 500, clip 0.25, dropout 0.05,
+    # sinusoidal PE, adaptive softmax with cutoffs 20000/40000/200000.
+    "wikitext103": dict(data="wikitext103", pe="sin", d_model=410, n_layers=16, n_heads=10,
+                        mlp_ratio=2100 / 410, seq_len=150, batch_size=60, grad_accum=1,
+                        steps=200000, lr=2.5e-4, min_lr=0.0, warmup=500, beta2=0.999,
+                        weight_decay=0.0, clip=0.25, dropout=0.05, eval_every=4000,
+                        eval_tokens=0, cutoffs="20000,40000,200000"),
+}
+PES = ("none", "sin", "learned", "rope", "alibi")
+LAM_MODES = ode_attention.LAM_MODES          # ("identity", "softplus-diag")
+REGIMES = ode_attention.REGIMES              # ("free", "divergent", "intermediate", "convergent")
+# a checkpoint may only be resumed by a command that agrees on these
+RESUME_KEYS = ("data", "pe", "lam", "lam_mode", "regime", "d_model", "n_layers", "n_heads",
+               "mlp_ratio", "seq_len", "cutoffs", "dropout", "vocab_size", "batch_size", "seed")
+
+
+# ==============================================================================================
+# 1. Data
+# ==============================================================================================
+@dataclass
+class Corpus:
+    name: str
+    train: np.ndarray          # token ids (uint8 for bytes, int32 for words)
+    val: np.ndarray
+    test: np.ndarray
+    vocab_size: int
+    metric: str                # "bpc" | "bpb" (bits per character / byte) | "ppl"
+    itos: list | None = None   # words, for word-level data
+
+    def score(self, loss_nats: float) -> float:
+        """bits per symbol = ℓ / ln 2,  perplexity = e^ℓ."""
+        return math.exp(loss_nats) if self.metric == "ppl" else loss_nats / math.log(2)
+
+
+SOURCES = {
+    "enwik8": dict(urls=["http://mattmahoney.net/dc/enwik8.zip"], file="enwik8.zip", size=36445475,
+                   sha256="547994d9980ebed1288380d652999f38a14fe291a6247c157c3d33d4932534bc"),
+    # no published digest that we could confirm: the size is what every word2vec tutorial checks
+    "text8": dict(urls=["http://mattmahoney.net/dc/text8.zip"], file="text8.zip", size=31344016),
+    "wikitext103": dict(urls=["https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip",
+                              "https://wikitext.smerity.com/wikitext-103-v1.zip"],
+                        file="wikitext-103-v1.zip", md5="9ddaacaf6af0710eda8c456decff7832"),
+}
+KNOWN = ("pydocs",) + tuple(SOURCES)
+_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+
+
+def python_docs(cache_dir: Path | None = None) -> list[str]:
+    """The embedded corpus as a list of documents: each `help()` topic of the Language Reference
+    (sorted by name), then one document per pure-Python stdlib module holding its module, class
+    and function docstrings (files in sorted path order).  Cached as text after the first build."""
+    ver = ".".join(map(str, sys.version_info[:3]))
+    cached = cache_dir / f"pydocs-py{ver}.txt" if cache_dir else None
+    sep = "\n\x1e\n"                                   # ASCII record separator between documents
+    if cached is not None and cached.exists():
+        return cached.read_text(encoding="utf-8").split(sep)
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        raise ValueError("this Python build lacks the standard library's pydoc_data, which the "
+                         "embedded corpus needs: pass --data with a text file instead") from None
+    docs = [topics[k] for k in sorted(topics)]
+    std = sysconfig.get_paths()["stdlib"]
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    for root, dirs, files in os.walk(std):
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS)
+        for f in sorted(files):
+            if not f.endswith(".py") or f.startswith("test_"):
+                continue
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    tree = ast.parse(Path(root, f).read_bytes())
+            except (SyntaxError, ValueError, OSError):
+                continue
+            text = "\n\n".join(s for n in ast.walk(tree) if isinstance(n, kinds)
+                               if (s := ast.get_docstring(n)))
+            if text:
+                docs.append(text)
+    if cached is not None:
+        training.atomic_write(cached, lambda tmp: tmp.write_text(sep.join(docs), encoding="utf-8"))
+    return docs
+
+
+def split_90_5_5(data: np.ndarray):
+    """Contiguous split: train = all but the last 10%, then 5% validation, 5% test (for enwik8's
+    and text8's 10⁸ symbols exactly the standard 90M / 5M / 5M)."""
+    n5 = len(data) // 20
+    return data[: len(data) - 2 * n5], data[len(data) - 2 * n5: len(data) - n5], data[len(data) - n5:]
+
+
+def byte_corpus(name: str, raw: bytes, metric: str = "bpb") -> Corpus:
+    if not raw:
+        raise ValueError(f"the corpus {name} is empty")
+    tr, va, te = split_90_5_5(np.frombuffer(raw, dtype=np.uint8))
+    return Corpus(name, tr, va, te, 256, metric)
+
+
+def pydocs_corpus(cache_dir: Path | None) -> Corpus:
+    docs = python_docs(cache_dir)
+    parts = {"train": [], "val": [], "test": []}
+    for i, doc in enumerate(docs):
+        # of every 20 documents: the 19th → validation, the 20th → test, the rest → train
+        parts["val" if i % 20 == 18 else "test" if i % 20 == 19 else "train"].append(doc)
+    arr = {k: np.frombuffer("\n\n".join(v).encode("utf-8"), dtype=np.uint8) for k, v in parts.items()}
+    return Corpus("pydocs", arr["train"], arr["val"], arr["test"], 256, "bpb")
+
+
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise ValueError(f"{path} is not a readable zip archive ({e}): it is corrupt or truncated, "
+                         f"delete it and download it again") from None
+
+
+def _read_member(z: zipfile.ZipFile, member: str, path: Path) -> bytes:
+    try:
+        return z.read(member)
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+        raise ValueError(f"{path} is corrupt or truncated: reading {member} failed ({e})") from None
+
+
+def load_zip(path: Path, cache_dir: Path | None = None) -> Corpus:
+    """Recognise enwik8.zip, text8.zip and wikitext-103(-v1).zip by their members."""
+    with _open_zip(path) as z:
+        names = z.namelist()
+        if "enwik8" in names:
+            return byte_corpus("enwik8", _read_member(z, "enwik8", path), "bpc")
+        if "text8" in names:
+            return byte_corpus("text8", _read_member(z, "text8", path), "bpc")
+    if any(n.endswith("wiki.train.tokens") for n in names):
+        return load_wikitext(path, cache_dir)
+    raise ValueError(f"{path} holds none of enwik8, text8 or wikitext-103/wiki.*.tokens")
+
+
+def _wikitext_lines(z: zipfile.ZipFile, member: str, path: Path):
+    """Words of each line, with <eos> at the end (empty lines give just <eos>)."""
+    try:
+        with z.open(member) as raw:
+            for line in io.TextIOWrapper(raw, encoding="utf-8"):
+                yield line.split() + ["<eos>"]
+    except (zipfile.BadZipFile, OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
+        raise ValueError(f"{path} is corrupt or truncated: reading {member} failed ({e})") from None
+
+
+def load_wikitext(path: Path, cache_dir: Path | None = None) -> Corpus:
+    """Word-level WikiText: vocabulary = training words sorted by count (ties: first seen), the
+    order the adaptive softmax's frequency cutoffs assume; <unk> is already a word of the corpus
+    (added if absent, and used for words the training split lacks).  Encoded ids are cached."""
+    st = path.stat()
+    cached = (cache_dir / f"{path.stem}-{st.st_size}-{st.st_mtime_ns}.npz") if cache_dir else None
+    if cached is not None and cached.exists():
+        z = np.load(cached)
+        itos = bytes(z["vocab"]).decode("utf-8").split("\n")
+        return Corpus("wikitext103", z["train"], z["val"], z["test"], len(itos), "ppl", itos)
+    with _open_zip(path) as z:
+        member = {s: next((n for n in z.namelist() if n.endswith(f"wiki.{s}.tokens")), None)
+                  for s in ("train", "valid", "test")}
+        for s, m in member.items():
+            if m is None:
+                raise ValueError(f"{path} has no wiki.{s}.tokens: it is not a WikiText archive")
+        counts = Counter()
+        for words in tqdm(_wikitext_lines(z, member["train"], path), desc="counting words", unit=" lines"):
+            counts.update(words)
+        itos = [w for w, _ in counts.most_common()]
+        if "<unk>" not in counts:
+            itos.append("<unk>")
+        stoi = {w: i for i, w in enumerate(itos)}
+        unk = stoi["<unk>"]
+        out = {}
+        for split, key in (("train", "train"), ("valid", "val"), ("test", "test")):
+            ids = []
+            for words in _wikitext_lines(z, member[split], path):
+                ids.extend(stoi.get(w, unk) for w in words)
+            out[key] = np.asarray(ids, dtype=np.int32)
+    if cached is not None:
+        vocab = np.frombuffer("\n".join(itos).encode("utf-8"), dtype=np.uint8)
+        training.atomic_write(cached, lambda tmp: np.savez(open(tmp, "wb"), vocab=vocab, **out))
+    return Corpus("wikitext103", out["train"], out["val"], out["test"], len(itos), "ppl", itos)
+
+
+def read_text_file(path: Path) -> bytes:
+    """Bytes of a local file, decompressing .bz2 / .gz / .xz."""
+    opener = {".bz2": bz2.open, ".gz": gzip.open, ".xz": lzma.open}.get(path.suffix, open)
+    try:
+        with opener(path, "rb") as f:
+            return f.read()
+    except (OSError, EOFError, lzma.LZMAError) as e:
+        if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):
+            raise
+        raise ValueError(f"{path} could not be decompressed ({e}): it is corrupt or truncated") from None
+
+
+def load_corpus(data: str, cache_dir: Path) -> Corpus:
+    """--data: a known name (downloaded and verified into cache_dir) or a local file."""
+    if data == "pydocs":
+        return pydocs_corpus(cache_dir)
+    if data in SOURCES:
+        src = SOURCES[data]
+        path = training.download(src["urls"], cache_dir / src["file"], sha256=src.get("sha256"),
+                                 md5=src.get("md5"), size=src.get("size"))
+        return load_zip(path, cache_dir)
+    path = Path(data)
+    if not path.exists():
+        raise ValueError(f"--data {data!r} is neither a known corpus ({', '.join(KNOWN)}) nor an existing file")
+    if path.is_dir():
+        raise ValueError(f"--data {data} is a folder: pass a text file or an archive")
+    if path.suffix == ".zip":
+        return load_zip(path, cache_dir)
+    return byte_corpus(path.name, read_text_file(path))
+
+
+def check_corpus(c: Corpus, seq_len: int) -> None:
+    """Every split must hold at least one window of seq_len + 1 tokens."""
+    for split in ("train", "val", "test"):
+        n = len(getattr(c, split))
+        if n < seq_len + 2:
+            need = 20 * (seq_len + 2)
+            raise ValueError(f"the corpus {c.name} is too short: its {split} split has {n} tokens but "
+                             f"--seq-len {seq_len} needs at least {seq_len + 2} (about {need} tokens in all)")
+
+
+def batch_fn_for(tokens: np.ndarray, *, seq_len: int, global_batch: int, micro: int,
+                 rt: training.Runtime, seed: int):
+    """Random windows, a pure function of (seed, step): all processes draw the same global batch
+    of start offsets and take their own rows, so 1 and W processes see the same data."""
+    span = np.arange(seq_len + 1)
+
+    def batch_fn(step: int, m: int):
+        rng = np.random.default_rng([seed, step])
+        starts = rng.integers(0, len(tokens) - seq_len - 1, size=global_batch, endpoint=True)
+        # micro-batch m of rank r: rows (m W + r) b … (m W + r + 1) b − 1
+        lo = (m * rt.world_size + rt.rank) * micro
+        chunk = torch.from_numpy(tokens[starts[lo: lo + micro, None] + span].astype(np.int64))
+        chunk = chunk.to(rt.device, non_blocking=True)
+        return chunk[:, :-1], chunk[:, 1:]
+    return batch_fn
+
+
+# ==============================================================================================
+# 2. The model
+# ==============================================================================================
+class GPT(nn.Module):
+    """Token embedding (+ absolute PE) → L × ode_attention.Block (causal) → LN → output."""
+
+    def __init__(self, *, vocab_size: int, d_model: int, n_layers: int, n_heads: int, seq_len: int,
+                 pe: str = "rope", lam: float = 0.0, lam_mode: str = "identity", regime: str = "free",
+                 mlp_ratio: float = 4.0, dropout: float = 0.0, cutoffs=()):
+        super().__init__()
+        if pe not in PES:
+            raise ValueError(f"unknown --pe {pe!r}: choose one of {', '.join(PES)}")
+        for name, v in (("vocab size", vocab_size), ("--d-model", d_model), ("--n-layers", n_layers),
+                        ("--n-heads", n_heads), ("--seq-len", seq_len)):
+            if v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v}")
+        if d_model % n_heads:
+            raise ValueError(f"--d-model {d_model} is not divisible by --n-heads {n_heads}")
+        if pe == "sin" and d_model % 2:
+            raise ValueError(f"--pe sin needs an even --d-model, got {d_model}")
+        cutoffs = list(cutoffs)
+        if cutoffs and (cutoffs != sorted(set(cutoffs)) or cutoffs[0] < 1 or cutoffs[-1] >= vocab_size - 1):
+            raise ValueError(f"adaptive-softmax cutoffs {cutoffs} must increase strictly and stay "
+                             f"below the vocabulary size minus one ({vocab_size - 1})")
+        self.d, self.pe, self.seq_len = d_model, pe, seq_len
+        self.tok = nn.Embedding(vocab_size, d_model)
+        # √d scale for the sinusoidal table (Vaswani et al.): embeddings and positions of like size
+        self.emb_scale = math.sqrt(d_model) if pe == "sin" else 1.0
+        if pe == "sin":
+            self.register_buffer("pos_table", rope_mod.sinusoidal_pe(seq_len, d_model), persistent=False)
+        elif pe == "learned":
+            self.pos = rope_mod.LearnedPE(seq_len, d_model)
+        elif pe == "alibi":
+            # bᵢⱼ = −mₕ (i − j) for j ≤ i, −inf above the diagonal
+            self.register_buffer("alibi", rope_mod.alibi_bias(seq_len, rope_mod.alibi_slopes(n_heads),
+                                                              causal=True), persistent=False)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            ode_attention.Block(d_model, n_heads, mlp_ratio=mlp_ratio, dropout=dropout, causal=True,
+                                pe="rope" if pe == "rope" else "none", lam=lam, lam_mode=lam_mode,
+                                regime=regime) for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(d_model)
+        self.adaptive = (nn.AdaptiveLogSoftmaxWithLoss(d_model, vocab_size, cutoffs, div_value=1.0)
+                         if cutoffs else None)
+        self._init(n_layers)
+
+    def _init(self, n_layers: int) -> None:
+        """GPT-2 init: N(0, 0.02²) for linear maps and embeddings, N(0, (0.02/√(2L))²) for the maps
+        that write into the residual stream; the constrained attention keeps its own LDL init."""
+        for name, m in self.named_modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("attn.proj", "mlp.2")) else 0.02
+                nn.init.normal_(m.weight, 0.0, std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+
+    def hidden(self, idx: torch.Tensor, *, attention_only: bool = False, record: list | None = None):
+        """Residual stream after the last block (LN applied); `record` collects X⁰ … Xᴸ."""
+        n = idx.shape[1]
+        if n > self.seq_len:
+            raise ValueError(f"a sequence of {n} tokens is longer than the model's --seq-len {self.seq_len}")
+        x = self.emb_scale * self.tok(idx)
+        if self.pe == "sin":
+            x = x + self.pos_table[:n]                                         # x⁰ᵢ = √d E[tᵢ] + pᵢ
+        elif self.pe == "learned":
+            x = x + self.pos(n)                                                # x⁰ᵢ = E[tᵢ] + Pᵢ
+        x = self.drop(x)
+        bias = self.alibi[:, :n, :n] if self.pe == "alibi" else None
+        if record is not None:
+            record.append(x)
+        for block in self.blocks:
+            x = block(x, attn_bias=bias, attention_only=attention_only)
+            if record is not None:
+                record.append(x)
+        return self.ln_f(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """ℓ = −(1/N) Σ ln p(targetᵢ | idx≤ᵢ), nats."""
+        h = self.hidden(idx)
+        if self.adaptive is not None:
+            return self.adaptive(h.reshape(-1, self.d), targets.reshape(-1)).loss
+        logits = h @ self.tok.weight.T                                         # tied output E
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def build_lm(cfg: dict) -> GPT:
+    """The model a config (or a checkpoint's "config") describes."""
+    return GPT(vocab_size=cfg["vocab_size"], d_model=cfg["d_model"], n_layers=cfg["n_layers"],
+               n_heads=cfg["n_heads"], seq_len=cfg["seq_len"], pe=cfg["pe"], lam=cfg["lam"],
+               lam_mode=cfg["lam_mode"], regime=cfg["regime"], mlp_ratio=cfg["mlp_ratio"],
+               dropout=cfg["dropout"], cutoffs=parse_cutoffs(cfg["cutoffs"]))
+
+
+def parse_cutoffs(text: str) -> list:
+    try:
+        return [int(c) for c in str(text).split(",") if c.strip()]
+    except ValueError:
+        raise ValueError(f"--cutoffs must be comma-separated integers, got {text!r}") from None
+
+
+def make_optimizer(model: nn.Module, cfg: dict, device: torch.device):
+    """AdamW; weight decay only on matrices, never on norms, biases, positions' scalars or λ."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        plain_matrix = p.dim() >= 2 and not name.endswith(("lam", "lam_phi", "theta"))
+        (decay if plain_matrix else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg["weight_decay"]},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(0.9, cfg["beta2"]),
+                             fused=device.type == "cuda")
+
+
+# ==============================================================================================
+# 3. Evaluation and the token probe
+# ==============================================================================================
+def evaluate(model: GPT, tokens: np.ndarray, *, seq_len: int, batch: int, rt: training.Runtime,
+             max_tokens: int = 0) -> float:
+    """Mean loss (nats per token) over non-overlapping windows, shared between processes."""
+    n_win = (len(tokens) - 1) // seq_len
+    if max_tokens:
+        n_win = min(n_win, max(1, max_tokens // seq_len))
+    mine = np.arange(n_win)[rt.rank::rt.world_size] * seq_len
+    span = np.arange(seq_len + 1)
+    total = torch.zeros(2, dtype=torch.float64, device=rt.device)             # [Σ nll, N]
+    for i in range(0, len(mine), batch):
+        chunk = torch.from_numpy(tokens[mine[i: i + batch, None] + span].astype(np.int64)).to(rt.device)
+        loss = model(chunk[:, :-1], chunk[:, 1:])
+        n = chunk[:, 1:].numel()
+        total += torch.stack((loss.double() * n, torch.tensor(float(n), dtype=torch.float64, device=rt.device)))
+    total = training.all_reduce(total, rt, "sum")
+    return float(total[0] / total[1])
+
+
+@torch.no_grad()
+def token_probe(model: GPT, x: torch.Tensor) -> list[dict]:
+    """Per layer l = 0..L: mean ± std over the batch of the four probes of notes §5.4, for full
+    blocks and for attention-only updates x ← x + Attn(x)."""
+    rows = []
+    for mode, attention_only in (("full", False), ("attention-only", True)):
+        states: list = []
+        model.hidden(x, attention_only=attention_only, record=states)
+        for layer, X in enumerate(states):
+            for name, fn in ode_attention.PROBES.items():
+                v = fn(X.double())                                             # (batch,)
+                rows.append({"mode": mode, "layer": layer, "metric": name, "mean": float(v.mean()),
+                             "std": float(v.std()) if v.numel() > 1 else 0.0})
+    return rows
+
+
+def write_probe(rows: list[dict], run: training.RunDir, title: str) -> None:
+    import csv
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def write_csv(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["mode", "layer", "metric", "mean", "std"])
+            w.writeheader()
+            w.writerows(rows)
+    training.atomic_write(run.path / "probe.csv", write_csv)
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.4))
+    for ax, metric in zip(axes, ode_attention.PROBES):
+        for mode, style in (("full", "o-"), ("attention-only", "s--")):
+            pts = [(r["layer"], r["mean"]) for r in rows if r["metric"] == metric and r["mode"] == mode
+                   and math.isfinite(r["mean"])]
+            if pts:
+                ax.plot(*zip(*pts), style, label=mode, ms=3)
+        if metric in ("norm", "pairwise_distance"):
+            ax.set_yscale("log")
+        ax.set_title(metric, fontsize=9)
+        ax.set_xlabel("layer")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"token probe (validation windows): {title}", fontsize=9)
+    fig.tight_layout()
+    training.atomic_write(run.path / "probe.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+# ==============================================================================================
+# 4. Command line
+# ==============================================================================================
+def build_parser() -> training.ArgParser:
+    p = training.ArgParser(description="Train a causal LM built from ode_attention.Block "
+                           "(see the module docstring for the maths, data and outputs).")
+    a = p.add_argument
+    a("--preset", choices=tuple(PRESETS), default="small",
+      help="settings: small (CPU, default), enwik8 or wikitext103 (the paper's, notes §4.2)")
+    a("--data", help=f"{', '.join(KNOWN)}, or a text file / archive path (preset's default)")
+    a("--pe", choices=PES, help="positional encoding (preset: small rope, enwik8 learned, wikitext103 sin)")
+    a("--lam", type=float, default=0.0, help="initial λ of the λ-term, any sign; 0 = off (default)")
+    a("--lam-mode", choices=LAM_MODES, default="identity",
+      help="identity: λₕ I per head; softplus-diag: diag(softplus(φ)) > 0 (the authors')")
+    a("--regime", choices=REGIMES, default="free",
+      help="free attention, or constrained W_sym ≻ 0 with A_sym ≻ 0 / mixed / ≺ 0 (PD / HD / ND)")
+    for name, typ, h in (("d-model", int, "width d"), ("n-layers", int, "blocks L"),
+                         ("n-heads", int, "heads H"), ("mlp-ratio", float, "MLP width / d"),
+                         ("seq-len", int, "tokens per training window"),
+                         ("batch-size", int, "GLOBAL sequences per optimiser step (all processes and micro-batches)"),
+                         ("grad-accum", int, "micro-batches per optimiser step"),
+                         ("steps", int, "optimiser steps"), ("lr", float, "peak learning rate"),
+                         ("min-lr", float, "final learning rate of the cosine"),
+                         ("warmup", int, "linear warmup steps"), ("beta2", float, "Adam β₂"),
+                         ("weight-decay", float, "AdamW decay on matrices"),
+                         ("clip", float, "gradient-norm clip (0 = off)"), ("dropout", float, "dropout"),
+                         ("eval-every", int, "evaluate every N steps (0 = only at the end)"),
+                         ("eval-tokens", int, "tokens per split per evaluation (0 = the whole split)"),
+                         ("cutoffs", str, "adaptive-softmax cutoffs, e.g. 20000,40000,200000 ('' = full softmax)")):
+        a(f"--{name}", type=typ, help=f"{h} (preset's default)")
+    a("--seed", type=int, default=0)
+    a("--log-every", type=int, default=10, help="training-loss rows in metrics.csv every N steps")
+    a("--ckpt-every", type=int, default=0, help="checkpoint every N steps (default: at each evaluation)")
+    a("--probe-batch", type=int, default=8, help="validation windows in the token probe")
+    a("--out", help="run folder (default runs/lm-<data>-<pe>-lam<λ>-<mode>-<regime>-<time>)")
+    a("--resume", metavar="RUN", help="continue the run in RUN (its folder or ckpt.pt); flags must "
+      "match the checkpoint's model and data")
+    a("--cache-dir", default=str(HERE / "cache"), help="where downloads and the embedded corpus are cached")
+    a("--device", default="auto", help="auto (cuda > mps > cpu), cuda, mps or cpu")
+    a("--no-compile", action="store_true", help="skip torch.compile on CUDA")
+    a("--no-amp", action="store_true", help="float32 instead of bf16 autocast on CUDA")
+    a("--bench", action="store_true", help="measure tokens/s of λ modes and regimes against --lam 0")
+    a("--bench-steps", type=int, default=3, help="timed steps per variant and round in --bench")
+    a("--bench-rounds", type=int, default=3, help="rounds over all variants in --bench (median kept)")
+    a("--peak-tflops", type=float, help="the GPU's dense bf16 peak for MFU (auto for A100/H100/H200)")
+    return p
+
+
+def resolve_config(args) -> dict:
+    """Preset values, overridden by the flags that were given; validated."""
+    cfg = dict(PRESETS[args.preset])
+    for k in list(cfg):
+        v = getattr(args, k, None)
+        if v is not None:
+            cfg[k] = v
+    cfg.update(preset=args.preset, lam=float(args.lam), lam_mode=args.lam_mode, regime=args.regime,
+               seed=args.seed)
+    for k in ("d_model", "n_layers", "n_heads", "seq_len", "steps", "batch_size", "grad_accum"):
+        if cfg[k] < 1:
+            raise ValueError(f"--{k.replace('_', '-')} must be at least 1, got {cfg[k]}")
+    for k in ("warmup", "eval_every", "eval_tokens"):
+        if cfg[k] < 0:
+            raise ValueError(f"--{k.replace('_', '-')} must be 0 or more, got {cfg[k]}")
+    if cfg["d_model"] % cfg["n_heads"]:
+        raise ValueError(f"--d-model {cfg['d_model']} is not divisible by --n-heads {cfg['n_heads']}")
+    if not cfg["mlp_ratio"] > 0:
+        raise ValueError(f"--mlp-ratio must be positive, got {cfg['mlp_ratio']}")
+    if not (cfg["lr"] > 0 and 0 <= cfg["min_lr"] <= cfg["lr"]):
+        raise ValueError(f"need --lr > 0 and 0 ≤ --min-lr ≤ --lr, got {cfg['lr']} and {cfg['min_lr']}")
+    if not 0 <= cfg["dropout"] < 1 or not 0 < cfg["beta2"] < 1 or cfg["clip"] < 0 or cfg["weight_decay"] < 0:
+        raise ValueError("need 0 ≤ --dropout < 1, 0 < --beta2 < 1, --clip ≥ 0 and --weight-decay ≥ 0")
+    if not math.isfinite(cfg["lam"]):
+        raise ValueError(f"--lam must be a finite number, got {cfg['lam']}")
+    if cfg["lam_mode"] == "softplus-diag" and cfg["lam"] < 0:
+        raise ValueError(f"--lam-mode softplus-diag keeps λ positive, so --lam must be ≥ 0 (got {cfg['lam']}); "
+                         f"use --lam-mode identity for a negative λ")
+    parse_cutoffs(cfg["cutoffs"])
+    return cfg
+
+
+def default_run_name(cfg: dict) -> str:
+    data = Path(cfg["data"]).name.split(".")[0] if cfg["data"] not in KNOWN else cfg["data"]
+    lam = f"lam{cfg['lam']:g}-{cfg['lam_mode']}" if cfg["lam"] else "lam0"
+    return f"lm-{data}-{cfg['pe']}-{lam}-{cfg['regime']}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.bench:
+        return bench(args)
+    cfg = resolve_config(args)
+    rt = training.setup_runtime(args.device, amp=not args.no_amp)
+    try:
+        return train(cfg, args, rt)
+    finally:
+        training.teardown(rt)
+
+
+def train(cfg: dict, args, rt: training.Runtime) -> int:
+    training.seed_everything(cfg["seed"])
+    micro = training.split_batch(cfg["batch_size"], rt, cfg["grad_accum"])
+    corpus = load_corpus(cfg["data"], Path(args.cache_dir))
+    check_corpus(corpus, cfg["seq_len"])
+    cfg.update(vocab_size=corpus.vocab_size, metric=corpus.metric,
+               attn_pe="rope" if cfg["pe"] == "rope" else "none")
+    try:
+        model = build_lm(cfg).to(rt.device)
+    except (RuntimeError, MemoryError) as e:  # e.g. the allocator refusing an impossible size
+        raise ValueError(f"cannot build this model on {rt.device}: {str(e).splitlines()[0]}") from None
+    optimizer = make_optimizer(model, cfg, rt.device)
+
+    start = 0
+    if args.resume:
+        ck = Path(args.resume)
+        run = training.RunDir(ck.parent if ck.suffix == ".pt" else ck, active=rt.is_main)
+        state = training.load_checkpoint(run.ckpt)
+        training.check_config(state["config"], cfg, RESUME_KEYS, where=f"the checkpoint {run.ckpt}")
+        start = training.restore(state, model, optimizer)
+        del state
+    else:
+        run = training.RunDir(args.out or HERE / "runs" / default_run_name(cfg), active=rt.is_main)
+        if run.ckpt.exists():
+            raise ValueError(f"{run.path} already holds a run: continue it with --resume {run.path} "
+                             f"or choose another --out")
+    run.start(cfg, resume_step=start if args.resume else None)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    metric = corpus.metric
+    title = (f"{corpus.name} pe={cfg['pe']} λ={cfg['lam']:g} ({cfg['lam_mode']}) regime={cfg['regime']} "
+             f"{cfg['n_layers']}×{cfg['d_model']}")
+    if rt.is_main:
+        print(f"{corpus.name}: {len(corpus.train):,} / {len(corpus.val):,} / {len(corpus.test):,} tokens "
+              f"(vocab {corpus.vocab_size:,});  model {n_params / 1e6:.2f}M parameters on {rt.device}"
+              f"{' × ' + str(rt.world_size) if rt.distributed else ''};  run folder {run.path}", flush=True)
+
+    def eval_fn(raw):
+        out = {}
+        for split, toks in (("val", corpus.val), ("test", corpus.test)):
+            loss = evaluate(raw, toks, seq_len=cfg["seq_len"], batch=micro, rt=rt, max_tokens=cfg["eval_tokens"])
+            out[split] = {"loss": loss, metric: corpus.score(loss)}
+        return out
+
+    t0 = time.perf_counter()
+    result = training.train_loop(
+        training.wrap_model(model, rt, compile=False if args.no_compile else None,
+                            find_unused_parameters=bool(parse_cutoffs(cfg["cutoffs"]))),
+        optimizer, rt=rt, run=run, config=cfg, steps=cfg["steps"], raw_model=model,
+        batch_fn=batch_fn_for(corpus.train, seq_len=cfg["seq_len"], global_batch=cfg["batch_size"],
+                              micro=micro, rt=rt, seed=cfg["seed"]),
+        loss_fn=lambda m, b: (m(*b), b[1].numel()), eval_fn=eval_fn, lr=cfg["lr"], warmup=cfg["warmup"],
+        min_lr=cfg["min_lr"], grad_accum=cfg["grad_accum"], clip=cfg["clip"], eval_every=cfg["eval_every"],
+        ckpt_every=args.ckpt_every or cfg["eval_every"], log_every=args.log_every, start_step=start,
+        unit="tok", title=title)
+    wall = time.perf_counter() - t0
+    if result["status"] == "interrupted":
+        if rt.is_main:
+            print(f"stopped by signal {result['signal']} after step {result['step']}: checkpoint saved; "
+                  f"continue with --resume {run.path}", file=sys.stderr)
+        return 128 + int(result["signal"])
+    if rt.is_main:
+        model.eval()
+        n_probe = max(1, min(args.probe_batch, (len(corpus.val) - 1) // cfg["seq_len"]))
+        starts = np.arange(n_probe)[:, None] * cfg["seq_len"] + np.arange(cfg["seq_len"])
+        x = torch.from_numpy(corpus.val[starts].astype(np.int64)).to(rt.device)
+        write_probe(token_probe(model, x), run, title)
+        ev = result["eval"]
+        summary = {"step": result["step"], "wall_s": wall, "params": n_params, "metric": metric,
+                   "val": ev.get("val"), "test": ev.get("test"),
+                   "lam": [blk.attn.lam_values().tolist() if blk.attn.lam_values() is not None else None
+                           for blk in model.blocks]}
+        run.write_json("summary.json", summary)
+        print(f"done: step {result['step']}, validation {metric} {ev['val'][metric]:.4f}, "
+              f"test {metric} {ev['test'][metric]:.4f}  ({wall:.0f} s; {run.path})")
+    return 0
+
+
+# ==============================================================================================
+# 5. Benchmark: tokens/s of the λ modes and the constrained regimes against the plain model
+# ==============================================================================================
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense
+
+
+def bench(args) -> int:
+    """One process, one run: every variant timed in interleaved rounds (the median of the rounds
+    is kept, so a noisy neighbour on a shared machine hits all variants alike).
+
+    Model FLOPs per token (PaLM / nanoGPT accounting, forward + backward):
+        F = 6 N + 12 L n d           (N = parameters in matrices; 12 L n d = attention scores)
+    MFU = F · tokens/s / peak.  The constrained variants' K, V solves (O(d³) per layer per step)
+    are not counted, so their MFU is "plain-model FLOPs per second"."""
+    rt = training.setup_runtime(args.device, amp=not args.no_amp)
+    gpu = rt.device.type == "cuda"
+    # width 512 everywhere; on a GPU the enwik8 preset itself, on CPU a 2-layer cut of it
+    cfg = dict(PRESETS["enwik8"] if gpu else PRESETS["enwik8"] | dict(n_layers=2, seq_len=256, batch_size=4, grad_accum=1))
+    cfg.update(pe=args.pe or cfg["pe"], vocab_size=256)
+    for k in ("d_model", "n_layers", "n_heads", "seq_len"):
+        if getattr(args, k, None) is not None:
+            cfg[k] = getattr(args, k)
+    micro = args.batch_size or (16 if gpu else 4)
+    variants = [("plain (--lam 0)", {}), ("lam identity -0.1", dict(lam=-0.1, lam_mode="identity")),
+                ("lam softplus-diag 0.05", dict(lam=0.05, lam_mode="softplus-diag")),
+                ("regime divergent", dict(regime="divergent")),
+                ("regime intermediate", dict(regime="intermediate")),
+                ("regime convergent", dict(regime="convergent"))]
+    gen = torch.Generator().manual_seed(0)
+    data = torch.randint(0, 256, (micro, cfg["seq_len"] + 1), generator=gen).to(rt.device)
+    x, y = data[:, :-1], data[:, 1:]
+    runs = []
+    for name, over in variants:
+        c = dict(cfg, lam=0.0, lam_mode="identity", regime="free") | over
+        model = build_lm(c).to(rt.device)
+        opt = make_optimizer(model, c, rt.device)
+        fwd = training.wrap_model(model, rt, compile=False if args.no_compile else None)
+
+        def step():
+            with training.autocast(rt):
+                loss = fwd(x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        for _ in range(3 if gpu else 1):  # warm-up (and compilation)
+            step()
+        runs.append((name, model, step))
+        if rt.is_main:
+            print(f"built {name}", flush=True)
+    times = {name: [] for name, _, _ in runs}
+    for _ in tqdm(range(args.bench_rounds), desc="bench rounds", disable=not rt.is_main):
+        for name, _, step in runs:
+            if gpu:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(args.bench_steps):
+                step()
+            if gpu:
+                torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - t) / args.bench_steps)
+    tokens = micro * cfg["seq_len"]
+    peak = args.peak_tflops
+    if peak is None and gpu:
+        gname = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if all(w in gname for w in k.split())), None)
+    rows = []
+    base = None
+    for name, model, _ in runs:
+        sec = float(np.median(times[name]))
+        tps = tokens / sec
+        base = base or tps
+        n_mat = sum(p.numel() for n, p in model.named_parameters() if p.dim() >= 2 and "pos" not in n)
+        flops = 6 * n_mat + 12 * cfg["n_layers"] * cfg["seq_len"] * cfg["d_model"]
+        rows.append({"variant": name, "tokens_per_s": tps, "ratio_to_plain": tps / base,
+                     "step_s": sec, "mfu": (flops * tps / (peak * 1e12)) if peak else None})
+    out = Path(args.out or HERE / "runs" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}")
+    report = {"device": str(torch.cuda.get_device_name() if gpu else "cpu"), "threads": torch.get_num_threads(),
+              "amp": str(rt.amp_dtype), "compile": gpu and not args.no_compile, "micro_batch": micro,
+              "config": {k: cfg[k] for k in ("d_model", "n_layers", "n_heads", "seq_len", "pe")},
+              "peak_tflops": peak, "rows": rows}
+    if rt.is_main:
+        training.RunDir(out).write_json("bench.json", report)
+        print(f"\n{report['device']}, {cfg['n_layers']}×{cfg['d_model']} ({cfg['n_heads']} heads), "
+              f"seq {cfg['seq_len']}, batch {micro}, pe {cfg['pe']}, amp {report['amp']}:")
+        print(f"{'variant':<26}{'tokens/s':>12}{'× plain':>9}{'MFU':>8}")
+        for r in rows:
+            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+            print(f"{r['variant']:<26}{r['tokens_per_s']:>12,.0f}{r['ratio_to_plain']:>9.3f}{mfu:>8}")
+        print(f"(written to {out / 'bench.json'})")
+    training.teardown(rt)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(training.run_cli(main))
