@@ -25,11 +25,13 @@ Why convergence is slow (measured; see tests/test_ode_attention.py and the READM
 --------------------------------------------------------------------------------
 Near X = 0 every logit xᵢᵀ W xⱼ → 0, attention becomes uniform, Pᵢⱼ → 1/n, and (F') becomes
 ẋᵢ = Vᵀ x̄ for every i: the MEAN x̄ obeys the linear ODE dx̄/dt = Vᵀ x̄ and decays exponentially when
-Vᵀ is stable, but the DIFFERENCES xᵢ − x̄ have zero velocity to first order. They decay only through
-the second-order term Pᵢⱼ − 1/n ≈ (1/n)(sᵢⱼ − s̄ᵢ), which is quadratic in the differences, so
-‖δ‖ obeys roughly d‖δ‖/dt ≈ −c ‖δ‖³ and falls like t^(−1/2), not exponentially. Tests therefore
-check what the theory guarantees (monotone E, a falling norm with the measured power law) rather
-than waiting for 1e−6.
+Vᵀ is stable, but the DIFFERENCES δᵢ = xᵢ − x̄ have zero velocity to first order. They decay only
+through the correction Pᵢⱼ − 1/n ≈ (1/n)(sᵢⱼ − s̄ᵢ), quadratic in δ, so the velocity of δ is cubic,
+d‖δ‖/dt ≈ −c ‖δ‖³, and ‖δ‖ ≈ (2ct)^(−1/2): algebraic, not exponential. Once the mean has caught
+up with that cubic forcing it stays slaved to it, far below ‖δ‖. Measured (tests, 64 symmetric
+instances, d = 4, n = 8, dopri5 to t = 400): log-log slope of the mean token norm over [50, 400]
+−0.49 ± 0.02, and ‖x̄‖ ≤ 6e−6 ‖X‖ at t = 400. Tests therefore check what the theory guarantees
+(monotone E, a falling norm with the measured power law) rather than waiting for 1e−6.
 
 Positional encodings in the field
 ---------------------------------
@@ -370,9 +372,11 @@ def token_norm(X: torch.Tensor) -> torch.Tensor:
 
 
 def pairwise_distance(X: torch.Tensor) -> torch.Tensor:
-    """dist(X) = Σ_{i,j} ‖xᵢ − xⱼ‖² = 2N Σᵢ ‖xᵢ‖² − 2 ‖Σᵢ xᵢ‖²  (notes §5.4)."""
+    """dist(X) = Σ_{i,j} ‖xᵢ − xⱼ‖² = 2N Σᵢ ‖xᵢ‖² − 2 ‖Σᵢ xᵢ‖²  (notes §5.4)
+                                  = 2N Σᵢ ‖xᵢ − x̄‖²   (computed this way: the middle form cancels
+    catastrophically for large, nearly parallel tokens — we saw it go negative on diverging runs)."""
     N = X.shape[-2]
-    return 2 * N * X.pow(2).sum((-1, -2)) - 2 * X.sum(-2).pow(2).sum(-1)
+    return 2 * N * (X - X.mean(-2, keepdim=True)).pow(2).sum((-1, -2))
 
 
 def sharpness(X: torch.Tensor) -> torch.Tensor:
