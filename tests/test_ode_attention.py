@@ -118,7 +118,7 @@ def uniform_attention_case(seed=5, n=5, d=3):
 
 def test_uniform_attention_closed_form_all_methods():
     X0, Q, K, V, exact = uniform_attention_case()
-    for method, dt, tol in (("euler", 1e-4, 1e-3), ("rk4", 1e-2, 1e-9), ("dopri5", 0.1, 1e-7)):
+    for method, dt, tol in (("euler", 1e-3, 5e-3), ("rk4", 1e-2, 1e-9), ("dopri5", 0.1, 1e-7)):
         tr = oa.integrate(X0, Q, K, V, t_end=2.0, dt=dt, method=method, rtol=1e-10, atol=1e-12)
         assert tr.status == "ok"
         assert abs(float(tr.t[-1]) - 2.0) < 1e-12
@@ -129,7 +129,7 @@ def test_rk4_error_falls_16x_and_euler_2x_when_dt_halves():
     X0, Q, K, V, _ = uniform_attention_case(6)
     # a non-trivial nonlinear field: reference from RK4 with a tiny step
     Q2, K2, V2 = regimes.sample_instance("convergent", 3, generator=gen(7))
-    ref = oa.integrate(X0, Q2, K2, V2, t_end=1.0, dt=1e-4, method="rk4").X[-1]
+    ref = oa.integrate(X0, Q2, K2, V2, t_end=1.0, dt=1e-3, method="rk4").X[-1]
     err = {}
     for method in ("rk4", "euler"):
         e1 = (oa.integrate(X0, Q2, K2, V2, t_end=1.0, dt=0.04, method=method).X[-1] - ref).abs().max()
@@ -309,12 +309,18 @@ def test_script_runs_and_bad_input_exits_2(tmp_path):
     assert "predicted regime: divergent" in r.stdout and "observed fate:    diverged" in r.stdout
     for name in ("trajectories.png", "probes.png", "probes.csv", "summary.json"):
         assert (out / name).stat().st_size > 0
-    for bad in (["--pe", "rope", "--d", "3"], ["--dt", "0"], ["--lam", "nan"]):
-        r = subprocess.run([sys.executable, str(ROOT / "ode_attention.py"), *bad, "--out",
-                            str(tmp_path / "bad")], capture_output=True, text=True, cwd=ROOT)
-        assert r.returncode == 2, (bad, r.stderr)
-        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
-        assert not (tmp_path / "bad").exists()
+    r = subprocess.run([sys.executable, str(ROOT / "ode_attention.py"), "--d", "3", "--pe", "rope"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("bad", [["--pe", "rope", "--d", "3"], ["--dt", "0"], ["--lam", "nan"],
+                                 ["--pe", "abs", "--d", "5"], ["--n", "1"]])
+def test_script_bad_input_one_sentence_exit_2(bad, tmp_path, capsys):
+    assert oa.main([*bad, "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ode_attention.py: ") and "\n" not in err
+    assert not (tmp_path / "bad").exists()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -110,7 +110,7 @@ def test_prescribed_inertia_exact_for_many_random_parameters_and_grads_flow():
         loss = (m() - target).pow(2).sum()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]                               # it did learn
     assert regimes.inertia(m().double(), tol=1e-10) == (3, 3, 0)      # and kept its inertia
 
