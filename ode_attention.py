@@ -672,7 +672,12 @@ def simulate(regime: str, pe: str = "none", lam: float = 0.0, lam_matrix: str = 
     tr = integrate(X0, Q, K, V, t_end=t_end, dt=dt, method=method, max_norm=bound, n_save=401, **opts)
     Y = tr.X + shift                                             # driving tokens y = x + p
     fate = regimes.observed_fate(token_norm(Y)[:, None], tr.blown.reshape(1))[0]
-    return {"traj": tr, "Y": Y, "W": W, "A": A, "predicted": predicted, "fate": fate,
+    kept = None
+    if pe == "rope":
+        # RoPE makes W offset-dependent: W(m) = Q R(m) Kᵀ; count the offsets that keep the regime
+        per = regimes.rope_offset_regimes(Q, K, V, range(-(n - 1), n))
+        kept = (sum(r["regime"] == predicted for r in per), len(per))
+    return {"traj": tr, "Y": Y, "W": W, "A": A, "predicted": predicted, "fate": fate, "rope_kept": kept,
             "probes": {k: fn(Y) for k, fn in PROBES.items()}, "regime_report": regimes.regime_of(W_eff, A)}
 
 
@@ -713,6 +718,10 @@ def main(argv=None) -> int:
         rr = res["regime_report"]
         print(f"predicted regime: {res['predicted']}  (inertia of W_sym {rr['inertia_W']}, "
               f"A_sym {rr['inertia_A']} as (+, −, 0))")
+        if res["rope_kept"] is not None:
+            k, m = res["rope_kept"]
+            print(f"  with RoPE the regime holds at {k} of the {m} offsets m = j − i "
+                  "(W(m) = Q R(m) Kᵀ); the prediction above is the position-free one")
         print(f"observed fate:    {res['fate']}  (mean ‖y‖ {float(res['probes']['norm'][0]):.3g} → "
               f"{float(res['probes']['norm'][-1]):.3g} at t = {float(tr.t[-1]):.3g}; status: {tr.status})")
         print(f"wrote {a.out}/trajectories.png, {a.out}/probes.png, {a.out}/probes.csv, {a.out}/summary.json")
