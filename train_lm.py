@@ -358,6 +358,17 @@ def batch_fn_for(tokens: np.ndarray, *, seq_len: int, global_batch: int, micro: 
 # ==============================================================================================
 # 2. The model
 # ==============================================================================================
+def check_sizes(**sizes) -> None:
+    """Positive integer sizes, heads dividing the width, a positive MLP ratio."""
+    for name, v in sizes.items():
+        if name != "mlp_ratio" and v < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+    if sizes["d_model"] % sizes["n_heads"]:
+        raise ValueError(f"--d-model {sizes['d_model']} is not divisible by --n-heads {sizes['n_heads']}")
+    if not sizes["mlp_ratio"] > 0:
+        raise ValueError(f"--mlp-ratio must be positive, got {sizes['mlp_ratio']}")
+
+
 class GPT(nn.Module):
     """Token embedding (+ absolute PE) → L × ode_attention.Block (causal) → LN → output."""
 
@@ -367,12 +378,8 @@ class GPT(nn.Module):
         super().__init__()
         if pe not in PES:
             raise ValueError(f"unknown --pe {pe!r}: choose one of {', '.join(PES)}")
-        for name, v in (("vocab size", vocab_size), ("--d-model", d_model), ("--n-layers", n_layers),
-                        ("--n-heads", n_heads), ("--seq-len", seq_len)):
-            if v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v}")
-        if d_model % n_heads:
-            raise ValueError(f"--d-model {d_model} is not divisible by --n-heads {n_heads}")
+        check_sizes(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+                    seq_len=seq_len, mlp_ratio=mlp_ratio)
         if pe == "sin" and d_model % 2:
             raise ValueError(f"--pe sin needs an even --d-model, got {d_model}")
         cutoffs = list(cutoffs)
@@ -592,16 +599,11 @@ def resolve_config(args) -> dict:
             cfg[k] = v
     cfg.update(preset=args.preset, lam=float(args.lam), lam_mode=args.lam_mode, regime=args.regime,
                seed=args.seed)
-    for k in ("d_model", "n_layers", "n_heads", "seq_len", "steps", "batch_size", "grad_accum"):
-        if cfg[k] < 1:
-            raise ValueError(f"--{k.replace('_', '-')} must be at least 1, got {cfg[k]}")
+    check_sizes(**{k: cfg[k] for k in ("d_model", "n_layers", "n_heads", "seq_len", "mlp_ratio",
+                                       "steps", "batch_size", "grad_accum")})
     for k in ("warmup", "eval_every", "eval_tokens"):
         if cfg[k] < 0:
             raise ValueError(f"--{k.replace('_', '-')} must be 0 or more, got {cfg[k]}")
-    if cfg["d_model"] % cfg["n_heads"]:
-        raise ValueError(f"--d-model {cfg['d_model']} is not divisible by --n-heads {cfg['n_heads']}")
-    if not cfg["mlp_ratio"] > 0:
-        raise ValueError(f"--mlp-ratio must be positive, got {cfg['mlp_ratio']}")
     if not (cfg["lr"] > 0 and 0 <= cfg["min_lr"] <= cfg["lr"]):
         raise ValueError(f"need --lr > 0 and 0 ≤ --min-lr ≤ --lr, got {cfg['lr']} and {cfg['min_lr']}")
     if not 0 <= cfg["dropout"] < 1 or not 0 < cfg["beta2"] < 1 or cfg["clip"] < 0 or cfg["weight_decay"] < 0:
@@ -749,7 +751,7 @@ def bench(args) -> int:
         opt = make_optimizer(model, c, rt.device)
         fwd = training.wrap_model(model, rt, compile=False if args.no_compile else None)
 
-        def step():
+        def step(fwd=fwd, opt=opt):  # bind this variant's model and optimiser (not the loop's last)
             with training.autocast(rt):
                 loss = fwd(x, y)
             loss.backward()

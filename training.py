@@ -119,6 +119,9 @@ def setup_runtime(device: str = "auto", amp: bool = True) -> Runtime:
             torch.cuda.set_device(dev)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    if dev.type == "cuda":  # TF32 tensor cores for what stays in float32 (outside autocast)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     amp_dtype = torch.bfloat16 if (amp and dev.type == "cuda") else None
     return Runtime(device=dev, rank=rank, local_rank=local, world_size=world, amp_dtype=amp_dtype)
 
