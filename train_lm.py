@@ -569,7 +569,7 @@ def build_parser() -> training.ArgParser:
                          ("weight-decay", float, "AdamW decay on matrices"),
                          ("clip", float, "gradient-norm clip (0 = off)"), ("dropout", float, "dropout"),
                          ("eval-every", int, "evaluate every N steps (0 = only at the end)"),
-                         ("eval-tokens", int, "tokens per split per evaluation (0 = the whole split)"),
+                         ("eval-tokens", int, "tokens per split in the periodic evaluations (0 = the whole split; the final one always uses it all)"),
                          ("cutoffs", str, "adaptive-softmax cutoffs, e.g. 20000,40000,200000 ('' = full softmax)")):
         a(f"--{name}", type=typ, help=f"{h} (preset's default)")
     a("--seed", type=int, default=0)
@@ -672,10 +672,11 @@ def train(cfg: dict, args, rt: training.Runtime) -> int:
               f"(vocab {corpus.vocab_size:,});  model {n_params / 1e6:.2f}M parameters on {rt.device}"
               f"{' × ' + str(rt.world_size) if rt.distributed else ''};  run folder {run.path}", flush=True)
 
-    def eval_fn(raw):
+    def eval_fn(raw, final):  # periodic evaluations may be capped by --eval-tokens; the last never is
         out = {}
         for split, toks in (("val", corpus.val), ("test", corpus.test)):
-            loss = evaluate(raw, toks, seq_len=cfg["seq_len"], batch=micro, rt=rt, max_tokens=cfg["eval_tokens"])
+            loss = evaluate(raw, toks, seq_len=cfg["seq_len"], batch=micro, rt=rt,
+                            max_tokens=0 if final else cfg["eval_tokens"])
             out[split] = {"loss": loss, metric: corpus.score(loss)}
         return out
 

@@ -475,8 +475,9 @@ def train_loop(model, optimizer, *, rt: Runtime, run: RunDir, config: dict, step
     """Run optimiser steps start_step .. steps-1.
 
     batch_fn(step, micro) -> this process's micro-batch;  loss_fn(model, batch) -> (mean loss,
-    number of units in the batch);  eval_fn(raw_model) -> {split: {metric: value}}, called in
-    eval mode under no_grad at every `eval_every` steps and at the end.  Returns
+    number of units in the batch);  eval_fn(raw_model, final) -> {split: {metric: value}}, called
+    in eval mode under no_grad at every `eval_every` steps (final=False: it may subsample) and at
+    the end (final=True: the whole evaluation set).  Returns
     {"status": "done" | "interrupted", "step", "signal", "eval": last eval}.
     """
     raw = raw_model if raw_model is not None else model
@@ -485,13 +486,13 @@ def train_loop(model, optimizer, *, rt: Runtime, run: RunDir, config: dict, step
     params = [p for p in raw.parameters() if p.requires_grad]
     last_eval: dict = {}
 
-    def evaluate(step):
+    def evaluate(step, final=False):
         nonlocal last_eval
         if eval_fn is None:
             return
         raw.eval()
         with torch.no_grad(), autocast(rt):
-            last_eval = eval_fn(raw)
+            last_eval = eval_fn(raw, final)
         raw.train()
         for split, metrics in last_eval.items():
             run.log(step, split, metrics)
@@ -560,7 +561,7 @@ def train_loop(model, optimizer, *, rt: Runtime, run: RunDir, config: dict, step
                 t_since = time.perf_counter()  # the throughput counts training time only
             if stop_now or step == steps or (ckpt_every and step % ckpt_every == 0):
                 if step == steps:
-                    evaluate(step)
+                    evaluate(step, final=True)
                     if eval_fn is None:
                         run.plot(title)
                 save(step)
@@ -569,7 +570,7 @@ def train_loop(model, optimizer, *, rt: Runtime, run: RunDir, config: dict, step
                 return {"status": "interrupted", "step": step, "signal": stop.signum, "eval": last_eval}
     bar.close()
     if step == start_step:  # nothing left to train: still evaluate what the checkpoint holds
-        evaluate(step)
+        evaluate(step, final=True)
     return {"status": "done", "step": step, "signal": None, "eval": last_eval}
 
 

@@ -128,6 +128,16 @@ def test_run_writes_every_output_and_the_checkpoint_rebuilds_the_model(text_file
     block = ode_attention.Block(cfg["d_model"], cfg["n_heads"], mlp_ratio=cfg["mlp_ratio"], causal=True,
                                 pe=cfg["attn_pe"], lam=cfg["lam"], lam_mode=cfg["lam_mode"], regime=cfg["regime"])
     block.load_state_dict({k[len("blocks.0."):]: v for k, v in state["model"].items() if k.startswith("blocks.0.")})
+    # the final evaluation covers the whole validation split (--eval-tokens caps only the periodic ones)
+    model = train_lm.build_lm(cfg)
+    model.load_state_dict(state["model"])
+    model.eval()
+    val = np.frombuffer(text_file.read_bytes(), np.uint8)
+    val = train_lm.split_90_5_5(val)[1]
+    with torch.no_grad():
+        full = train_lm.evaluate(model, val, seq_len=16, batch=7, rt=training.Runtime(device=torch.device("cpu")))
+    assert summary["val"]["loss"] == pytest.approx(full, rel=1e-5)
+    assert len(val) // 16 * 16 > 64                                 # more than the periodic 64 tokens
     steps = [int(r["step"]) for r in csv.DictReader(open(out / "metrics.csv")) if r["split"] == "val" and r["metric"] == "bpb"]
     assert steps == [3, 6]
 

@@ -89,7 +89,7 @@ def _tiny_run(tmp, *, steps, grad_accum=1, kill_at=None, resume=False, batch=8, 
         return torch.nn.functional.mse_loss(mdl(b[0]), b[1]), len(b[0])
     loss_fn.step = start * grad_accum
 
-    evals = lambda m: {"val": {"loss": float(torch.nn.functional.mse_loss(m(torch.ones(2, 4)), torch.zeros(2, 1)))}}
+    evals = lambda m, final: {"val": {"loss": float(torch.nn.functional.mse_loss(m(torch.ones(2, 4)), torch.zeros(2, 1)))}}
     out = training.train_loop(model, opt, rt=rt, run=run, config={"d": 4}, steps=steps, batch_fn=batch_fn,
                               loss_fn=loss_fn, eval_fn=evals, lr=0.05, warmup=2, grad_accum=grad_accum,
                               clip=1.0, eval_every=3, log_every=1, start_step=start)
