@@ -107,7 +107,7 @@ PRESETS = {
     "small": dict(data="pydocs", pe="rope", d_model=128, n_layers=4, n_heads=4, mlp_ratio=4.0,
                   seq_len=128, batch_size=16, grad_accum=1, steps=800, lr=2e-3, min_lr=1e-4,
                   warmup=50, beta2=0.99, weight_decay=0.0, clip=1.0, dropout=0.0,
-                  eval_every=200, eval_tokens=32768, cutoffs=""),
+                  eval_every=400, eval_tokens=0, cutoffs=""),
     # enwik8 (x-transformers run): 6 × 512, 8 heads, learned absolute PE, 1024 bytes, batch 16 × 4,
     # Adam 6e-4 constant (min_lr = lr), clip 0.5, 25,000 steps, validation every 500 steps.
     "enwik8": dict(data="enwik8", pe="learned", d_model=512, n_layers=6, n_heads=8, mlp_ratio=4.0,
