@@ -1025,7 +1025,7 @@ def _probe_axes(plt, reps: list, title: str):
         ax.set_xlabel("depth ℓ / L")
     axes[0, 1].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.05, top=0.94, hspace=0.12, wspace=0.22)
     return fig
 
 
