@@ -74,11 +74,11 @@ import json
 import math
 import os
 import sys
-import tempfile
 
 import torch
 
 import rope
+import training
 
 # ---- defaults of the sweep (visible at the top, nanoGPT style) ----
 N_VALUES = (16, 32, 64, 128, 256)   # sequence lengths n
@@ -332,18 +332,11 @@ def sweep(n_values=N_VALUES, freq_counts=FREQ_COUNTS, d=CONTENT_DIM, trials=TRIA
 # 4. Outputs: table and figure (atomic writes)
 # ============================================================================================
 def _atomic_write(path, write_fn, mode="w"):
-    """Write via a temporary file in the same folder, then os.replace: never a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
+    """Write through training.atomic_write (a temporary file, then os.replace): never a half-written file."""
+    def _write(tmp):
+        with open(tmp, mode) as f:
             write_fn(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    training.atomic_write(path, _write)
 
 
 def write_table(rows, csv_path, md_path, md_n_freqs=FIG_K):

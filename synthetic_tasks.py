@@ -615,8 +615,9 @@ def _first_epoch(run, threshold):
 
 
 def _mean_or_none(values):
-    """Mean over the runs that reached the threshold, or None if one did not."""
-    return None if any(v is None for v in values) else sum(values) / len(values)
+    """Mean over the runs that reached the threshold (None if none did)."""
+    hit = [v for v in values if v is not None]
+    return sum(hit) / len(hit) if hit else None
 
 
 def summarise(results):
@@ -638,6 +639,7 @@ def summarise(results):
                      "deposit_runs": sum(d["deposit"] for d in dep),
                      # optimisation speed: first epoch with test accuracy >= 90% (None: never)
                      "epochs_to_90_mean": _mean_or_none([_first_epoch(r, 90.0) for r in rs]),
+                     "reached_90": sum(_first_epoch(r, 90.0) is not None for r in rs),
                      "minutes": sum(r["seconds"] for r in rs) / 60})
     return rows
 
@@ -657,7 +659,7 @@ def write_tables(rows, out, name="synthetic_small"):
         if r["pe"] not in pes:
             pes.append(r["pe"])
     by = {(r["task"], r["pe"]): r for r in rows}
-    lines = ["| PE | Task 1 (distance) acc % | Task 2 (count) acc % | Task 1 epochs to 90% | "
+    lines = ["| PE | Task 1 (distance) acc % | Task 2 (count) acc % | Task 1 epochs to 90% test acc | "
              "Task 1 top head drop (pts) | Task 1 deposit runs |", "| --- | --- | --- | --- | --- | --- |"]
     for pe in pes:
         cells = []
@@ -667,8 +669,8 @@ def write_tables(rows, out, name="synthetic_small"):
                          f"{r['test_acc_mean']:.1f} ± {r['test_acc_std']:.1f}" if r["seeds"] > 1 else
                          f"{r['test_acc_mean']:.1f} (1 seed)")
         r1 = by.get((1, pe))
-        cells.append("-" if r1 is None else "not all runs" if r1["epochs_to_90_mean"] is None else
-                     f"{r1['epochs_to_90_mean']:.1f}")
+        cells.append("-" if r1 is None else "never" if r1["epochs_to_90_mean"] is None else
+                     f"{r1['epochs_to_90_mean']:.1f} ({r1['reached_90']}/{r1['seeds']} runs)")
         cells.append("-" if r1 is None else f"{r1['top_drop_mean']:.1f} (runner-up {r1['runner_up_mean']:.1f})")
         cells.append("-" if r1 is None else f"{r1['deposit_runs']}/{r1['seeds']}")
         lines.append(f"| {pe} | " + " | ".join(cells) + " |")
@@ -771,7 +773,7 @@ def main(argv=None):
     s.add_argument("--cache", default="runs/spectral", help="folder of per-run JSON files (resumable)")
     _common(s)
     r = sub.add_parser("report", help="the table and heat maps from a folder of run files (e.g. GPU runs)")
-    r.add_argument("--runs", required=True, help="folder of run JSON files written by `train`")
+    r.add_argument("--runs", required=True, help="folder of run JSON files written by `train`, or a *_runs.json")
     r.add_argument("--name", default="synthetic_report", help="prefix of the output files")
     r.add_argument("--out", default="results/spectral", help="output folder")
     e = sub.add_parser("show", help="print a few generated samples")
@@ -801,16 +803,19 @@ def main(argv=None):
               f"{res['ablation']['top_layer']} head {res['ablation']['top_head']}; wrote {path}")
         return 0
     if a.cmd == "report":
-        files = sorted(f for f in os.listdir(a.runs) if f.endswith(".json")) if os.path.isdir(a.runs) else []
+        # a folder of run files, or one JSON list of runs (a *_runs.json written by `table`)
+        files = ([os.path.join(a.runs, f) for f in sorted(os.listdir(a.runs)) if f.endswith(".json")]
+                 if os.path.isdir(a.runs) else [a.runs] if os.path.isfile(a.runs) else [])
         if not files:
             raise ValueError(f"no run files (*.json) in {a.runs}")
         results = []
         for f in files:
             try:
-                with open(os.path.join(a.runs, f)) as fh:
-                    results.append(json.load(fh))
+                with open(f) as fh:
+                    obj = json.load(fh)
             except (OSError, json.JSONDecodeError) as err:
                 raise ValueError(f"cannot read the run file {f}: {err}") from None
+            results.extend(obj if isinstance(obj, list) else [obj])
         write_report(results, a.out, a.name)
         return 0
     # table
