@@ -572,8 +572,16 @@ def run_name(task, pe, preset, seed):
     return f"task{task}_{pe.replace(':', '')}_{preset}_seed{seed}.json"
 
 
+def _write_text(path, text):
+    """Atomic text write (training.atomic_write: a temporary file, then os.replace)."""
+    def _write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    training.atomic_write(path, _write)
+
+
 def _write_json(path, obj):
-    training.atomic_write(path, lambda tmp: open(tmp, "w").write(json.dumps(obj, indent=1)))
+    _write_text(path, json.dumps(obj, indent=1))
 
 
 def _worker(args):
@@ -604,9 +612,13 @@ def run_all(tasks, pes, seeds, preset, cache, workers=1, overrides=None):
     for j in jobs:
         try:
             with open(j[4]) as f:
-                results.append(json.load(f))
+                res = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"cannot read the run file {j[4]}: {e}") from None
+        # a cached run must have been made with exactly these settings
+        if res.get("config") != run_config(j[0], j[1], j[2], j[3], **j[5]):
+            raise ValueError(f"the cached run {j[4]} was made with other settings; use another --cache")
+        results.append(res)
     return results
 
 
@@ -681,8 +693,7 @@ def write_tables(rows, out, name="synthetic_small"):
                  + ("" if length_only is None else
                     f"; guessing the Task 1 distance from the sentence length alone: {length_only:.1f}%")
                  + ". Mean ± std over seeds of the last-epoch test accuracy.")
-    training.atomic_write(os.path.join(out, f"{name}_results.md"),
-                          lambda tmp: open(tmp, "w").write("\n".join(lines) + "\n"))
+    _write_text(os.path.join(out, f"{name}_results.md"), "\n".join(lines) + "\n")
 
 
 def plot_ablation(results, task, pes, path):

@@ -274,6 +274,10 @@ def test_script_train_and_table(tmp_path, capsys):
     assert training.run_cli(st.main, ["report", "--runs", str(tmp_path / "c"), "--name", "again",
                                       "--out", str(out)]) == 0
     assert (out / "again_results.md").read_text() == md
+    # a cache made with other settings is refused, not silently reused
+    assert training.run_cli(st.main, ["table", "--preset", "tiny", "--seeds", "0", "--tasks", "1", "--pes", "none",
+                                      "--epochs", "2", "--cache", str(tmp_path / "c"), "--out", str(out)]) == 2
+    assert "other settings" in capsys.readouterr().err
 
 
 def test_script_bad_input_is_one_sentence_and_exit_2(tmp_path, capsys):
