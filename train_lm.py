@@ -73,7 +73,6 @@ import ast
 import bz2
 import gzip
 import io
-import json
 import lzma
 import math
 import os

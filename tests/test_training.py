@@ -2,7 +2,6 @@
 run folder, verified downloads, and the one-sentence / exit-2 contract."""
 import hashlib
 import http.server
-import math
 import os
 import signal
 import sys
@@ -186,4 +185,3 @@ def test_run_cli_turns_user_errors_into_exit_2(capsys):
     p.add_argument("--pe", choices=("rope",))
     with pytest.raises(ValueError, match="invalid choice"):
         p.parse_args(["--pe", "nope"])
-    assert math.isfinite(training.cosine_lr(0, lr=1.0, total=1))
