@@ -366,6 +366,26 @@ class RunDir:
         plt.close(fig)
 
 
+def open_run(*, resume, out, config: dict, model, optimizer, resume_keys, rt: Runtime):
+    """The run folder and the step to start from.  resume (a run folder or its ckpt.pt): load the
+    checkpoint, refuse one whose `resume_keys` differ from `config`, restore model, optimiser and
+    RNG states.  Otherwise a new run in `out`, which must not already hold a checkpoint."""
+    start = 0
+    if resume:
+        ck = Path(resume)
+        run = RunDir(ck.parent if ck.suffix == ".pt" else ck, active=rt.is_main)
+        state = load_checkpoint(run.ckpt)
+        check_config(state["config"], config, resume_keys, where=f"the checkpoint {run.ckpt}")
+        start = restore(state, model, optimizer)
+    else:
+        run = RunDir(out, active=rt.is_main)
+        if run.ckpt.exists():
+            raise ValueError(f"{run.path} already holds a run: continue it with --resume {run.path} "
+                             f"or choose another --out")
+    run.start(config, resume_step=start if resume else None)
+    return run, start
+
+
 # ----------------------------------------------------------------------------------------------
 # Signals
 # ----------------------------------------------------------------------------------------------
