@@ -269,7 +269,7 @@ def alibi_bias(n: int, slopes: torch.Tensor, causal: bool = False) -> torch.Tens
     """(H, n, n) ALiBi bias. Bidirectional: −m_h |i − j|. Causal: −m_h (i − j) for j ≤ i, −inf above."""
     if n <= 0:
         raise ValueError(f"sequence length must be positive, got {n}.")
-    i = torch.arange(n)
+    i = torch.arange(n, device=slopes.device)
     off = (i[:, None] - i[None, :]).to(slopes.dtype)                  # i − j
     # B^h_ij = −m_h |i − j|
     bias = -slopes[:, None, None] * off.abs()[None]
