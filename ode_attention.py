@@ -410,6 +410,22 @@ LAM_MODES = ("identity", "softplus-diag")
 REGIMES = ("free", "divergent", "intermediate", "convergent")
 
 
+def attention_mask(n: int, dtype, device, attn_bias=None, key_padding_mask=None, causal=False):
+    """SDPA's (attn_mask, is_causal) for n tokens: a float mask = bias, −inf on padded keys and,
+    when causal, above the diagonal (j > i); or (None, causal) when there is nothing to add, so
+    that the fused causal kernels can run."""
+    if attn_bias is None and key_padding_mask is None:
+        return None, causal
+    mask = torch.zeros(1, 1, n, n, dtype=dtype, device=device)
+    if attn_bias is not None:
+        mask = mask + attn_bias.to(dtype)                                       # + bᵢⱼ
+    if key_padding_mask is not None:
+        mask = mask.masked_fill(~key_padding_mask.bool()[:, None, None, :], float("-inf"))
+    if causal:
+        mask = mask.masked_fill(torch.ones(n, n, dtype=torch.bool, device=device).triu(1), float("-inf"))
+    return mask, False
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with RoPE, the λ-term and definiteness-constrained weights.
 
@@ -575,17 +591,7 @@ class Attention(nn.Module):
                 lam_x = F.softplus(self.lam_phi).to(x.dtype)[None, :, None, :] * xh  # Λₕ xᵢ⁽ʰ⁾
             q = torch.cat((q, lam_x), dim=-1)                                   # q̃ᵢ
             k = torch.cat((k, xh), dim=-1)                                      # k̃ⱼ
-        mask, is_causal = None, self.causal
-        if attn_bias is not None or key_padding_mask is not None:
-            mask = torch.zeros(1, 1, n, n, dtype=q.dtype, device=x.device)
-            if attn_bias is not None:
-                mask = mask + attn_bias.to(q.dtype)
-            if key_padding_mask is not None:
-                mask = mask.masked_fill(~key_padding_mask.bool()[:, None, None, :], float("-inf"))
-            if self.causal:
-                mask = mask.masked_fill(torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1),
-                                        float("-inf"))
-            is_causal = False
+        mask, is_causal = attention_mask(n, q.dtype, x.device, attn_bias, key_padding_mask, self.causal)
         # softmax(q̃ k̃ᵀ / √d_h + bias) v  — fused on GPU
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0,

@@ -96,7 +96,7 @@ import torch.nn.functional as F
 
 import rope
 import training
-from ode_attention import Block
+from ode_attention import Block, attention_mask
 
 # ---- vocabulary (notes §3.1) ----
 VOCAB_SIZE = 574
@@ -320,13 +320,7 @@ class MLAAttention(nn.Module):
         # q = [q_C; q_R], k = [k_C; k_R] (the shared parts broadcast over the heads)
         q = torch.cat((q_c, q_r.expand(B, H, n, self.d_r)), -1)
         k = torch.cat((k_c, k_r.expand(B, H, n, self.d_r)), -1)
-        mask = None
-        if attn_bias is not None or key_padding_mask is not None:
-            mask = torch.zeros(1, 1, n, n, dtype=q.dtype, device=x.device)
-            if attn_bias is not None:
-                mask = mask + attn_bias.to(q.dtype)
-            if key_padding_mask is not None:
-                mask = mask.masked_fill(~key_padding_mask.bool()[:, None, None, :], float("-inf"))
+        mask, _ = attention_mask(n, q.dtype, x.device, attn_bias, key_padding_mask)
         # softmax(q k^T / sqrt(d_h + d_R) + bias) v
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
                                            dropout_p=self.dropout if self.training else 0.0)
