@@ -933,11 +933,15 @@ def build_parser() -> training.ArgParser:
       "the plain model (learned PE, --lam 0), on synthetic images")
     a("--bench-steps", type=int, default=3, help="timed steps per variant and round in --bench")
     a("--bench-rounds", type=int, default=3, help="rounds over all variants in --bench (median kept)")
+    a("--bench-variants", help="comma-separated subset for --bench (plain is always first): plain, none, "
+      "sin2d, rope-axial, rope-mixed, lam-identity, lam-softplus, divergent, intermediate, convergent")
     a("--peak-tflops", type=float, help="the GPU's dense bf16 peak for MFU (auto for A100/H100/H200)")
     a("--compare", metavar="PES", help="train one run per PE in this comma-separated list and seed, "
       "as separate processes, and write compare.csv / .md / .png to --out")
     a("--seeds", type=int, default=3, help="seeds 0 … N−1 per PE in --compare")
     a("--jobs", type=int, default=2, help="processes at once in --compare (each with 1 thread)")
+    a("--runs-dir", help="where --compare keeps its run folders (default runs/compare-<name of --out>); "
+      "finished runs found there are reused")
     return p
 
 
@@ -1117,6 +1121,13 @@ def train(cfg: dict, args, rt: training.Runtime) -> int:
 # ==============================================================================================
 # 7. Benchmark: images/s of every PE, λ mode and regime against the plain model
 # ==============================================================================================
+BENCH_VARIANTS = {"plain": ("plain (learned, --lam 0)", {}),
+                  **{pe: (f"pe {pe}", dict(pe=pe)) for pe in PES if pe != "learned"},
+                  "lam-identity": ("lam identity -0.1", dict(lam=-0.1)),
+                  "lam-softplus": ("lam softplus-diag 0.05", dict(lam=0.05, lam_mode="softplus-diag")),
+                  **{r: (f"regime {r}", dict(regime=r)) for r in REGIMES if r != "free"}}
+
+
 def bench(args) -> int:
     """One process, one run, synthetic images: every variant timed in interleaved rounds (the
     median of the rounds is kept, so a noisy neighbour on a shared machine hits all alike).
@@ -1137,10 +1148,15 @@ def bench(args) -> int:
                pool=args.pool or "cls")
     micro = args.batch_size or (256 if gpu else 8)
     plain = dict(pe="learned", lam=0.0, lam_mode="identity", regime="free")
-    variants = [("plain (learned, --lam 0)", {})] + \
-        [(f"pe {pe}", dict(pe=pe)) for pe in PES if pe != "learned"] + \
-        [("lam identity -0.1", dict(lam=-0.1)), ("lam softplus-diag 0.05", dict(lam=0.05, lam_mode="softplus-diag"))] + \
-        [(f"regime {r}", dict(regime=r)) for r in REGIMES if r != "free"]
+    variants = BENCH_VARIANTS
+    if args.bench_variants:
+        keys = [k.strip() for k in args.bench_variants.split(",") if k.strip()]
+        unknown = [k for k in keys if k not in BENCH_VARIANTS]
+        if unknown or not keys:
+            raise ValueError(f"unknown --bench-variants entry {unknown[0] if unknown else ''!r}: choose from "
+                             f"{', '.join(BENCH_VARIANTS)}")
+        variants = {k: BENCH_VARIANTS[k] for k in ["plain"] + [k for k in keys if k != "plain"]}
+    variants = [(v[0], v[1]) for v in variants.values()]
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(micro, 3, cfg["image_size"], cfg["image_size"], generator=gen).to(rt.device)
     t = soft_targets(torch.randint(0, 1000, (micro,), generator=gen), 1000, 0.1).to(rt.device)
@@ -1228,8 +1244,9 @@ def _strip(argv: list, flags: dict) -> list:
 
 def compare(args, argv: list) -> int:
     """Each (PE, seed) is its own `python train_vit.py … --pe PE --seed S` process with one thread
-    (OMP_NUM_THREADS=1), at most --jobs at once; then the validation top-1 of every run is
-    tabulated (mean ± std over seeds) and drawn against the step."""
+    (OMP_NUM_THREADS=1), at most --jobs at once, in --runs-dir; then the validation top-1 of every
+    run is tabulated (mean ± std over seeds) and drawn against the step, in --out: compare.csv,
+    compare.md, compare.png."""
     pes = [p.strip() for p in args.compare.split(",") if p.strip()]
     for pe in pes:
         if pe not in PES:
@@ -1237,7 +1254,9 @@ def compare(args, argv: list) -> int:
     if args.seeds < 1 or args.jobs < 1:
         raise ValueError("--seeds and --jobs must be at least 1")
     out = Path(args.out or HERE / "runs" / f"compare-vit-{time.strftime('%Y%m%d-%H%M%S')}")
-    base = _strip(list(argv), {"--compare": 1, "--seeds": 1, "--jobs": 1, "--out": 1, "--pe": 1, "--seed": 1})
+    runs_dir = Path(args.runs_dir or HERE / "runs" / f"compare-{out.name}")
+    base = _strip(list(argv), {"--compare": 1, "--seeds": 1, "--jobs": 1, "--out": 1, "--pe": 1, "--seed": 1,
+                               "--runs-dir": 1})
     jobs = [(pe, s) for s in range(args.seeds) for pe in pes]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     running, failed = [], []
@@ -1246,7 +1265,7 @@ def compare(args, argv: list) -> int:
     while todo or running:
         while todo and len(running) < args.jobs:
             pe, s = todo.pop(0)
-            rdir = out / "runs" / f"{pe}-seed{s}"
+            rdir = runs_dir / f"{pe}-seed{s}"
             if (rdir / "summary.json").exists():   # done in an earlier call: keep it
                 bar.update(1)
                 continue
@@ -1263,13 +1282,13 @@ def compare(args, argv: list) -> int:
                 running.remove(item)
                 bar.update(1)
                 if proc.returncode != 0:
-                    failed.append(f"{pe} seed {s} (exit {proc.returncode}, see {out / 'runs' / f'{pe}-seed{s}' / 'stdout.txt'})")
+                    failed.append(f"{pe} seed {s} (exit {proc.returncode}, see {runs_dir / f'{pe}-seed{s}' / 'stdout.txt'})")
     bar.close()
     if failed:
         raise ValueError(f"{len(failed)} comparison run(s) failed: {failed[0]}")
     rows, curves = [], {}
     for pe, s in jobs:
-        rdir = out / "runs" / f"{pe}-seed{s}"
+        rdir = runs_dir / f"{pe}-seed{s}"
         summ = json.loads((rdir / "summary.json").read_text())
         cfg = json.loads((rdir / "config.json").read_text())
         rows.append({"pe": pe, "seed": s, "steps": summ["step"], "top1": summ["val"]["top1"],
@@ -1278,19 +1297,25 @@ def compare(args, argv: list) -> int:
         curves[(pe, s)] = [(r["step"], r["value"]) for r in training.RunDir(rdir).read()
                            if r["split"] == "val" and r["metric"] == "top1"]
     write_csv(out / "compare.csv", rows)
-    cfg0 = json.loads((out / "runs" / f"{pes[0]}-seed0" / "config.json").read_text())
-    lines = [f"| --pe | top-1 (%) mean ± std | seeds | wall s / run | parameters |", "|---|---|---|---|---|"]
+    cfg0 = json.loads((runs_dir / f"{pes[0]}-seed0" / "config.json").read_text())
+    lines = ["| --pe | top-1 (%) mean ± std | top-1 per seed | first evaluation ≥ 95% (step, per seed) "
+             "| wall s / run | parameters |", "|---|---|---|---|---|---|"]
     for pe in pes:
         v = np.array([r["top1"] for r in rows if r["pe"] == pe])
         w = np.mean([r["wall_s"] for r in rows if r["pe"] == pe])
         n_p = next(r["params"] for r in rows if r["pe"] == pe)
+        # learning speed: the first periodic evaluation that reaches 95% ("–": none did)
+        hit = [next((str(st) for st, v95 in curves[(pe, s)] if v95 >= 95.0), "–") for s in range(args.seeds)]
         lines.append(f"| {pe} | {v.mean():.1f} ± {v.std(ddof=1) if len(v) > 1 else 0:.1f} | "
-                     f"{', '.join(f'{x:.1f}' for x in v)} | {w:.0f} | {n_p:,} |")
+                     f"{', '.join(f'{x:.1f}' for x in v)} | {', '.join(hit)} | {w:.0f} | {n_p:,} |")
     chance = 100.0 / cfg0["n_classes"]
     md = "\n".join(lines) + (f"\n\n{cfg0['data']}, {cfg0['steps']} steps of batch {cfg0['batch_size']}, "
                              f"{cfg0['n_layers']} × {cfg0['d_model']} ({cfg0['n_heads']} heads), "
                              f"patch {cfg0['patch_size']} of {cfg0['image_size']} px, pool {cfg0['pool']}; "
-                             f"top-1 over the whole validation split; chance {chance:.0f}%.\n")
+                             f"final top-1 over the whole validation split, periodic evaluations every "
+                             f"{cfg0['eval_every']} steps on {cfg0['eval_images'] or 'all'} images; chance "
+                             f"{chance:.0f}%.  Wall-clock: one thread per run, {args.jobs} runs at once "
+                             f"(indicative only on a shared machine).\n")
     training.atomic_write(out / "compare.md", lambda tmp: tmp.write_text(md))
     import matplotlib
     matplotlib.use("Agg")

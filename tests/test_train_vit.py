@@ -415,8 +415,10 @@ def test_compare_runs_every_pe_and_tabulates(tmp_path):
     out = tmp_path / "cmp"
     common = ["--data", _cifar_archive(tmp_path / "c.tar.gz"), "--patch-size", 8, "--steps", 2, "--eval-every", 0, *TINY]
     # one run made in-process beforehand (compare keeps finished runs), one launched as a process
-    assert cli([*common, "--pe", "none", "--seed", 0, "--out", out / "runs" / "none-seed0"]) == 0
-    assert cli(["--compare", "none,rope-axial", "--seeds", 1, "--jobs", 1, "--out", out, *common]) == 0
+    assert cli([*common, "--pe", "none", "--seed", 0, "--out", tmp_path / "runs" / "none-seed0"]) == 0
+    assert cli(["--compare", "none,rope-axial", "--seeds", 1, "--jobs", 1, "--out", out,
+                "--runs-dir", tmp_path / "runs", *common]) == 0
+    assert (tmp_path / "runs" / "rope-axial-seed0" / "summary.json").exists()
     rows = list(csv.DictReader(open(out / "compare.csv")))
     assert [(r["pe"], r["seed"]) for r in rows] == [("none", "0"), ("rope-axial", "0")]
     assert "| rope-axial |" in (out / "compare.md").read_text() and (out / "compare.png").stat().st_size > 0
@@ -439,6 +441,8 @@ BAD = {
     "empty class": (["--data", "{d}/empty"], "holds no images"),
     "no val": (["--data", "{d}/noval"], "val is missing"),
     "resume missing": (["--resume", "{d}/nowhere"], "no checkpoint"),
+    "unknown bench variant": (["--bench", "--bench-variants", "plain,rope"], "unknown --bench-variants"),
+    "unknown compare pe": (["--compare", "none,rope2d"], "unknown PE"),
 }
 
 
