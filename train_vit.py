@@ -1097,11 +1097,13 @@ def train(cfg: dict, args, rt: training.Runtime) -> int:
                   f"continue with --resume {run.path}", file=sys.stderr)
         return 128 + int(result["signal"])
     if rt.is_main:
-        model.eval()
-        xs = [x for x, y, _ in _eval_batches(data, "val", cfg, training.Runtime(device=rt.device),
+        # the probe and the regime report work in float64, which MPS lacks: there, on the CPU
+        dev = torch.device("cpu") if rt.device.type == "mps" else rt.device
+        model.to(dev).eval()
+        xs = [x for x, y, _ in _eval_batches(data, "val", cfg, training.Runtime(device=dev),
                                              max(1, args.probe_batch), args.probe_batch, 0) if len(y)]
         with training.autocast(rt):
-            write_probe(token_probe(model, normalise(torch.cat(xs).to(rt.device), data.norm)), run, title)
+            write_probe(token_probe(model, normalise(torch.cat(xs).to(dev), data.norm)), run, title)
         report = regime_report(model)
         write_csv(run.path / "regimes.csv", report)
         ev = result["eval"]
