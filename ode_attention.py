@@ -441,6 +441,12 @@ class Attention(nn.Module):
       lam_mode "softplus-diag": λₕMₕ = diag(softplus(φₕ)) per dimension, always positive
                                 (the authors' code, init softplus(φ) = lam > 0).
 
+    2-D RoPE (pe "rope-axial" / "rope-mixed") takes (n_patches, 2) positions for the LAST n_patches
+    tokens; leading tokens without a position (a class token) are not rotated, which makes them
+    behave as if they sat at (0, 0) — so with class-token pooling a RoPE model can read absolute
+    positions through it. The rotary base defaults to 10⁴ here; train_vit.py passes its own
+    (--rope-base, 100 for image grids, as rope.apply_rope_2d's default).
+
     regime != "free" (the paper's PD/HD/ND runs, notes §3.1): W = S_W + T_W and A = S_A + T_A with
     S = L D Lᵀ of fixed inertia (regimes.PrescribedInertia) and T antisymmetric; Q (d × d) is free
     and K, V are solved at every forward so that, in our row convention,

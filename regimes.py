@@ -35,8 +35,6 @@ Positional encodings (notes §1.3):
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import math
 import os
 import sys

@@ -189,10 +189,11 @@ class RoPEMixed(nn.Module):
 
     def forward(self, x: torch.Tensor, positions_yx) -> torch.Tensor:
         """x: (..., n_heads, n, head_dim); positions_yx: (n, 2)."""
-        pos = torch.as_tensor(positions_yx, device=x.device, dtype=torch.float32)
+        adt = _angle_dtype(x)                                                  # float32 or better
+        pos = torch.as_tensor(positions_yx, device=x.device).to(adt)
         if pos.ndim != 2 or pos.shape[-1] != 2 or pos.shape[0] != x.shape[-2]:
             raise ValueError(f"positions_yx must have shape ({x.shape[-2]}, 2), got {tuple(pos.shape)}.")
-        f = self.freqs.float()
+        f = self.freqs.to(adt)
         # φ_{h,t,k} = r_t θ^y_{h,k} + c_t θ^x_{h,k}     → (n_heads, n, d_h/2)
         ang = pos[None, :, 0:1] * f[0][:, None, :] + pos[None, :, 1:2] * f[1][:, None, :]
         return _rotate_pairs(x, ang.cos().to(x.dtype), ang.sin().to(x.dtype), "interleaved")

@@ -494,53 +494,6 @@ def evaluate(model: GPT, tokens: np.ndarray, *, seq_len: int, batch: int, rt: tr
     return float(total[0] / total[1])
 
 
-@torch.no_grad()
-def token_probe(model: GPT, x: torch.Tensor) -> list[dict]:
-    """Per layer l = 0..L: mean ± std over the batch of the four probes of notes §5.4, for full
-    blocks and for attention-only updates x ← x + Attn(x)."""
-    rows = []
-    for mode, attention_only in (("full", False), ("attention-only", True)):
-        states: list = []
-        model.hidden(x, attention_only=attention_only, record=states)
-        for layer, X in enumerate(states):
-            for name, fn in ode_attention.PROBES.items():
-                v = fn(X.double())                                             # (batch,)
-                rows.append({"mode": mode, "layer": layer, "metric": name, "mean": float(v.mean()),
-                             "std": float(v.std()) if v.numel() > 1 else 0.0})
-    return rows
-
-
-def write_probe(rows: list[dict], run: training.RunDir, title: str) -> None:
-    import csv
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def write_csv(tmp):
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["mode", "layer", "metric", "mean", "std"])
-            w.writeheader()
-            w.writerows(rows)
-    training.atomic_write(run.path / "probe.csv", write_csv)
-    fig, axes = plt.subplots(1, 4, figsize=(14, 3.4))
-    for ax, metric in zip(axes, ode_attention.PROBES):
-        for mode, style in (("full", "o-"), ("attention-only", "s--")):
-            pts = [(r["layer"], r["mean"]) for r in rows if r["metric"] == metric and r["mode"] == mode
-                   and math.isfinite(r["mean"])]
-            if pts:
-                ax.plot(*zip(*pts), style, label=mode, ms=3)
-        if metric in ("norm", "pairwise_distance"):
-            ax.set_yscale("log")
-        ax.set_title(metric, fontsize=9)
-        ax.set_xlabel("layer")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"token probe (validation windows): {title}", fontsize=9)
-    fig.tight_layout()
-    training.atomic_write(run.path / "probe.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-
-
 # ==============================================================================================
 # 4. Command line
 # ==============================================================================================
@@ -689,7 +642,7 @@ def train(cfg: dict, args, rt: training.Runtime) -> int:
         n_probe = max(1, min(args.probe_batch, (len(corpus.val) - 1) // cfg["seq_len"]))
         starts = np.arange(n_probe)[:, None] * cfg["seq_len"] + np.arange(cfg["seq_len"])
         x = torch.from_numpy(corpus.val[starts].astype(np.int64)).to(rt.device)
-        write_probe(token_probe(model, x), run, title)
+        training.write_probe(training.token_probe(model, x), run, title)
         ev = result["eval"]
         summary = {"step": result["step"], "wall_s": wall, "params": n_params, "metric": metric,
                    "val": ev.get("val"), "test": ev.get("test"),
@@ -704,9 +657,6 @@ def train(cfg: dict, args, rt: training.Runtime) -> int:
 # ==============================================================================================
 # 5. Benchmark: tokens/s of the λ modes and the constrained regimes against the plain model
 # ==============================================================================================
-PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense
-
-
 def bench(args) -> int:
     """One process, one run: every variant timed in interleaved rounds (the median of the rounds
     is kept, so a noisy neighbour on a shared machine hits all variants alike).
@@ -750,29 +700,16 @@ def bench(args) -> int:
         runs.append((name, model, step))
         if rt.is_main:
             print(f"built {name}", flush=True)
-    times = {name: [] for name, _, _ in runs}
-    for _ in tqdm(range(args.bench_rounds), desc="bench rounds", disable=not rt.is_main):
-        for name, _, step in runs:
-            if gpu:
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            for _ in range(args.bench_steps):
-                step()
-            if gpu:
-                torch.cuda.synchronize()
-            times[name].append((time.perf_counter() - t) / args.bench_steps)
+    sec_per_step = training.time_variants([(n, s) for n, _, s in runs], rt, args.bench_rounds, args.bench_steps)
     tokens = micro * cfg["seq_len"]
-    peak = args.peak_tflops
-    if peak is None and gpu:
-        gname = torch.cuda.get_device_name()
-        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if all(w in gname for w in k.split())), None)
+    peak = training.peak_tflops(rt, args.peak_tflops)
     # F = 6 N + 12 L n d of the plain model, for every variant
     plain = runs[0][1]
     n_mat = sum(p.numel() for n, p in plain.named_parameters() if p.dim() >= 2 and "pos" not in n)
     flops = 6 * n_mat + 12 * cfg["n_layers"] * cfg["seq_len"] * cfg["d_model"]
     rows, base = [], None
     for name, model, _ in runs:
-        sec = float(np.median(times[name]))
+        sec = sec_per_step[name]
         tps = tokens / sec
         base = base or tps
         rows.append({"variant": name, "tokens_per_s": tps, "ratio_to_plain": tps / base,

@@ -49,7 +49,7 @@ plain cross-entropy on the validation split, centre-cropped, no mixing, no smoot
 The token probe (notes §5.4) and the regime report: after training, a fixed batch of validation
 images runs through the model with full blocks and with attention-only updates x ← x + Attn(x),
 recording per layer the mean token norm, Σᵢⱼ‖xᵢ − xⱼ‖², the mean cosine and the sharpness
-(probe.csv, probe.png; train_lm.token_probe, the same code as the language model); and every
+(probe.csv, probe.png; training.token_probe, the same code as the language model); and every
 layer's (Q, K, V, O) goes through regimes.analyse_layer (regimes.csv: inertia of W_sym and A_sym,
 the layer's regime).
 
@@ -117,7 +117,6 @@ import regimes
 import rope as rope_mod
 import training
 # the token probe and its figure are the language model's, reused as they are (see the report)
-from train_lm import token_probe, write_probe, PEAK_BF16_TFLOPS
 
 HERE = Path(__file__).resolve().parent
 
@@ -1103,7 +1102,8 @@ def train(cfg: dict, args, rt: training.Runtime) -> int:
         xs = [x for x, y, _ in _eval_batches(data, "val", cfg, training.Runtime(device=dev),
                                              max(1, args.probe_batch), args.probe_batch, 0) if len(y)]
         with training.autocast(rt):
-            write_probe(token_probe(model, normalise(torch.cat(xs).to(dev), data.norm)), run, title)
+            training.write_probe(training.token_probe(model, normalise(torch.cat(xs).to(dev), data.norm)),
+                                 run, title, what="validation images")
         report = regime_report(model)
         write_csv(run.path / "regimes.csv", report)
         ev = result["eval"]
@@ -1180,25 +1180,12 @@ def bench(args) -> int:
         runs.append((name, model, step))
         if rt.is_main:
             print(f"built {name}", flush=True)
-    times = {name: [] for name, _, _ in runs}
-    for _ in tqdm(range(args.bench_rounds), desc="bench rounds", disable=not rt.is_main):
-        for name, _, step in runs:
-            if gpu:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(args.bench_steps):
-                step()
-            if gpu:
-                torch.cuda.synchronize()
-            times[name].append((time.perf_counter() - t0) / args.bench_steps)
-    peak = args.peak_tflops
-    if peak is None and gpu:
-        gname = torch.cuda.get_device_name()
-        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if all(w in gname for w in k.split())), None)
+    sec_per_step = training.time_variants([(n, s) for n, _, s in runs], rt, args.bench_rounds, args.bench_steps)
+    peak = training.peak_tflops(rt, args.peak_tflops)
     n_tok = (cfg["image_size"] // cfg["patch_size"]) ** 2 + (cfg["pool"] == "cls")
     rows, base = [], None
     for name, model, _ in runs:
-        sec = float(np.median(times[name]))
+        sec = sec_per_step[name]
         ips = micro / sec
         base = base or ips
         n_mat = sum(p.numel() for n, p in model.named_parameters()

@@ -608,6 +608,89 @@ class ArgParser(argparse.ArgumentParser):
         raise ValueError(message)
 
 
+# ================================================================================================
+# Token probe and speed measurement (shared by train_lm.py and train_vit.py)
+# ================================================================================================
+@torch.no_grad()
+def token_probe(model: torch.nn.Module, x: torch.Tensor) -> list[dict]:
+    """Per layer l = 0..L: mean ± std over the batch of the four probes of notes §5.4
+    (ode_attention.PROBES), for full blocks and for attention-only updates x ← x + Attn(x).
+    `model.hidden(x, attention_only=..., record=list)` must append the token states after the
+    input and after every block (both training scripts' models do)."""
+    import ode_attention
+    rows = []
+    for mode, attention_only in (("full", False), ("attention-only", True)):
+        states: list = []
+        model.hidden(x, attention_only=attention_only, record=states)
+        for layer, X in enumerate(states):
+            for name, fn in ode_attention.PROBES.items():
+                v = fn(X.double())                                             # (batch,)
+                rows.append({"mode": mode, "layer": layer, "metric": name, "mean": float(v.mean()),
+                             "std": float(v.std()) if v.numel() > 1 else 0.0})
+    return rows
+
+
+def write_probe(rows: list[dict], run: "RunDir", title: str, what: str = "validation windows") -> None:
+    """probe.csv and probe.png (one panel per probe, full blocks vs attention-only) in the run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import ode_attention
+
+    def write_csv(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["mode", "layer", "metric", "mean", "std"])
+            w.writeheader()
+            w.writerows(rows)
+    atomic_write(run.path / "probe.csv", write_csv)
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.4))
+    for ax, metric in zip(axes, ode_attention.PROBES):
+        for mode, style in (("full", "o-"), ("attention-only", "s--")):
+            pts = [(r["layer"], r["mean"]) for r in rows if r["metric"] == metric and r["mode"] == mode
+                   and math.isfinite(r["mean"])]
+            if pts:
+                ax.plot(*zip(*pts), style, label=mode, ms=3)
+        if metric in ("norm", "pairwise_distance"):
+            ax.set_yscale("log")
+        ax.set_title(metric, fontsize=9)
+        ax.set_xlabel("layer")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"token probe ({what}): {title}", fontsize=9)
+    fig.tight_layout()
+    atomic_write(run.path / "probe.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense
+
+
+def peak_tflops(rt: "Runtime", override: float | None = None) -> float | None:
+    """The accelerator's dense bf16 peak (TFLOP/s) for MFU: `override`, else looked up by name."""
+    if override is not None or rt.device.type != "cuda":
+        return override
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if all(w in name for w in k.split())), None)
+
+
+def time_variants(runs: list, rt: "Runtime", rounds: int, steps: int) -> dict:
+    """Median seconds per step of each (name, step_fn) in `runs`, timed in interleaved rounds
+    (every variant once per round), so that a noisy neighbour hits all variants alike."""
+    gpu = rt.device.type == "cuda"
+    times: dict = {name: [] for name, _ in runs}
+    for _ in tqdm(range(rounds), desc="bench rounds", disable=not rt.is_main):
+        for name, step in runs:
+            if gpu:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            if gpu:
+                torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - t0) / steps)
+    return {name: float(np.median(v)) for name, v in times.items()}
+
+
 def run_cli(main, argv=None) -> int:
     """Call main(argv); turn a user error into one sentence on stderr and exit code 2."""
     try:

@@ -91,10 +91,10 @@ def test_rope_mixed_is_relative_and_norm_preserving():
     q, k = torch.randn(2, 1, 8, dtype=f64), torch.randn(2, 1, 8, dtype=f64)
     def score(pq, pk):
         return (m(q, torch.tensor([pq])) * m(k, torch.tensor([pk]))).sum(-1).squeeze(-1)
-    assert torch.allclose(score((1, 2), (4, 0)), score((5, 5), (8, 3)), atol=1e-5)
+    assert torch.allclose(score((1, 2), (4, 0)), score((5, 5), (8, 3)), atol=1e-12)
     x = torch.randn(2, 3, 8, dtype=f64)
     pos = torch.tensor([[0, 0], [1, 2], [3, 1]])
-    assert torch.allclose(m(x, pos).norm(dim=-1), x.norm(dim=-1), atol=1e-5)
+    assert torch.allclose(m(x, pos).norm(dim=-1), x.norm(dim=-1), atol=1e-12)
 
 
 def test_sinusoidal_tables():
