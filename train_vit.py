@@ -1046,20 +1046,8 @@ def train(cfg: dict, args, rt: training.Runtime) -> int:
         raise ValueError(f"cannot build this model on {rt.device}: {str(e).splitlines()[0]}") from None
     optimizer = make_optimizer(model, cfg, rt.device)
 
-    start = 0
-    if args.resume:
-        ck = Path(args.resume)
-        run = training.RunDir(ck.parent if ck.suffix == ".pt" else ck, active=rt.is_main)
-        state = training.load_checkpoint(run.ckpt)
-        training.check_config(state["config"], cfg, RESUME_KEYS, where=f"the checkpoint {run.ckpt}")
-        start = training.restore(state, model, optimizer)
-        del state
-    else:
-        run = training.RunDir(args.out or HERE / "runs" / default_run_name(cfg), active=rt.is_main)
-        if run.ckpt.exists():
-            raise ValueError(f"{run.path} already holds a run: continue it with --resume {run.path} "
-                             f"or choose another --out")
-    run.start(cfg, resume_step=start if args.resume else None)
+    run, start = training.open_run(resume=args.resume, out=args.out or HERE / "runs" / default_run_name(cfg),
+                                   config=cfg, model=model, optimizer=optimizer, resume_keys=RESUME_KEYS, rt=rt)
 
     n_params = sum(p.numel() for p in model.parameters())
     title = (f"{data.name} pe={cfg['pe']} λ={cfg['lam']:g} ({cfg['lam_mode']}) regime={cfg['regime']} "
