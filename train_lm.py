@@ -505,11 +505,7 @@ def build_parser() -> training.ArgParser:
       help="settings: small (CPU, default), enwik8 or wikitext103 (the paper's, notes §4.2)")
     a("--data", help=f"{', '.join(KNOWN)}, or a text file / archive path (preset's default)")
     a("--pe", choices=PES, help="positional encoding (preset: small rope, enwik8 learned, wikitext103 sin)")
-    a("--lam", type=float, default=0.0, help="initial λ of the λ-term, any sign; 0 = off (default)")
-    a("--lam-mode", choices=LAM_MODES, default="identity",
-      help="identity: λₕ I per head; softplus-diag: diag(softplus(φ)) > 0 (the authors')")
-    a("--regime", choices=REGIMES, default="free",
-      help="free attention, or constrained W_sym ≻ 0 with A_sym ≻ 0 / mixed / ≺ 0 (PD / HD / ND)")
+    training.add_attention_args(a)
     for name, typ, h in (("d-model", int, "width d"), ("n-layers", int, "blocks L"),
                          ("n-heads", int, "heads H"), ("mlp-ratio", float, "MLP width / d"),
                          ("seq-len", int, "tokens per training window"),
@@ -524,21 +520,10 @@ def build_parser() -> training.ArgParser:
                          ("eval-tokens", int, "tokens per split in the periodic evaluations (0 = the whole split; the final one always uses it all)"),
                          ("cutoffs", str, "adaptive-softmax cutoffs, e.g. 20000,40000,200000 ('' = full softmax)")):
         a(f"--{name}", type=typ, help=f"{h} (preset's default)")
-    a("--seed", type=int, default=0)
-    a("--log-every", type=int, default=10, help="training-loss rows in metrics.csv every N steps")
-    a("--ckpt-every", type=int, default=0, help="checkpoint every N steps (default: at each evaluation)")
-    a("--probe-batch", type=int, default=8, help="validation windows in the token probe")
-    a("--out", help="run folder (default runs/lm-<data>-<pe>-lam<λ>-<mode>-<regime>-<time>)")
-    a("--resume", metavar="RUN", help="continue the run in RUN (its folder or ckpt.pt); flags must "
-      "match the checkpoint's model and data")
-    a("--cache-dir", default=str(HERE / "cache"), help="where downloads and the embedded corpus are cached")
-    a("--device", default="auto", help="auto (cuda > mps > cpu), cuda, mps or cpu")
-    a("--no-compile", action="store_true", help="skip torch.compile on CUDA")
-    a("--no-amp", action="store_true", help="float32 instead of bf16 autocast on CUDA")
+    training.add_run_args(a, default_out="runs/lm-<data>-<pe>-lam<λ>-<mode>-<regime>-<time>",
+                          cache_help="where downloads and the embedded corpus are cached",
+                          probe_help="validation windows in the token probe")
     a("--bench", action="store_true", help="measure tokens/s of λ modes and regimes against --lam 0")
-    a("--bench-steps", type=int, default=3, help="timed steps per variant and round in --bench")
-    a("--bench-rounds", type=int, default=3, help="rounds over all variants in --bench (median kept)")
-    a("--peak-tflops", type=float, help="the GPU's dense bf16 peak for MFU (auto for A100/H100/H200)")
     return p
 
 

@@ -888,11 +888,7 @@ def build_parser() -> training.ArgParser:
                      "folder with train/<class>/ and val/<class>/ (preset's default)")
     a("--pe", choices=PES, help="positional encoding (preset: small rope-axial, deit learned)")
     a("--pool", choices=POOLS, help="class token (cls) or mean of the patch tokens (preset's default)")
-    a("--lam", type=float, default=0.0, help="initial λ of the λ-term, any sign; 0 = off (default)")
-    a("--lam-mode", choices=LAM_MODES, default="identity",
-      help="identity: λₕ I per head; softplus-diag: diag(softplus(φ)) > 0 (the authors')")
-    a("--regime", choices=REGIMES, default="free",
-      help="free attention, or constrained W_sym ≻ 0 with A_sym ≻ 0 / mixed / ≺ 0 (PD / HD / ND)")
+    training.add_attention_args(a)
     for name, typ, h in (("d-model", int, "width d"), ("n-layers", int, "blocks L"),
                          ("n-heads", int, "heads H"), ("mlp-ratio", float, "MLP width / d"),
                          ("image-size", int, "input pixels (square)"), ("patch-size", int, "patch pixels p"),
@@ -916,25 +912,13 @@ def build_parser() -> training.ArgParser:
                                               "whole split; the final one always uses it all)")):
         a(f"--{name}", type=typ, help=f"{h} (preset's default)")
     a("--rope-base", type=float, default=100.0, help="base of the rope-axial frequency ladder (Heo et al.: 100)")
-    a("--seed", type=int, default=0)
     a("--workers", type=int, default=None, help="DataLoader workers for image folders (default min(8, CPUs))")
-    a("--log-every", type=int, default=10, help="training-loss rows in metrics.csv every N steps")
-    a("--ckpt-every", type=int, default=0, help="checkpoint every N steps (default: at each evaluation)")
-    a("--probe-batch", type=int, default=8, help="validation images in the token probe")
-    a("--out", help="run folder (default runs/vit-<data>-<pe>-lam<λ>-<mode>-<regime>-<time>)")
-    a("--resume", metavar="RUN", help="continue the run in RUN (its folder or ckpt.pt); flags must "
-      "match the checkpoint's model and data")
-    a("--cache-dir", default=str(HERE / "cache"), help="where downloads are cached")
-    a("--device", default="auto", help="auto (cuda > mps > cpu), cuda, mps or cpu")
-    a("--no-compile", action="store_true", help="skip torch.compile on CUDA")
-    a("--no-amp", action="store_true", help="float32 instead of bf16 autocast on CUDA")
+    training.add_run_args(a, default_out="runs/vit-<data>-<pe>-lam<λ>-<mode>-<regime>-<time>",
+                          cache_help="where downloads are cached", probe_help="validation images in the token probe")
     a("--bench", action="store_true", help="measure images/s of every PE, λ mode and regime against "
       "the plain model (learned PE, --lam 0), on synthetic images")
-    a("--bench-steps", type=int, default=3, help="timed steps per variant and round in --bench")
-    a("--bench-rounds", type=int, default=3, help="rounds over all variants in --bench (median kept)")
     a("--bench-variants", help="comma-separated subset for --bench (plain is always first): plain, none, "
       "sin2d, rope-axial, rope-mixed, lam-identity, lam-softplus, divergent, intermediate, convergent")
-    a("--peak-tflops", type=float, help="the GPU's dense bf16 peak for MFU (auto for A100/H100/H200)")
     a("--compare", metavar="PES", help="train one run per PE in this comma-separated list and seed, "
       "as separate processes, and write compare.csv / .md / .png to --out")
     a("--seeds", type=int, default=3, help="seeds 0 … N−1 per PE in --compare")

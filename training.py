@@ -691,6 +691,34 @@ def time_variants(runs: list, rt: "Runtime", rounds: int, steps: int) -> dict:
     return {name: float(np.median(v)) for name, v in times.items()}
 
 
+def add_attention_args(a) -> None:
+    """--lam, --lam-mode, --regime: the same flags, with the same meaning, in both training scripts."""
+    import ode_attention
+    a("--lam", type=float, default=0.0, help="initial λ of the λ-term, any sign; 0 = off (default)")
+    a("--lam-mode", choices=ode_attention.LAM_MODES, default="identity",
+      help="identity: λₕ I per head; softplus-diag: diag(softplus(φ)) > 0 (the authors')")
+    a("--regime", choices=ode_attention.REGIMES, default="free",
+      help="free attention, or constrained W_sym ≻ 0 with A_sym ≻ 0 / mixed / ≺ 0 (PD / HD / ND)")
+
+
+def add_run_args(a, *, default_out: str, cache_help: str, probe_help: str) -> None:
+    """The run, device and benchmark flags both training scripts share."""
+    a("--seed", type=int, default=0)
+    a("--log-every", type=int, default=10, help="training-loss rows in metrics.csv every N steps")
+    a("--ckpt-every", type=int, default=0, help="checkpoint every N steps (default: at each evaluation)")
+    a("--probe-batch", type=int, default=8, help=probe_help)
+    a("--out", help=f"run folder (default {default_out})")
+    a("--resume", metavar="RUN", help="continue the run in RUN (its folder or ckpt.pt); flags must "
+      "match the checkpoint's model and data")
+    a("--cache-dir", default=str(Path(__file__).resolve().parent / "cache"), help=cache_help)
+    a("--device", default="auto", help="auto (cuda > mps > cpu), cuda, mps or cpu")
+    a("--no-compile", action="store_true", help="skip torch.compile on CUDA")
+    a("--no-amp", action="store_true", help="float32 instead of bf16 autocast on CUDA")
+    a("--bench-steps", type=int, default=3, help="timed steps per variant and round in --bench")
+    a("--bench-rounds", type=int, default=3, help="rounds over all variants in --bench (median kept)")
+    a("--peak-tflops", type=float, help="the GPU's dense bf16 peak for MFU (auto for A100/H100/H200)")
+
+
 def run_cli(main, argv=None) -> int:
     """Call main(argv); turn a user error into one sentence on stderr and exit code 2."""
     try:
