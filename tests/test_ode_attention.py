@@ -415,3 +415,24 @@ def test_block_attention_only_is_one_euler_step_of_the_field():
     assert torch.allclose(blk(x, attention_only=True), step, atol=1e-12)
     y = blk(x)
     assert y.shape == x.shape and not torch.allclose(y, step)
+
+
+def test_agrees_with_torchdiffeq():
+    """A second, independent implementation of the solvers (torchdiffeq, a test extra)."""
+    tdq = pytest.importorskip("torchdiffeq", reason="pip install -r requirements-extra.txt")
+    Q, K, V = regimes.sample_instances("intermediate", 4, 3, generator=gen(30))
+    X0 = torch.randn(3, 6, 4, generator=gen(31), dtype=f64)
+    t = torch.linspace(0, 2.0, 5, dtype=f64)
+    f = lambda _t, X: oa.velocity(X, Q, K, V, rope=True)            # noqa: E731
+    ref = tdq.odeint(f, X0, t, method="dopri5", rtol=1e-11, atol=1e-13)
+    ours = oa.integrate(X0, Q, K, V, t_end=2.0, dt=0.1, method="dopri5", rtol=1e-10, atol=1e-12,
+                        n_save=5, rope=True)
+    # the tokens grow to ~4e3 by t = 2: compare relative to their size
+    assert float((ours.X - ref).abs().max() / ref.abs().max()) < 1e-9
+    # fixed step 0.05: torchdiffeq's "rk4" is the 3/8-rule variant, ours the classical one — both
+    # fourth order, so their errors against the tight reference are of the same size
+    e_ours = (oa.integrate(X0, Q, K, V, t_end=2.0, dt=0.05, method="rk4", n_save=5, rope=True).X
+              - ref).abs().max()
+    e_tdq = (tdq.odeint(f, X0, t, method="rk4", options={"step_size": 0.05}) - ref).abs().max()
+    assert 0.2 < float(e_ours / e_tdq) < 5.0, (e_ours, e_tdq)
+    assert float(e_ours / ref.abs().max()) < 1e-3
