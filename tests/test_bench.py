@@ -1,0 +1,25 @@
+"""bench.py runs end to end on a tiny size, and its two solvers agree on what they computed."""
+
+import json
+
+import pytest
+
+import bench
+
+
+def test_bench_runs_and_the_solvers_agree(tmp_path):
+    pytest.importorskip("torchdiffeq", reason="pip install -r requirements-extra.txt")
+    assert bench.main(["--device", "cpu", "--instances", "64", "--t-end", "0.5", "--dt", "0.05",
+                       "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--seq-len", "16",
+                       "--batch-size", "2", "--rounds", "1", "--steps", "1", "--out", str(tmp_path)]) == 0
+    rep = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["method"] for r in rep["ode"]] == ["rk4", "dopri5"]
+    for r in rep["ode"]:
+        assert r["ours_s"] > 0 and r["torchdiffeq_s"] > 0
+    # classical RK4 vs torchdiffeq's 3/8 rule: both O(h⁴), they differ by ~2e-5 here; dopri5 closer
+    assert rep["ode"][0]["max_abs_diff"] < 1e-4 and rep["ode"][1]["max_abs_diff"] < 1e-5
+    assert rep["ode"][0]["ours_evals"] == rep["ode"][0]["torchdiffeq_evals"] == 40   # 10 steps × 4
+    ours, plain = rep["lm"]
+    assert ours["parameters"] == plain["parameters"]               # the same shape, to the weight
+    assert plain["ratio_to_plain"] == 1.0 and ours["tokens_per_s"] > 0
+    assert "| rk4 to t = 0.5 |" in (tmp_path / "bench.md").read_text()
