@@ -166,8 +166,9 @@ def _velocity(X, Q, K, V, *, causal=False, pos=None, rope=False, rope_base=10000
 class Trajectory:
     """What integrate() returns.
 
-    t: (T,) saved times. X: (T, *X0.shape) saved states (a blown-up instance stays frozen at its
-    last good state, so X never holds NaNs). status: "ok", or a message saying which instances
+    t: (T,) saved times. X: (T, *batch, n, d) saved states, batch = the broadcast leading
+    dimensions of X0, Q, K, V and the options (a blown-up instance stays frozen at its last good
+    state, so X never holds NaNs). status: "ok", or a message saying which instances
     blew up, when and why. blown: (batch,) bool; t_blow: (batch,) time of blow-up (inf if none).
     """
     t: torch.Tensor
@@ -182,7 +183,8 @@ class Trajectory:
 
 
 # Dormand–Prince 5(4) Butcher tableau (Dormand & Prince 1980; the method of MATLAB's ode45).
-_DP_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
+# The field is autonomous (no explicit t), so the nodes c = (0, 1/5, 3/10, 4/5, 8/9, 1, 1) are
+# not needed; only the stage weights a_ij and the two solution weights b are.
 _DP_A = (
     (),
     (1 / 5,),
