@@ -618,10 +618,7 @@ def train(cfg: dict, args, rt: training.Runtime) -> int:
         unit="tok", title=title)
     wall = time.perf_counter() - t0
     if result["status"] == "interrupted":
-        if rt.is_main:
-            print(f"stopped by signal {result['signal']} after step {result['step']}: checkpoint saved; "
-                  f"continue with --resume {run.path}", file=sys.stderr)
-        return 128 + int(result["signal"])
+        return training.interrupted_exit(result, run, rt)
     if rt.is_main:
         model.eval()
         n_probe = max(1, min(args.probe_batch, (len(corpus.val) - 1) // cfg["seq_len"]))

@@ -1063,10 +1063,7 @@ def train(cfg: dict, args, rt: training.Runtime) -> int:
         unit="img", title=title)
     wall = time.perf_counter() - t0
     if result["status"] == "interrupted":
-        if rt.is_main:
-            print(f"stopped by signal {result['signal']} after step {result['step']}: checkpoint saved; "
-                  f"continue with --resume {run.path}", file=sys.stderr)
-        return 128 + int(result["signal"])
+        return training.interrupted_exit(result, run, rt)
     if rt.is_main:
         # the probe and the regime report work in float64, which MPS lacks: there, on the CPU
         dev = torch.device("cpu") if rt.device.type == "mps" else rt.device

@@ -719,6 +719,13 @@ def add_run_args(a, *, default_out: str, cache_help: str, probe_help: str) -> No
     a("--peak-tflops", type=float, help="the GPU's dense bf16 peak for MFU (auto for A100/H100/H200)")
 
 
+def interrupted_exit(result: dict, run: "RunDir", rt: "Runtime") -> int:
+    """After train_loop stopped on SIGTERM/SIGINT: say where to resume; exit code 128 + signal."""
+    if rt.is_main:
+        print(f"stopped by signal {result['signal']} after step {result['step']}: checkpoint saved; "
+              f"continue with --resume {run.path}", file=sys.stderr)
+    return 128 + int(result["signal"])
+
 def run_cli(main, argv=None) -> int:
     """Call main(argv); turn a user error into one sentence on stderr and exit code 2."""
     try:
