@@ -1,9 +1,10 @@
-"""Summarise the constrained-regime language-model runs into the Markdown table of results/lm/regimes.md.
+"""Summarise the constrained-regime language-model runs into the Markdown table of regimes.md.
 
-    python results/lm/summarise.py runs/regimes-lm      (the run folders of the commands in README.md)
-Mean ± std over seeds of the final validation/test bits per byte (summary.json) and of the token
-probe after the last layer (probe.csv): mean pairwise cosine, and the mean token norm relative to
-the input, for full blocks and for attention-only updates x <- x + Attn(x).
+    python results/lm/summarise.py runs/regimes-lm      # the run folders of the commands in README.md
+
+Mean ± std over seeds of the final validation / test bits per byte (summary.json) and of the
+token probe after the last layer (probe.csv): the mean pairwise cosine, and the mean token norm
+relative to the input, for full blocks and for attention-only updates x ← x + Attn(x).
 """
 import csv
 import json
@@ -11,22 +12,45 @@ import os
 import statistics as st
 import sys
 
-root=sys.argv[1] if len(sys.argv) > 1 else "runs/regimes-lm"
-rows=[]
-for reg in ["free","divergent","intermediate","convergent"]:
-    vals=[];tests=[];cos_ao=[];cos_full=[];norm_ao=[];norm_full=[]
-    for s in [0,1,2]:
-        d=f"{root}/{reg}-s{s}"
-        if not os.path.exists(f"{d}/summary.json"): continue
-        j=json.load(open(f"{d}/summary.json")); vals.append(j["val"]["bpb"]); tests.append(j["test"]["bpb"])
-        pr=list(csv.DictReader(open(f"{d}/probe.csv")))
-        L=max(int(r["layer"]) for r in pr)
-        g=lambda mode,m,l: float([r for r in pr if r["mode"]==mode and r["metric"]==m and int(r["layer"])==l][0]["mean"])
-        cos_ao.append((g("attention-only","cosine",0),g("attention-only","cosine",L))); cos_full.append((g("full","cosine",0),g("full","cosine",L)))
-        norm_ao.append(g("attention-only","norm",L)/g("attention-only","norm",0)); norm_full.append(g("full","norm",L)/g("full","norm",0))
-    if not vals: continue
-    ms=lambda v: f"{st.mean(v):.3f} ± {st.stdev(v):.3f}" if len(v)>1 else f"{v[0]:.3f}"
-    rows.append(f"| {reg} | {len(vals)} | {ms(vals)} | {ms(tests)} | {ms([c[1] for c in cos_full])} | {ms([c[1] for c in cos_ao])} | {ms(norm_full)} | {ms(norm_ao)} |")
-print("| --regime | seeds | validation bpb | test bpb | cosine after the last block (full) | cosine after the last update (attention-only) | norm ratio last/input (full) | norm ratio last/input (attention-only) |")
-print("|---|---|---|---|---|---|---|---|")
-print("\n".join(rows))
+REGIMES = ("free", "divergent", "intermediate", "convergent")
+SEEDS = (0, 1, 2)
+
+
+def mean_std(values):
+    return f"{st.mean(values):.3f} ± {st.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+
+
+def probe_value(rows, mode, metric, layer):
+    return next(float(r["mean"]) for r in rows
+                if r["mode"] == mode and r["metric"] == metric and int(r["layer"]) == layer)
+
+
+def main(root: str) -> None:
+    print("| --regime | seeds | validation bpb | test bpb | cosine after the last block (full) | "
+          "cosine after the last update (attention-only) | norm ratio last/input (full) | "
+          "norm ratio last/input (attention-only) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for regime in REGIMES:
+        cols = {k: [] for k in ("val", "test", "cos_full", "cos_ao", "norm_full", "norm_ao")}
+        for seed in SEEDS:
+            run = os.path.join(root, f"{regime}-s{seed}")
+            if not os.path.exists(os.path.join(run, "summary.json")):
+                continue
+            summary = json.load(open(os.path.join(run, "summary.json")))
+            probe = list(csv.DictReader(open(os.path.join(run, "probe.csv"))))
+            last = max(int(r["layer"]) for r in probe)
+            cols["val"].append(summary["val"]["bpb"])
+            cols["test"].append(summary["test"]["bpb"])
+            for mode, key in (("full", "full"), ("attention-only", "ao")):
+                cols[f"cos_{key}"].append(probe_value(probe, mode, "cosine", last))
+                # ‖x‖ after the last layer / ‖x‖ at the input
+                cols[f"norm_{key}"].append(probe_value(probe, mode, "norm", last)
+                                           / probe_value(probe, mode, "norm", 0))
+        if cols["val"]:
+            print(f"| {regime} | {len(cols['val'])} | " + " | ".join(
+                mean_std(cols[k]) for k in ("val", "test", "cos_full", "cos_ao", "norm_full", "norm_ao"))
+                + " |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "runs/regimes-lm")
