@@ -1,6 +1,7 @@
-"""Summarise the constrained-regime language-model runs into the Markdown table of regimes.md.
+"""Summarise language-model runs (folders named <variant>-s<seed>) into a Markdown table.
 
-    python results/lm/summarise.py runs/regimes-lm      # the run folders of the commands in README.md
+    python results/lm/summarise.py runs/regimes-lm free divergent intermediate convergent
+    python results/lm/summarise.py runs/pe-lm           # every variant found, in sorted order
 
 Mean ± std over seeds of the final validation / test bits per byte (summary.json) and of the
 token probe after the last layer (probe.csv): the mean pairwise cosine, and the mean token norm
@@ -9,11 +10,9 @@ relative to the input, for full blocks and for attention-only updates x ← x + 
 import csv
 import json
 import os
+import re
 import statistics as st
 import sys
-
-REGIMES = ("free", "divergent", "intermediate", "convergent")
-SEEDS = (0, 1, 2)
 
 
 def mean_std(values):
@@ -25,17 +24,19 @@ def probe_value(rows, mode, metric, layer):
                 if r["mode"] == mode and r["metric"] == metric and int(r["layer"]) == layer)
 
 
-def main(root: str) -> None:
-    print("| --regime | seeds | validation bpb | test bpb | cosine after the last block (full) | "
+def main(root: str, variants=None) -> None:
+    runs = {}                                                   # variant -> [run folder, ...]
+    for name in sorted(os.listdir(root)):
+        m = re.fullmatch(r"(.+)-s(\d+)", name)
+        if m and os.path.exists(os.path.join(root, name, "summary.json")):
+            runs.setdefault(m.group(1), []).append(os.path.join(root, name))
+    print("| variant | seeds | validation bpb | test bpb | cosine after the last block (full) | "
           "cosine after the last update (attention-only) | norm ratio last/input (full) | "
           "norm ratio last/input (attention-only) |")
     print("|---|---|---|---|---|---|---|---|")
-    for regime in REGIMES:
+    for variant in variants or sorted(runs):
         cols = {k: [] for k in ("val", "test", "cos_full", "cos_ao", "norm_full", "norm_ao")}
-        for seed in SEEDS:
-            run = os.path.join(root, f"{regime}-s{seed}")
-            if not os.path.exists(os.path.join(run, "summary.json")):
-                continue
+        for run in runs.get(variant, []):
             summary = json.load(open(os.path.join(run, "summary.json")))
             probe = list(csv.DictReader(open(os.path.join(run, "probe.csv"))))
             last = max(int(r["layer"]) for r in probe)
@@ -47,10 +48,12 @@ def main(root: str) -> None:
                 cols[f"norm_{key}"].append(probe_value(probe, mode, "norm", last)
                                            / probe_value(probe, mode, "norm", 0))
         if cols["val"]:
-            print(f"| {regime} | {len(cols['val'])} | " + " | ".join(
+            print(f"| {variant} | {len(cols['val'])} | " + " | ".join(
                 mean_std(cols[k]) for k in ("val", "test", "cos_full", "cos_ao", "norm_full", "norm_ao"))
                 + " |")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "runs/regimes-lm")
+    if len(sys.argv) < 2:
+        sys.exit("usage: python results/lm/summarise.py RUNS_FOLDER [VARIANT ...]")
+    main(sys.argv[1], sys.argv[2:] or None)
