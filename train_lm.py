@@ -462,15 +462,9 @@ def parse_cutoffs(text: str) -> list:
 
 
 def make_optimizer(model: nn.Module, cfg: dict, device: torch.device):
-    """AdamW; weight decay only on matrices, never on norms, biases, positions' scalars or λ."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        plain_matrix = p.dim() >= 2 and not name.endswith(("lam", "lam_phi", "theta"))
-        (decay if plain_matrix else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg["weight_decay"]},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(0.9, cfg["beta2"]),
-                             fused=device.type == "cuda")
+    """AdamW; weight decay only on weight matrices, never on norms, biases or λ (training.make_adamw)."""
+    return training.make_adamw(model, lr=cfg["lr"], beta2=cfg["beta2"], weight_decay=cfg["weight_decay"],
+                               device=device)
 
 
 # ==============================================================================================

@@ -785,15 +785,8 @@ def build_vit(cfg: dict) -> ViT:
 def make_optimizer(model: nn.Module, cfg: dict, device: torch.device):
     """AdamW; weight decay only on weight matrices: never on norms, biases, λ, the class token,
     the learned positions or RoPE-Mixed's frequencies (DeiT's no_weight_decay list)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        plain_matrix = p.dim() >= 2 and not name.endswith(("lam", "lam_phi", "theta", "freqs")) \
-            and name not in ("cls", "pos.weight")
-        (decay if plain_matrix else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg["weight_decay"]},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(0.9, cfg["beta2"]), eps=1e-8,
-                             fused=device.type == "cuda")
+    return training.make_adamw(model, lr=cfg["lr"], beta2=cfg["beta2"], weight_decay=cfg["weight_decay"],
+                               device=device, keep=("freqs", "cls", "pos.weight"))
 
 
 # ==============================================================================================

@@ -726,6 +726,18 @@ def interrupted_exit(result: dict, run: "RunDir", rt: "Runtime") -> int:
               f"continue with --resume {run.path}", file=sys.stderr)
     return 128 + int(result["signal"])
 
+def make_adamw(model: torch.nn.Module, *, lr: float, beta2: float, weight_decay: float,
+               device: torch.device, keep: tuple = ()) -> torch.optim.AdamW:
+    """AdamW (β₁ = 0.9) with weight decay on weight matrices only: never on vectors (norms,
+    biases), never on the λ-term (lam, lam_phi) or the LDL diagonal θ, nor on parameters whose
+    names end with one of `keep` (e.g. a class token or learned positions)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        plain_matrix = p.dim() >= 2 and not name.endswith(("lam", "lam_phi", "theta", *keep))
+        (decay if plain_matrix else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), eps=1e-8, fused=device.type == "cuda")
+
 def run_cli(main, argv=None) -> int:
     """Call main(argv); turn a user error into one sentence on stderr and exit code 2."""
     try:
