@@ -139,17 +139,8 @@ def bench_lm(rt, d: int, layers: int, heads: int, seq_len: int, batch: int, roun
     runs = []
     for name, model in models.items():
         model = model.to(rt.device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        fwd = training.wrap_model(model, rt)
-
-        def step(fwd=fwd, opt=opt):
-            with training.autocast(rt):
-                loss = fwd(x, y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        for _ in range(3 if rt.device.type == "cuda" else 1):                 # warm-up / compile
-            step()
+        step = training.bench_step(model, torch.optim.AdamW(model.parameters(), lr=1e-4), rt,
+                                   lambda fwd: fwd(x, y))
         runs.append((name, step, sum(p.numel() for p in model.parameters())))
     sec = training.time_variants([(n, s) for n, s, _ in runs], rt, rounds, steps)
     base = batch * seq_len / sec[runs[1][0]]

@@ -573,10 +573,7 @@ def train(cfg: dict, args, rt: training.Runtime) -> int:
     check_corpus(corpus, cfg["seq_len"])
     cfg.update(vocab_size=corpus.vocab_size, metric=corpus.metric,
                attn_pe="rope" if cfg["pe"] == "rope" else "none")
-    try:
-        model = build_lm(cfg).to(rt.device)
-    except (RuntimeError, MemoryError) as e:  # e.g. the allocator refusing an impossible size
-        raise ValueError(f"cannot build this model on {rt.device}: {str(e).splitlines()[0]}") from None
+    model = training.build_on(build_lm, cfg, rt.device)
     optimizer = make_optimizer(model, cfg, rt.device)
 
     run, start = training.open_run(resume=args.resume, out=args.out or HERE / "runs" / default_run_name(cfg),
@@ -662,17 +659,8 @@ def bench(args) -> int:
     for name, over in variants:
         c = dict(cfg, lam=0.0, lam_mode="identity", regime="free") | over
         model = build_lm(c).to(rt.device)
-        opt = make_optimizer(model, c, rt.device)
-        fwd = training.wrap_model(model, rt, compile=False if args.no_compile else None)
-
-        def step(fwd=fwd, opt=opt):  # bind this variant's model and optimiser (not the loop's last)
-            with training.autocast(rt):
-                loss = fwd(x, y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        for _ in range(3 if gpu else 1):  # warm-up (and compilation)
-            step()
+        step = training.bench_step(model, make_optimizer(model, c, rt.device), rt, lambda fwd: fwd(x, y),
+                                   compile=False if args.no_compile else None)
         runs.append((name, model, step))
         if rt.is_main:
             print(f"built {name}", flush=True)

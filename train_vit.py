@@ -1017,10 +1017,7 @@ def train(cfg: dict, args, rt: training.Runtime) -> int:
     cfg.update(n_classes=len(data.classes), classes=data.classes,
                attn_pe=cfg["pe"] if cfg["pe"] in ("rope-axial", "rope-mixed") else "none",
                seq_len=(cfg["image_size"] // cfg["patch_size"]) ** 2 + (cfg["pool"] == "cls"))
-    try:
-        model = build_vit(cfg).to(rt.device)
-    except (RuntimeError, MemoryError) as e:  # e.g. the allocator refusing an impossible size
-        raise ValueError(f"cannot build this model on {rt.device}: {str(e).splitlines()[0]}") from None
+    model = training.build_on(build_vit, cfg, rt.device)
     optimizer = make_optimizer(model, cfg, rt.device)
 
     run, start = training.open_run(resume=args.resume, out=args.out or HERE / "runs" / default_run_name(cfg),
@@ -1128,17 +1125,9 @@ def bench(args) -> int:
     for name, over in variants:
         c = dict(cfg, **plain) | over
         model = build_vit(c).to(rt.device)
-        opt = make_optimizer(model, c, rt.device)
-        fwd = training.wrap_model(model, rt, compile=False if args.no_compile else None)
-
-        def step(fwd=fwd, opt=opt):
-            with training.autocast(rt):
-                loss = soft_cross_entropy(fwd(x), t)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        for _ in range(3 if gpu else 1):  # warm-up (and compilation)
-            step()
+        step = training.bench_step(model, make_optimizer(model, c, rt.device), rt,
+                                   lambda fwd: soft_cross_entropy(fwd(x), t),
+                                   compile=False if args.no_compile else None)
         runs.append((name, model, step))
         if rt.is_main:
             print(f"built {name}", flush=True)

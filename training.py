@@ -673,6 +673,21 @@ def peak_tflops(rt: "Runtime", override: float | None = None) -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if all(w in name for w in k.split())), None)
 
 
+def bench_step(model: torch.nn.Module, optimizer, rt: "Runtime", loss_of, *, compile: bool | None = None):
+    """A zero-argument training step for benchmarks — loss = loss_of(forward), backward, optimiser
+    step — after its warm-up steps (3 on CUDA, where they include compilation; 1 elsewhere)."""
+    fwd = wrap_model(model, rt, compile=compile)
+
+    def step():
+        with autocast(rt):
+            loss = loss_of(fwd)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    for _ in range(3 if rt.device.type == "cuda" else 1):
+        step()
+    return step
+
 def time_variants(runs: list, rt: "Runtime", rounds: int, steps: int) -> dict:
     """Median seconds per step of each (name, step_fn) in `runs`, timed in interleaved rounds
     (every variant once per round), so that a noisy neighbour hits all variants alike."""
@@ -725,6 +740,13 @@ def interrupted_exit(result: dict, run: "RunDir", rt: "Runtime") -> int:
         print(f"stopped by signal {result['signal']} after step {result['step']}: checkpoint saved; "
               f"continue with --resume {run.path}", file=sys.stderr)
     return 128 + int(result["signal"])
+
+def build_on(build, cfg: dict, device: torch.device) -> torch.nn.Module:
+    """build(cfg) on `device`; an allocator refusing an impossible size becomes one sentence."""
+    try:
+        return build(cfg).to(device)
+    except (RuntimeError, MemoryError) as e:
+        raise ValueError(f"cannot build this model on {device}: {str(e).splitlines()[0]}") from None
 
 def make_adamw(model: torch.nn.Module, *, lr: float, beta2: float, weight_decay: float,
                device: torch.device, keep: tuple = ()) -> torch.optim.AdamW:
