@@ -246,7 +246,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise ValueError(f"no checkpoint at {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
+    except Exception:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
         raise ValueError(f"checkpoint {path} is corrupt or truncated (torch.load failed)") from None
     if not isinstance(state, dict) or not {"model", "optimizer", "step", "rng", "config"} <= set(state):
         raise ValueError(f"{path} is not a checkpoint written by this project's training.py")
