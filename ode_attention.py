@@ -112,6 +112,13 @@ def velocity(X: torch.Tensor, Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor,
     rope: rotate xQ and xK by token position (needs even d_k). lam, lam_M: add λ xᵢᵀ M xⱼ to the
     logits (M = I when lam_M is None). With no options this is exactly softmax(X Q Kᵀ Xᵀ) X V.
     """
+    _check_options(X, Q, K, V, pos=pos, rope=rope, lam=lam, lam_M=lam_M)
+    return _velocity(X, Q, K, V, causal=causal, pos=pos, rope=rope, rope_base=rope_base,
+                     rope_pairing=rope_pairing, lam=lam, lam_M=lam_M)
+
+
+def _check_options(X, Q, K, V, *, pos=None, rope=False, lam=0.0, lam_M=None, **_) -> None:
+    """Every check velocity() makes, without computing the field (integrate() calls it once)."""
     _check_field_inputs(X, Q, K, V)
     n, d = X.shape[-2:]
     if pos is not None:
@@ -126,8 +133,6 @@ def velocity(X: torch.Tensor, Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor,
             raise ValueError(f"lam_M must have shape (d, d) = ({d}, {d}), got {tuple(lam_M.shape)}.")
     if not math.isfinite(lam):
         raise ValueError(f"lam must be finite, got {lam}.")
-    return _velocity(X, Q, K, V, causal=causal, pos=pos, rope=rope, rope_base=rope_base,
-                     rope_pairing=rope_pairing, lam=lam, lam_M=lam_M)
 
 
 def _velocity(X, Q, K, V, *, causal=False, pos=None, rope=False, rope_base=10000.0,
@@ -222,7 +227,7 @@ def integrate(X0: torch.Tensor, Q: torch.Tensor, K: torch.Tensor, V: torch.Tenso
             raise ValueError(f"{name} must be a positive finite number, got {v!r}.")
     if not isinstance(n_save, int) or n_save < 2:
         raise ValueError(f"n_save must be an integer >= 2, got {n_save!r}.")
-    velocity(X0, Q, K, V, **options)                                   # validate everything once
+    _check_options(X0, Q, K, V, **options)                             # validate everything once
 
     # Flatten every batched tensor to (B, ...) so that instances can be dropped once they blow up.
     tensors = {"Q": Q, "K": K, "V": V}
