@@ -144,8 +144,14 @@ def bench_lm(rt, d: int, layers: int, heads: int, seq_len: int, batch: int, roun
         runs.append((name, step, sum(p.numel() for p in model.parameters())))
     sec = training.time_variants([(n, s) for n, s, _ in runs], rt, rounds, steps)
     base = batch * seq_len / sec[runs[1][0]]
+    # MFU (GPU only): F = 6 N + 12 L n d model FLOPs per token (N = matrix parameters; the same for
+    # both models, which share one shape), as in train_lm.py --bench
+    peak = training.peak_tflops(rt)
+    n_mat = sum(p.numel() for n, p in models[runs[1][0]].named_parameters() if p.dim() >= 2 and "pos" not in n)
+    flops = 6 * n_mat + 12 * layers * seq_len * d
     return [{"model": n, "parameters": p, "tokens_per_s": batch * seq_len / sec[n],
-             "ratio_to_plain": batch * seq_len / sec[n] / base} for n, _, p in runs]
+             "ratio_to_plain": batch * seq_len / sec[n] / base,
+             "mfu": flops * batch * seq_len / sec[n] / (peak * 1e12) if peak else None} for n, _, p in runs]
 
 
 def main(argv=None) -> int:
@@ -190,9 +196,10 @@ def main(argv=None) -> int:
                      f"{r['torchdiffeq_s']:.2f} | {r['torchdiffeq_evals']} | {r['speedup']:.2f}× | {r['max_abs_diff']:.1e} |")
     s = report["lm_shape"]
     lines += ["", f"LM training step, {s['n_layers']} × {s['d_model']}, seq {s['seq_len']}, batch {s['batch']}:", "",
-              "| model | parameters | tokens/s | × plain |", "|---|---|---|---|"]
+              "| model | parameters | tokens/s | × plain | MFU |", "|---|---|---|---|---|"]
     for r in report["lm"]:
-        lines.append(f"| {r['model']} | {r['parameters']:,} | {r['tokens_per_s']:,.0f} | {r['ratio_to_plain']:.3f} |")
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+        lines.append(f"| {r['model']} | {r['parameters']:,} | {r['tokens_per_s']:,.0f} | {r['ratio_to_plain']:.3f} | {mfu} |")
     if "suite" in report:
         lines += ["", f"test suite: {report['suite']['seconds']:.1f} s wall ({report['suite']['summary']})"]
     text = "\n".join(lines) + "\n"

@@ -535,12 +535,15 @@ class Attention(nn.Module):
         with torch.autocast(device_type=self.Q.device.type, enabled=False):
             Q = self.Q.to(dt)
             W, A = self.W_form().to(dt), self.A_form().to(dt)
-            # Kᵀ = Q⁻¹ W  (so that Q Kᵀ = W)  and  Vᵀ = A⁻¹ W  (so that A Vᵀ = W): one batched LU
-            # solve, without the host sync of error checking (A is invertible by construction:
-            # A_sym is definite or of fixed nonzero inertia; Q is checked below, off the hot path)
-            KV, info = torch.linalg.solve_ex(torch.stack((Q, A)), W.expand(2, -1, -1), check_errors=False)
-            K, V = KV[0].T, KV[1].T
-        if not self.training and bool(info.any()):
+            # Kᵀ = Q⁻¹ W  (so that Q Kᵀ = W)  and  Vᵀ = A⁻¹ W  (so that A Vᵀ = W): two LU solves,
+            # without the host sync of error checking (A is invertible by construction: A_sym is
+            # definite or of fixed nonzero inertia; Q is checked below, off the hot path). Two
+            # single solves, not one batched: on CUDA a batch of two 512×512 goes to the small-matrix
+            # batched kernels, which took 54% of an H100 training step (torch.profiler).
+            Kt, info_q = torch.linalg.solve_ex(Q, W, check_errors=False)
+            Vt, _ = torch.linalg.solve_ex(A, W, check_errors=False)
+            K, V = Kt.T, Vt.T
+        if not self.training and bool(info_q):
             raise ValueError("the constrained attention's query map Q became singular.")
         return Q, K, V, None
 

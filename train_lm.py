@@ -518,6 +518,8 @@ def build_parser() -> training.ArgParser:
                           cache_help="where downloads and the embedded corpus are cached",
                           probe_help="validation windows in the token probe")
     a("--bench", action="store_true", help="measure tokens/s of λ modes and regimes against --lam 0")
+    a("--bench-variants", help="comma-separated subset for --bench (plain is always first): plain, "
+      "lam-identity, lam-softplus, divergent, intermediate, convergent")
     return p
 
 
@@ -630,6 +632,12 @@ def train(cfg: dict, args, rt: training.Runtime) -> int:
 # ==============================================================================================
 # 5. Benchmark: tokens/s of the λ modes and the constrained regimes against the plain model
 # ==============================================================================================
+BENCH_VARIANTS = {"plain": ("plain (--lam 0)", {}),
+                  "lam-identity": ("lam identity -0.1", dict(lam=-0.1, lam_mode="identity")),
+                  "lam-softplus": ("lam softplus-diag 0.05", dict(lam=0.05, lam_mode="softplus-diag")),
+                  **{r: (f"regime {r}", dict(regime=r)) for r in ("divergent", "intermediate", "convergent")}}
+
+
 def bench(args) -> int:
     """One process, one run: every variant timed in interleaved rounds (the median of the rounds
     is kept, so a noisy neighbour on a shared machine hits all variants alike).
@@ -647,11 +655,7 @@ def bench(args) -> int:
         if getattr(args, k, None) is not None:
             cfg[k] = getattr(args, k)
     micro = args.batch_size or (16 if gpu else 4)
-    variants = [("plain (--lam 0)", {}), ("lam identity -0.1", dict(lam=-0.1, lam_mode="identity")),
-                ("lam softplus-diag 0.05", dict(lam=0.05, lam_mode="softplus-diag")),
-                ("regime divergent", dict(regime="divergent")),
-                ("regime intermediate", dict(regime="intermediate")),
-                ("regime convergent", dict(regime="convergent"))]
+    variants = training.select_variants(BENCH_VARIANTS, args.bench_variants)
     gen = torch.Generator().manual_seed(0)
     data = torch.randint(0, 256, (micro, cfg["seq_len"] + 1), generator=gen).to(rt.device)
     x, y = data[:, :-1], data[:, 1:]
@@ -664,7 +668,9 @@ def bench(args) -> int:
         runs.append((name, model, step))
         if rt.is_main:
             print(f"built {name}", flush=True)
-    sec_per_step = training.time_variants([(n, s) for n, _, s in runs], rt, args.bench_rounds, args.bench_steps)
+    rounds: dict = {}
+    sec_per_step = training.time_variants([(n, s) for n, _, s in runs], rt, args.bench_rounds,
+                                          args.bench_steps, raw=rounds)
     tokens = micro * cfg["seq_len"]
     peak = training.peak_tflops(rt, args.peak_tflops)
     # F = 6 N + 12 L n d of the plain model, for every variant
@@ -677,7 +683,8 @@ def bench(args) -> int:
         tps = tokens / sec
         base = base or tps
         rows.append({"variant": name, "tokens_per_s": tps, "ratio_to_plain": tps / base,
-                     "step_s": sec, "mfu": (flops * tps / (peak * 1e12)) if peak else None})
+                     "step_s": sec, "step_s_rounds": rounds[name],
+                     "mfu": (flops * tps / (peak * 1e12)) if peak else None})
     out = Path(args.out or HERE / "runs" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}")
     report = {"device": str(torch.cuda.get_device_name() if gpu else "cpu"), "threads": torch.get_num_threads(),
               "amp": str(rt.amp_dtype), "compile": gpu and not args.no_compile, "micro_batch": micro,

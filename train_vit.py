@@ -1109,15 +1109,7 @@ def bench(args) -> int:
                pool=args.pool or "cls")
     micro = args.batch_size or (256 if gpu else 8)
     plain = dict(pe="learned", lam=0.0, lam_mode="identity", regime="free")
-    variants = BENCH_VARIANTS
-    if args.bench_variants:
-        keys = [k.strip() for k in args.bench_variants.split(",") if k.strip()]
-        unknown = [k for k in keys if k not in BENCH_VARIANTS]
-        if unknown or not keys:
-            raise ValueError(f"unknown --bench-variants entry {unknown[0] if unknown else ''!r}: choose from "
-                             f"{', '.join(BENCH_VARIANTS)}")
-        variants = {k: BENCH_VARIANTS[k] for k in ["plain"] + [k for k in keys if k != "plain"]}
-    variants = [(v[0], v[1]) for v in variants.values()]
+    variants = training.select_variants(BENCH_VARIANTS, args.bench_variants)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(micro, 3, cfg["image_size"], cfg["image_size"], generator=gen).to(rt.device)
     t = soft_targets(torch.randint(0, 1000, (micro,), generator=gen), 1000, 0.1).to(rt.device)
@@ -1131,7 +1123,9 @@ def bench(args) -> int:
         runs.append((name, model, step))
         if rt.is_main:
             print(f"built {name}", flush=True)
-    sec_per_step = training.time_variants([(n, s) for n, _, s in runs], rt, args.bench_rounds, args.bench_steps)
+    rounds: dict = {}
+    sec_per_step = training.time_variants([(n, s) for n, _, s in runs], rt, args.bench_rounds,
+                                          args.bench_steps, raw=rounds)
     peak = training.peak_tflops(rt, args.peak_tflops)
     n_tok = (cfg["image_size"] // cfg["patch_size"]) ** 2 + (cfg["pool"] == "cls")
     rows, base = [], None
@@ -1144,6 +1138,7 @@ def bench(args) -> int:
         # F = n (6 N + 12 L n d)
         flops = n_tok * (6 * n_mat + 12 * cfg["n_layers"] * n_tok * cfg["d_model"])
         rows.append({"variant": name, "images_per_s": ips, "ratio_to_plain": ips / base, "step_s": sec,
+                     "step_s_rounds": rounds[name],
                      "gflop_per_image": flops / 1e9, "mfu": (flops * ips / (peak * 1e12)) if peak else None})
     out = Path(args.out or HERE / "runs" / f"bench-vit-{time.strftime('%Y%m%d-%H%M%S')}")
     report = {"device": str(torch.cuda.get_device_name() if gpu else "cpu"), "threads": torch.get_num_threads(),

@@ -688,11 +688,26 @@ def bench_step(model: torch.nn.Module, optimizer, rt: "Runtime", loss_of, *, com
         step()
     return step
 
-def time_variants(runs: list, rt: "Runtime", rounds: int, steps: int) -> dict:
+def select_variants(table: dict, spec: str | None) -> list:
+    """The (name, overrides) pairs of `table` (key → (name, overrides)) that --bench-variants
+    `spec` names, comma-separated, "plain" always first; all of them when spec is empty."""
+    if not spec:
+        return list(table.values())
+    keys = [k.strip() for k in spec.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in table]
+    if unknown or not keys:
+        raise ValueError(f"unknown --bench-variants entry {unknown[0] if unknown else ''!r}: choose from "
+                         f"{', '.join(table)}")
+    return [table[k] for k in ["plain"] + [k for k in keys if k != "plain"]]
+
+
+def time_variants(runs: list, rt: "Runtime", rounds: int, steps: int, raw: dict | None = None) -> dict:
     """Median seconds per step of each (name, step_fn) in `runs`, timed in interleaved rounds
-    (every variant once per round), so that a noisy neighbour hits all variants alike."""
+    (every variant once per round), so that a noisy neighbour hits all variants alike.
+    `raw`, if given, receives every round's seconds per step (to report the spread)."""
     gpu = rt.device.type == "cuda"
-    times: dict = {name: [] for name, _ in runs}
+    times: dict = {name: [] for name, _ in runs} if raw is None else raw
+    times.update({name: [] for name, _ in runs})
     for _ in tqdm(range(rounds), desc="bench rounds", disable=not rt.is_main):
         for name, step in runs:
             if gpu:
