@@ -1193,32 +1193,15 @@ def compare(args, argv: list) -> int:
     base = _strip(list(argv), {"--compare": 1, "--seeds": 1, "--jobs": 1, "--out": 1, "--pe": 1, "--seed": 1,
                                "--runs-dir": 1})
     jobs = [(pe, s) for s in range(args.seeds) for pe in pes]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    running, failed = [], []
-    bar = tqdm(total=len(jobs), desc="compare runs", unit="run")
-    todo = list(jobs)
-    while todo or running:
-        while todo and len(running) < args.jobs:
-            pe, s = todo.pop(0)
-            rdir = runs_dir / f"{pe}-seed{s}"
-            if (rdir / "summary.json").exists():   # done in an earlier call: keep it
-                bar.update(1)
-                continue
-            cmd = [sys.executable, str(Path(__file__).resolve()), *base, "--pe", pe, "--seed", str(s),
-                   "--out", str(rdir)] + (["--resume", str(rdir)] if (rdir / "ckpt.pt").exists() else [])
-            rdir.mkdir(parents=True, exist_ok=True)
-            log = open(rdir / "stdout.txt", "w")
-            running.append(((pe, s), subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-        time.sleep(0.5)
-        for item in list(running):
-            (pe, s), proc, log = item
-            if proc.poll() is not None:
-                log.close()
-                running.remove(item)
-                bar.update(1)
-                if proc.returncode != 0:
-                    failed.append(f"{pe} seed {s} (exit {proc.returncode}, see {runs_dir / f'{pe}-seed{s}' / 'stdout.txt'})")
-    bar.close()
+    todo = []
+    for pe, s in jobs:
+        rdir = runs_dir / f"{pe}-seed{s}"
+        if (rdir / "summary.json").exists():        # done in an earlier call: keep it
+            continue
+        todo.append(([sys.executable, str(Path(__file__).resolve()), *base, "--pe", pe, "--seed", str(s),
+                      "--out", str(rdir)] + (["--resume", str(rdir)] if (rdir / "ckpt.pt").exists() else []),
+                     rdir / "stdout.txt"))
+    failed = training.run_processes(todo, args.jobs, desc="compare runs")
     if failed:
         raise ValueError(f"{len(failed)} comparison run(s) failed: {failed[0]}")
     rows, curves = [], {}

@@ -701,6 +701,32 @@ def select_variants(table: dict, spec: str | None) -> list:
     return [table[k] for k in ["plain"] + [k for k in keys if k != "plain"]]
 
 
+def run_processes(jobs: list, n_jobs: int, desc: str = "runs") -> list[str]:
+    """Run each (argv, log_path) as its own process with one thread (OMP_NUM_THREADS=1), at most
+    `n_jobs` at once, stdout and stderr to log_path. Returns one line per failed job."""
+    import subprocess
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    todo, running, failed = list(jobs), [], []
+    bar = tqdm(total=len(jobs), desc=desc, unit="run")
+    while todo or running:
+        while todo and len(running) < max(1, n_jobs):
+            argv, log_path = todo.pop(0)
+            Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+            log = open(log_path, "w")
+            running.append((argv, log_path, subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        time.sleep(0.2)
+        for item in list(running):
+            argv, log_path, proc, log = item
+            if proc.poll() is not None:
+                log.close()
+                running.remove(item)
+                bar.update(1)
+                if proc.returncode != 0:
+                    failed.append(f"exit {proc.returncode}: {' '.join(map(str, argv[1:]))} (see {log_path})")
+    bar.close()
+    return failed
+
+
 def time_variants(runs: list, rt: "Runtime", rounds: int, steps: int, raw: dict | None = None) -> dict:
     """Median seconds per step of each (name, step_fn) in `runs`, timed in interleaved rounds
     (every variant once per round), so that a noisy neighbour hits all variants alike.

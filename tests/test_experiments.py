@@ -1,0 +1,105 @@
+"""experiments.py: the runner plans, runs, resumes, tabulates and judges (smoke budget, tiny runs)."""
+import csv
+import json
+import math
+
+import pytest
+
+import experiments as ex
+
+
+def test_compare_resolves_only_differences_beyond_two_standard_errors():
+    # means 1.0 vs 2.0, std 0.1 each, 3 seeds: 2·SE = 2·√(0.01/3 + 0.01/3) ≈ 0.163 ≪ 1
+    outcome, d, two_se = ex.compare([0.9, 1.0, 1.1], [1.9, 2.0, 2.1])
+    assert outcome == "a better" and d == pytest.approx(-1.0) and two_se == pytest.approx(2 * math.sqrt(0.02 / 3))
+    assert ex.compare([0.9, 1.0, 1.1], [1.9, 2.0, 2.1], lower_is_better=False)[0] == "b better"
+    # overlapping: means 1.0 vs 1.05, std 0.1: |Δ| = 0.05 < 0.163
+    assert ex.compare([0.9, 1.0, 1.1], [0.95, 1.05, 1.15])[0] == "tie"
+    verdict, nums = ex._verdict_pair({"a": {"val": [1.0, 1.1]}, "b": {"val": [3.0, 3.1]}}, "a", "b", True)
+    assert verdict == "supported" and "Δ -2.000" in nums
+    assert ex._verdict_pair({"a": {"val": [1.0, 1.1]}, "b": {"val": [3.0, 3.1]}}, "a", "b", False)[0] == "not supported"
+
+
+@pytest.fixture
+def two_variants(monkeypatch):
+    """lm-regimes cut to PD and ND (the pair its claim compares), two seeds: four tiny runs."""
+    script, _, key, sub, corpus = ex.TRAINING["lm-regimes"]
+    variants = {r: ["--pe", "learned", "--regime", r] for r in ("divergent", "convergent")}
+    monkeypatch.setitem(ex.TRAINING, "lm-regimes", (script, variants, key, sub, corpus))
+    return variants
+
+
+def test_runner_runs_tabulates_judges_and_resumes(tmp_path, two_variants, capsys):
+    res, runs = tmp_path / "results", tmp_path / "runs"
+    args = ["--budget", "smoke", "--only", "lm-regimes,agreement", "--results", str(res), "--runs", str(runs), "--jobs", "2"]
+    assert ex.main(args) == 0
+    out = capsys.readouterr().out
+    assert "lm-regimes: 4 runs, 0 already" in out and "4 to run" in out
+    # every kept run folder holds the small files; the table has both variants over 2 seeds
+    for r in ("divergent", "convergent"):
+        for s in (0, 1):
+            kept = res / "lm" / "regimes" / f"{r}-s{s}"
+            assert {"config.json", "summary.json", "probe.csv"} <= {p.name for p in kept.iterdir()}
+    rows = {r["variant"]: r for r in csv.DictReader(open(res / "lm" / "regimes.csv"))}
+    assert set(rows) == {"divergent", "convergent"} and all(r["seeds"] == "2" for r in rows.values())
+    # the table's mean is the mean of the per-run summaries
+    vals = [json.loads((res / "lm" / "regimes" / f"convergent-s{s}" / "summary.json").read_text())["val"]["bpb"] for s in (0, 1)]
+    assert float(rows["convergent"]["val"]) == pytest.approx(sum(vals) / 2)
+    assert (res / "lm" / "regimes.png").stat().st_size > 0
+    # agreement: per-seed tables combined into mean ± std
+    ag = list(csv.DictReader(open(res / "core" / "agreement.csv")))
+    assert len(ag) == 18 and all(r["seeds"] == "2" for r in ag)
+    readme = (res / "README.md").read_text()
+    assert "The convergence regime (ND) degrades performance" in readme
+    assert "The definiteness conditions predict the fate" in readme
+    for line in readme.splitlines():
+        if line.startswith("| dynamics |"):
+            assert any(v in line for v in ("**supported**", "**not supported**", "**not resolved at this scale**"))
+
+    # a second call runs nothing: every run is found in results/, the agreement step in the state file
+    assert ex.main(args) == 0
+    out = capsys.readouterr().out
+    assert "4 already" in out and "0 to run" in out and "agreement: done" in out
+
+    # a run whose settings differ from the budget's is planned again; a deleted one too
+    cfg_path = res / "lm" / "regimes" / "divergent-s0" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["steps"] = 999
+    cfg_path.write_text(json.dumps(cfg))
+    rows, jobs = ex.plan_training("lm-regimes", "smoke", res, runs, ex.ENWIKI)
+    # the run folder under runs/ still matches, so it is only copied back (no process)
+    assert [(j[0] is None, j[3].name) for j in jobs] == [(True, "divergent-s0")]
+    import shutil
+    shutil.rmtree(runs / "lm-regimes" / "convergent-s1")
+    shutil.rmtree(res / "lm" / "regimes" / "convergent-s1")
+    rows, jobs = ex.plan_training("lm-regimes", "smoke", res, runs, ex.ENWIKI)
+    todo = [j for j in jobs if j[0] is not None]
+    assert [j[3].name for j in todo] == ["convergent-s1"] and "--regime" in todo[0][0]
+
+
+def test_a_failing_run_stops_with_its_log(tmp_path, monkeypatch, capsys):
+    script, _, key, sub, corpus = ex.TRAINING["lm-regimes"]
+    monkeypatch.setitem(ex.TRAINING, "lm-regimes", (script, {"bad": ["--pe", "learned", "--lam", "-0.1",
+                                                                      "--lam-mode", "softplus-diag"]}, key, sub, corpus))
+    monkeypatch.setitem(ex.BUDGETS["smoke"], "seeds", 1)
+    monkeypatch.setattr(ex, "_expected_config", lambda script, argv: {"never": "matches"})
+    rc = ex.main(["--budget", "smoke", "--only", "lm-regimes", "--results", str(tmp_path / "r"), "--runs", str(tmp_path / "w")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "lm-regimes: 1 run(s) failed" in err and "bad-s0.log" in err
+
+
+def test_spectral_resumes_from_the_runs_stored_in_results(tmp_path):
+    import synthetic_tasks as stt
+    (tmp_path / "spectral").mkdir()
+    run = {"config": stt.run_config(1, "rope", "small", 2), "test_acc": 50.0}
+    (tmp_path / "spectral" / "synthetic_small_runs.json").write_text(json.dumps([run]))
+    cache = tmp_path / "cache"
+    assert ex._seed_spectral_cache(["--preset", "small"], tmp_path, cache) == 1
+    assert json.loads((cache / stt.run_name(1, "rope", "small", 2)).read_text()) == run
+    assert ex._seed_spectral_cache(["--preset", "small"], tmp_path, cache) == 0      # already there
+
+
+def test_unknown_experiment_is_one_sentence(capsys):
+    import training
+    assert training.run_cli(ex.main, ["--only", "lm-nothing"]) == 2
+    assert "unknown experiment 'lm-nothing'" in capsys.readouterr().err
