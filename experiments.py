@@ -132,7 +132,8 @@ def _matches(folder: Path, expected: dict) -> bool:
 
 
 def plan_training(exp: str, budget: str, results: Path, runs: Path, enwiki: Path) -> tuple[list, list]:
-    """(all (variant, seed, kept folder) rows, jobs still to run as (argv, log, run folder, kept folder))."""
+    """(all (variant, seed, kept folder) rows, jobs still to run as (argv, log, run folder, kept folder));
+    argv None: finished under runs/, only to be kept. Reads only: changes nothing on disk."""
     script, variants, key, sub, corpus = TRAINING[exp]
     b = BUDGETS[budget]
     corpus = [str(enwiki) if c == "ENWIKI" else c for c in corpus]
@@ -153,8 +154,6 @@ def plan_training(exp: str, budget: str, results: Path, runs: Path, enwiki: Path
                 cfg = json.loads((run / "config.json").read_text())
                 if all(cfg.get(k) == v for k, v in expected.items() if k != "data"):
                     resume = ["--resume", str(run)]                   # half-finished: continue it
-            if not resume and run.exists():
-                shutil.rmtree(run)                                    # made with other settings
             jobs.append(([PY, str(HERE / script), *argv, "--out", str(run), *resume], run.with_suffix(".log"), run, kept))
     return rows, jobs
 
@@ -165,6 +164,9 @@ def run_training(exp: str, budget: str, results: Path, runs: Path, n_jobs: int, 
         return
     rows, jobs = plan_training(exp, budget, results, runs, enwiki)
     todo = [(argv, log) for argv, log, _, _ in jobs if argv is not None]
+    for argv, _, run, _ in jobs:                     # (planning never deletes: --list must be harmless)
+        if argv is not None and "--resume" not in argv and run.exists():
+            shutil.rmtree(run)                       # an unfinished run without a checkpoint, or other settings
     print(f"{exp}: {len(rows)} runs, {len(rows) - len(jobs)} already in {results}, {len(todo)} to run", flush=True)
     failed = training.run_processes(todo, n_jobs, desc=exp)
     if failed:
@@ -216,7 +218,7 @@ def collect(exp: str, rows: list) -> dict:
                     if r["split"] == "val" and r["metric"] == "top1" and float(r["value"]) >= 95.0]
             d.setdefault("step95", []).append(min(hits) if hits else None)
         if s.get("lam"):
-            lam = [v for layer in s["lam"] if layer is not None for v in (layer if isinstance(layer, list) else [layer])]
+            lam = list(_flat(s["lam"]))                               # learned λ (or softplus diagonal) values
             if lam:
                 d.setdefault("lam_mean", []).append(st.mean(lam))
         for mode, p in _probe_last(kept).items():
@@ -224,6 +226,15 @@ def collect(exp: str, rows: list) -> dict:
                 d.setdefault(f"{k} {mode}", []).append(p[k])
             d.setdefault(f"norm_by_layer {mode}", []).append(p["norm_by_layer"])
     return data
+
+
+def _flat(x):
+    """The numbers in a nested list (per layer, per head, per coordinate); None skipped."""
+    if isinstance(x, list):
+        for y in x:
+            yield from _flat(y)
+    elif x is not None:
+        yield float(x)
 
 
 def tabulate(exp: str, rows: list, results: Path) -> None:
@@ -434,8 +445,8 @@ def claims(results: Path) -> list[tuple[str, str, str, str]]:
     """(paper, claim, verdict, evidence) for every claim whose experiment has results."""
     out = []
     ag = results / "core" / "agreement.csv"
-    if ag.exists():
-        rows = {(r["regime"], r["A"], r["pe"]): r for r in csv.DictReader(open(ag))}
+    rows = {(r["regime"], r["A"], r["pe"]): r for r in csv.DictReader(open(ag))} if ag.exists() else {}
+    if rows and "agreement_mean" in next(iter(rows.values())):          # (written by combine_agreement)
         pct = lambda k: float(rows[k]["agreement_mean"])            # noqa: E731
         sym = [pct((r, "symmetric", "none")) for r in ("convergent", "divergent")]
         gen = [pct((r, "general", "none")) for r in ("convergent", "divergent")]
@@ -511,14 +522,19 @@ def _pretrained_claims(results: Path) -> list:
     p = results / "pretrained" / "smollm2" / "probe.csv"
     if p.exists():
         rows = [r for r in csv.DictReader(open(p)) if r["mode"] == "attention-only"]
-        grow = {}
+        grow, cos = {}, {}
         for on in ("True", "False"):
             rs = sorted((r for r in rows if r["pe_active"] == on), key=lambda r: int(r["depth"]))
             grow[on] = float(rs[-1]["mean_sq_distance"]) / float(rs[0]["mean_sq_distance"])
-        out.append(("dynamics", "RoPE makes tokens spread faster through depth (SmolLM2, attention-only updates)",
-                    "supported" if grow["True"] > 1.1 * grow["False"] else
-                    "not supported" if grow["True"] < grow["False"] / 1.1 else "not resolved at this scale",
-                    f"mean squared distance last/first: {grow['True']:.3g} with RoPE, {grow['False']:.3g} with it removed "
+            cos[on] = float(rs[-1]["cosine"])
+        # separation: distance grows more AND directions stay more apart (lower cosine) with RoPE
+        more = grow["True"] > grow["False"] and cos["True"] < cos["False"]
+        less = grow["True"] < grow["False"] and cos["True"] > cos["False"]
+        out.append(("dynamics", "RoPE keeps tokens more separated through depth (SmolLM2, attention-only updates, "
+                    "RoPE on vs removed)",
+                    "supported" if more else "not supported" if less else "not resolved at this scale",
+                    f"mean squared distance last/first {grow['True']:.3g} with RoPE vs {grow['False']:.3g} without; "
+                    f"mean pairwise cosine after the last layer {cos['True']:.3f} vs {cos['False']:.3f} "
                     "(one text, one model: no seeds)"))
     return out
 
