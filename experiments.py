@@ -315,24 +315,38 @@ def plot(exp: str, data: dict, path: Path, lm: bool, metric: str) -> None:
 # ------------------------------------------------------------------------------------------------
 # 3. One-shot steps: agreement, pretrained, spectral, speed
 # ------------------------------------------------------------------------------------------------
+def _rel(path: Path) -> Path:
+    """path relative to the project when inside it (the tools record their --out in their outputs)."""
+    try:
+        return path.resolve().relative_to(HERE)
+    except ValueError:
+        return path
+
+
 def one_shot_commands(step: str, budget: str, results: Path, runs: Path, n_jobs: int) -> list:
-    """The commands of a one-shot step (empty: skipped at this budget)."""
+    """The commands of a one-shot step (empty: skipped at this budget); run from the project folder."""
     b = BUDGETS[budget]
+    results, runs = _rel(results), _rel(runs)
     if step == "agreement":
-        return [[PY, str(HERE / "regimes.py"), "--agreement", str(b["agreement"]), "--seed", str(s),
+        return [[PY, "regimes.py", "--agreement", str(b["agreement"]), "--seed", str(s),
                  "--out", str(results / "core" / f"agreement-seed{s}")] for s in range(b["seeds"])]
     if step == "pretrained":
         if budget == "smoke":
             return []
-        return [[PY, str(HERE / "regimes.py"), "--model", "minilm,smollm2", "--out", str(results / "pretrained")]]
+        return [[PY, "regimes.py", "--model", "minilm,smollm2", "--out", str(results / "pretrained")]]
     if step == "spectral":
         spec = b["spectral"]
-        return [[PY, str(HERE / "spectral.py"), "--out", str(results / "spectral")],
-                [PY, str(HERE / "synthetic_tasks.py"), "table", *spec, "--workers", str(n_jobs),
+        return [[PY, "spectral.py", "--out", str(results / "spectral")],
+                [PY, "synthetic_tasks.py", "table", *spec, "--workers", str(n_jobs),
                  "--cache", str(runs / "spectral"), "--out", str(results / "spectral")]]
     if step == "speed":
-        return [] if b["speed"] is None else [[PY, str(HERE / "bench.py"), *b["speed"], "--out", str(results / "speed")]]
+        return [] if b["speed"] is None else [[PY, "bench.py", *b["speed"], "--out", str(results / "speed")]]
     raise ValueError(step)
+
+
+def _overrides(spec: list) -> dict:
+    """The run settings a budget's synthetic_tasks.py flags change (only --device among them)."""
+    return {"device": spec[spec.index("--device") + 1]} if "--device" in spec else {}
 
 
 def _seed_spectral_cache(spec: list, results: Path, cache: Path) -> int:
@@ -348,7 +362,8 @@ def _seed_spectral_cache(spec: list, results: Path, cache: Path) -> int:
     for r in json.loads(stored.read_text()):
         c = r["config"]
         path = cache / stt.run_name(c["task"], c["pe"], c["preset"], c["seed"])
-        if not path.exists():
+        # only runs made with exactly the settings this code would use (else they are run again)
+        if not path.exists() and c == stt.run_config(c["task"], c["pe"], c["preset"], c["seed"], **_overrides(spec)):
             path.write_text(json.dumps(r))
             n += 1
     return n
@@ -377,7 +392,7 @@ def run_one_shot(step: str, budget: str, results: Path, runs: Path, n_jobs: int,
             print(f"spectral: {n} finished runs taken from {results / 'spectral'}", flush=True)
     t0 = time.time()
     for c in cmds:
-        print(f"{step}: {' '.join(Path(x).name if i < 2 else x for i, x in enumerate(c))}", flush=True)
+        print(f"{step}: python {' '.join(c[1:])}", flush=True)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         r = subprocess.run(c, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         log = results / "logs" / f"{step}.log"
