@@ -70,7 +70,8 @@ SPECTRAL_PES = "none,sin,learned,t5,alibi,rope,rope-partial:1,sin+rope,mla"
 
 BUDGETS = {
     # for the tests: seconds, two seeds, nothing downloaded or pretrained
-    "smoke": dict(seeds=2, jobs=2, lm=["--steps", "3", "--eval-every", "0", "--probe-batch", "2"],
+    "smoke": dict(seeds=2, jobs=2, lm=["--steps", "3", "--eval-every", "0", "--probe-batch", "2", "--d-model", "32",
+                                        "--n-layers", "2", "--n-heads", "2"],
                   vit=["--steps", "3", "--eval-images", "64", "--probe-batch", "2"], agreement=20,
                   spectral=["--preset", "tiny", "--seeds", "0,1", "--pes", "none,rope"], device="cpu",
                   speed=None),
@@ -450,7 +451,8 @@ def _load(results: Path, exp: str) -> dict | None:
 
 def _verdict_pair(data: dict, a: str, b: str, claim_a_better: bool, key: str = "val", lower=True) -> tuple[str, str]:
     outcome, d, two_se = compare(data[a][key], data[b][key], lower)
-    nums = f"{a} {fmt(data[a][key])} vs {b} {fmt(data[b][key])} (Δ {d:+.3f}, 2·SE {two_se:.3f}, {len(data[a][key])} seeds)"
+    g = lambda v: f"{mean_std(v)[0]:.4g} ± {mean_std(v)[1]:.2g}"              # noqa: E731
+    nums = f"{a} {g(data[a][key])} vs {b} {g(data[b][key])} (Δ {d:+.3g}, 2·SE {two_se:.2g}, {len(data[a][key])} seeds)"
     if outcome == "tie":
         return "not resolved at this scale", nums
     return ("supported" if (outcome == "a better") == claim_a_better else "not supported"), nums
@@ -628,8 +630,25 @@ def write_report(results: Path, budget: str, state: dict) -> None:
                       ("speed/bench.md", "speed against peers")):
         if (results / rel).exists():
             lines.append(f"- [{rel}]({rel}): {what}")
+    sp = results / "speed" / "bench.json"
+    if sp.exists():
+        b = json.loads(sp.read_text())
+        lines += ["", f"## Speed against peers ({b['device']}, {b['threads']} threads; `python bench.py`)", ""]
+        for r in b.get("ode", []):
+            lines.append(f"- {r['method']}, {r['instances']:,} instances: ours {r['ours_s']:.2f} s ({r['ours_evals']} "
+                         f"evaluations) vs torchdiffeq {r['torchdiffeq_s']:.2f} s ({r['torchdiffeq_evals']}): "
+                         f"**{r['speedup']:.2f}×** (torchdiffeq's time / ours)")
+        for r in b.get("lm", []):
+            lines.append(f"- {r['model']}: {r['tokens_per_s']:,.0f} tokens/s, **{r['ratio_to_plain']:.3f}×** the plain GPT")
+        if "suite" in b:
+            lines.append(f"- test suite: {b['suite']['seconds']:.0f} s wall ({b['suite']['summary']})")
+        if (results / "speed" / "h100" / "README.md").exists():
+            lines.append("- on an H100: [speed/h100/README.md](speed/h100/README.md)")
     if state:
-        lines += ["", "## Steps and their time", "", "| step | finished | seconds |", "|---|---|---|"]
+        lines += ["", "## Steps and their time", "",
+                  "Seconds of each one-shot step's last call (training runs reused from earlier calls "
+                  "are not counted; each training run's own time is in its summary.json).", "",
+                  "| step | finished | seconds |", "|---|---|---|"]
         lines += [f"| {k} | {v['finished']} | {v['seconds']} |" for k, v in state.items()]
     _write(results / "README.md", "\n".join(lines) + "\n")
 
