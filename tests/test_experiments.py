@@ -16,7 +16,7 @@ def test_compare_resolves_only_differences_beyond_two_standard_errors():
     # overlapping: means 1.0 vs 1.05, std 0.1: |Δ| = 0.05 < 0.163
     assert ex.compare([0.9, 1.0, 1.1], [0.95, 1.05, 1.15])[0] == "tie"
     verdict, nums = ex._verdict_pair({"a": {"val": [1.0, 1.1]}, "b": {"val": [3.0, 3.1]}}, "a", "b", True)
-    assert verdict == "supported" and "Δ -2.000" in nums
+    assert verdict == "supported" and "(Δ -2, 2·SE 0.14, 2 seeds)" in nums and "a 1.05 ± 0.071 vs b 3.05" in nums
     assert ex._verdict_pair({"a": {"val": [1.0, 1.1]}, "b": {"val": [3.0, 3.1]}}, "a", "b", False)[0] == "not supported"
 
 
