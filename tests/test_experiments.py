@@ -103,3 +103,17 @@ def test_unknown_experiment_is_one_sentence(capsys):
     import training
     assert training.run_cli(ex.main, ["--only", "lm-nothing"]) == 2
     assert "unknown experiment 'lm-nothing'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("budget", sorted(ex.BUDGETS))
+def test_every_budget_plans_runs_the_scripts_accept(tmp_path, budget):
+    """Each budget's flags go through the training scripts' own parsers and resolve_config (a typo
+    in a budget would otherwise surface only hours into `--budget gpu`)."""
+    for exp, (script, variants, *_rest) in ex.TRAINING.items():
+        rows, jobs = ex.plan_training(exp, budget, tmp_path / "r", tmp_path / "w", ex.ENWIKI)
+        assert len(rows) == len(jobs) == len(variants) * ex.BUDGETS[budget]["seeds"]
+        assert all(j[0][1].endswith(script) and "--out" in j[0] for j in jobs)
+    for step in ex.ONE_SHOT:
+        for cmd in ex.one_shot_commands(step, budget, tmp_path / "r", tmp_path / "w", 2):
+            assert (ex.HERE / cmd[1]).exists()
+    assert not list(tmp_path.iterdir())                  # planning wrote nothing
