@@ -683,6 +683,24 @@ def _write(path: Path, text: str) -> None:
     training.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def _take_lock(results: Path) -> Path:
+    """results/.experiments.lock with our pid: a second runner on the same results/ would clear
+    the first one's unfinished runs, so it is refused while the first is alive."""
+    lock = results / ".experiments.lock"
+    results.mkdir(parents=True, exist_ok=True)
+    if lock.exists():
+        try:
+            pid = int(lock.read_text().strip())
+            os.kill(pid, 0)                               # alive? (raises if not)
+        except (ValueError, OSError):
+            pass                                          # stale: its runner is gone
+        else:
+            raise ValueError(f"another experiments.py (pid {pid}) is running on {results}; wait for it, "
+                             f"or delete {lock} if that process is not this runner")
+    lock.write_text(str(os.getpid()))
+    return lock
+
+
 def main(argv=None) -> int:
     p = training.ArgParser(description="Run every experiment at one budget (resumable) and write results/.")
     p.add_argument("--budget", choices=tuple(BUDGETS), default="cpu-small")
@@ -726,6 +744,7 @@ def main(argv=None) -> int:
         return 0
     if not a.report:
         t0 = time.time()
+        lock = _take_lock(results)
         try:
             for e in exps:
                 if e in TRAINING:
@@ -736,6 +755,8 @@ def main(argv=None) -> int:
         except RuntimeError as err:                       # a run failed: say which, keep what is done
             print(f"error: {err}", file=sys.stderr)
             return 1
+        finally:
+            lock.unlink(missing_ok=True)
         print(f"all done in {time.time() - t0:.0f} s")
     write_report(results, a.budget, state)
     print(f"claims and tables: {results / 'README.md'}")

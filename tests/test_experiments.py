@@ -117,3 +117,17 @@ def test_every_budget_plans_runs_the_scripts_accept(tmp_path, budget):
         for cmd in ex.one_shot_commands(step, budget, tmp_path / "r", tmp_path / "w", 2):
             assert (ex.HERE / cmd[1]).exists()
     assert not list(tmp_path.iterdir())                  # planning wrote nothing
+
+
+def test_a_second_runner_on_the_same_results_is_refused(tmp_path, capsys):
+    import os
+    import training
+    res = tmp_path / "results"
+    res.mkdir()
+    (res / ".experiments.lock").write_text(str(os.getpid()))        # a live process holds it
+    args = ["--budget", "smoke", "--only", "agreement", "--results", str(res), "--runs", str(tmp_path / "w")]
+    assert training.run_cli(ex.main, args) == 2
+    assert "another experiments.py" in capsys.readouterr().err
+    (res / ".experiments.lock").write_text("999999999")              # stale: no such process
+    lock = ex._take_lock(res)
+    assert lock.read_text() == str(os.getpid())
