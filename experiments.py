@@ -25,7 +25,8 @@ Resuming: a training run counts as done when its folder under results/ (or under
 summary.json whose config.json matches what this budget would run; anything else is (re)run, a
 half-finished run continuing from its checkpoint. A one-shot step (agreement, pretrained, spectral,
 speed) is done when `results/experiments-state.json` records it with the same command. Nothing else
-is remembered, so deleting a result folder reruns exactly that.
+is remembered, so deleting a result folder reruns exactly that. A second runner on the same results/ is refused
+while the first is alive (results/.experiments.lock).
 
 Claims: results/README.md gets one line per claim of the two papers (../shared/seeds), each
 "supported", "not supported" or "not resolved at this scale", with the numbers it rests on. The
