@@ -283,10 +283,8 @@ def tabulate(exp: str, rows: list, results: Path) -> None:
     out = results / sub
     text = "\n".join(lines) + "\n"
     _write(out.with_suffix(".md"), text)
-    with open(out.with_suffix(".csv"), "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=sorted({k for r in table for k in r}, key=lambda k: (k != "variant", k)))
-        w.writeheader()
-        w.writerows(table)
+    training.write_csv(out.with_suffix(".csv"), table,
+                       sorted({k for r in table for k in r}, key=lambda k: (k != "variant", k)))
     _write((results / "summary" / exp).with_suffix(".json"),
            json.dumps({k: {m: v for m, v in d.items() if not m.startswith("norm_by_layer")} for k, d in data.items()},
                       indent=1))
@@ -442,10 +440,7 @@ def combine_agreement(results: Path, seeds: int) -> None:
                      + " | ".join(fmt(fates[k], 1) for k in ("converged", "diverged", "neither"))
                      + f" | {fmt(agree, 1) if agree else 'no prediction'} |")
     _write(results / "core" / "agreement.md", "\n".join(lines) + "\n")
-    with open(results / "core" / "agreement.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(out[0]))
-        w.writeheader()
-        w.writerows(out)
+    training.write_csv(results / "core" / "agreement.csv", out)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -99,7 +99,6 @@ import math
 import os
 import pickle
 import signal
-import subprocess
 import sys
 import tarfile
 import time
@@ -857,17 +856,6 @@ def regime_report(model: ViT) -> list[dict]:
     return rows
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    import csv
-
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-    training.atomic_write(path, write)
-
-
 # ==============================================================================================
 # 6. Command line
 # ==============================================================================================
@@ -1064,7 +1052,7 @@ def train(cfg: dict, args, rt: training.Runtime) -> int:
             training.write_probe(training.token_probe(model, normalise(torch.cat(xs).to(dev), data.norm)),
                                  run, title, what="validation images")
         report = regime_report(model)
-        write_csv(run.path / "regimes.csv", report)
+        training.write_csv(run.path / "regimes.csv", report)
         ev = result["eval"]
         summary = {"step": result["step"], "wall_s": wall, "params": n_params, "val": ev.get("val"),
                    "classes": data.classes, "unreadable_train_images": sorted(batches.unreadable),
@@ -1214,7 +1202,7 @@ def compare(args, argv: list) -> int:
                      "params": summ["params"], "data": cfg["data"]})
         curves[(pe, s)] = [(r["step"], r["value"]) for r in training.RunDir(rdir).read()
                            if r["split"] == "val" and r["metric"] == "top1"]
-    write_csv(out / "compare.csv", rows)
+    training.write_csv(out / "compare.csv", rows)
     cfg0 = json.loads((runs_dir / f"{pes[0]}-seed0" / "config.json").read_text())
     lines = ["| --pe | top-1 (%) mean ± std | top-1 per seed | first evaluation ≥ 95% (step, per seed) "
              "| wall s / run | parameters |", "|---|---|---|---|---|---|"]

@@ -630,6 +630,16 @@ def token_probe(model: torch.nn.Module, x: torch.Tensor) -> list[dict]:
     return rows
 
 
+def write_csv(path: str | os.PathLike, rows: list[dict], fieldnames: list | None = None) -> None:
+    """rows as a CSV file with a header (the first row's keys unless `fieldnames`), written atomically."""
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fieldnames or list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    atomic_write(path, write)
+
+
 def write_probe(rows: list[dict], run: "RunDir", title: str, what: str = "validation windows") -> None:
     """probe.csv and probe.png (one panel per probe, full blocks vs attention-only) in the run."""
     import matplotlib
@@ -637,12 +647,7 @@ def write_probe(rows: list[dict], run: "RunDir", title: str, what: str = "valida
     import matplotlib.pyplot as plt
     import ode_attention
 
-    def write_csv(tmp):
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["mode", "layer", "metric", "mean", "std"])
-            w.writeheader()
-            w.writerows(rows)
-    atomic_write(run.path / "probe.csv", write_csv)
+    write_csv(run.path / "probe.csv", rows, ["mode", "layer", "metric", "mean", "std"])
     fig, axes = plt.subplots(1, 4, figsize=(14, 3.4))
     for ax, metric in zip(axes, ode_attention.PROBES):
         for mode, style in (("full", "o-"), ("attention-only", "s--")):
