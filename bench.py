@@ -147,8 +147,7 @@ def bench_lm(rt, d: int, layers: int, heads: int, seq_len: int, batch: int, roun
     # MFU (GPU only): F = 6 N + 12 L n d model FLOPs per token (N = matrix parameters; the same for
     # both models, which share one shape), as in train_lm.py --bench
     peak = training.peak_tflops(rt)
-    n_mat = sum(p.numel() for n, p in models[runs[1][0]].named_parameters() if p.dim() >= 2 and "pos" not in n)
-    flops = 6 * n_mat + 12 * layers * seq_len * d
+    flops = training.flops_per_token(models[runs[1][0]], layers, seq_len, d)
     return [{"model": n, "parameters": p, "tokens_per_s": batch * seq_len / sec[n],
              "ratio_to_plain": batch * seq_len / sec[n] / base,
              "mfu": flops * batch * seq_len / sec[n] / (peak * 1e12) if peak else None} for n, _, p in runs]

@@ -675,8 +675,7 @@ def bench(args) -> int:
     peak = training.peak_tflops(rt, args.peak_tflops)
     # F = 6 N + 12 L n d of the plain model, for every variant
     plain = runs[0][1]
-    n_mat = sum(p.numel() for n, p in plain.named_parameters() if p.dim() >= 2 and "pos" not in n)
-    flops = 6 * n_mat + 12 * cfg["n_layers"] * cfg["seq_len"] * cfg["d_model"]
+    flops = training.flops_per_token(plain, cfg["n_layers"], cfg["seq_len"], cfg["d_model"])
     rows, base = [], None
     for name, model, _ in runs:
         sec = sec_per_step[name]

@@ -1121,10 +1121,9 @@ def bench(args) -> int:
         sec = sec_per_step[name]
         ips = micro / sec
         base = base or ips
-        n_mat = sum(p.numel() for n, p in model.named_parameters()
-                    if p.dim() >= 2 and n not in ("cls", "pos.weight"))
-        # F = n (6 N + 12 L n d)
-        flops = n_tok * (6 * n_mat + 12 * cfg["n_layers"] * n_tok * cfg["d_model"])
+        # F = n (6 N + 12 L n d) per image of n tokens
+        flops = n_tok * training.flops_per_token(model, cfg["n_layers"], n_tok, cfg["d_model"],
+                                                 skip=("cls", "pos.weight"))
         rows.append({"variant": name, "images_per_s": ips, "ratio_to_plain": ips / base, "step_s": sec,
                      "step_s_rounds": rounds[name],
                      "gflop_per_image": flops / 1e9, "mfu": (flops * ips / (peak * 1e12)) if peak else None})

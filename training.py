@@ -670,6 +670,18 @@ def write_probe(rows: list[dict], run: "RunDir", title: str, what: str = "valida
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense
 
 
+def flops_per_token(model: torch.nn.Module, n_layers: int, n_ctx: int, d_model: int,
+                    skip: tuple = ("pos",)) -> float:
+    """Model FLOPs of one training token, forward + backward (PaLM / nanoGPT accounting):
+
+        F = 6 N + 12 L n d
+    N = parameters in weight matrices (dim ≥ 2; names containing one of `skip` — position tables,
+    a class token — left out, as they are looked up, not multiplied); 12 L n d = the attention
+    scores q·k and the mixing of v over n tokens in L layers of width d. MFU = F · tokens/s / peak."""
+    n_mat = sum(p.numel() for n, p in model.named_parameters() if p.dim() >= 2 and not any(k in n for k in skip))
+    return 6 * n_mat + 12 * n_layers * n_ctx * d_model
+
+
 def peak_tflops(rt: "Runtime", override: float | None = None) -> float | None:
     """The accelerator's dense bf16 peak (TFLOP/s) for MFU: `override`, else looked up by name."""
     if override is not None or rt.device.type != "cuda":
