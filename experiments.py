@@ -130,12 +130,10 @@ def _expected_config(script: str, argv: list) -> dict:
     return mod.resolve_config(mod.build_parser().parse_args(argv))
 
 
-def _matches(folder: Path, expected: dict) -> bool:
-    """folder holds a finished run (summary.json) made with `expected` (data compared by file name)."""
+def _made_with(folder: Path, expected: dict) -> bool:
+    """folder's config.json has every setting of `expected` (data compared by file name)."""
     try:
         got = json.loads((folder / "config.json").read_text())
-        if not (folder / "summary.json").exists():
-            return False
     except (OSError, json.JSONDecodeError):
         return False
     for k, v in expected.items():
@@ -145,6 +143,11 @@ def _matches(folder: Path, expected: dict) -> bool:
         if g != v and not (isinstance(v, float) and isinstance(g, (int, float)) and math.isclose(v, g)):
             return False
     return True
+
+
+def _matches(folder: Path, expected: dict) -> bool:
+    """folder holds a finished run (summary.json) made with `expected`."""
+    return (folder / "summary.json").exists() and _made_with(folder, expected)
 
 
 def plan_training(exp: str, budget: str, results: Path, runs: Path, enwiki: Path) -> tuple[list, list]:
@@ -165,11 +168,8 @@ def plan_training(exp: str, budget: str, results: Path, runs: Path, enwiki: Path
             if _matches(run, expected):
                 jobs.append((None, None, run, kept))                  # finished earlier: only keep it
                 continue
-            resume = []
-            if (run / "ckpt.pt").exists() and (run / "config.json").exists():
-                cfg = json.loads((run / "config.json").read_text())
-                if all(cfg.get(k) == v for k, v in expected.items() if k != "data"):
-                    resume = ["--resume", str(run)]                   # half-finished: continue it
+            # half-finished with these settings: continue it from its checkpoint
+            resume = ["--resume", str(run)] if (run / "ckpt.pt").exists() and _made_with(run, expected) else []
             jobs.append(([PY, str(HERE / script), *argv, "--out", str(run), *resume], run.with_suffix(".log"), run, kept))
     return rows, jobs
 
@@ -208,7 +208,7 @@ def _probe_last(kept: Path) -> dict:
             continue
         last = max(int(r["layer"]) for r in rs)
         val = {(int(r["layer"]), r["metric"]): float(r["mean"]) for r in rs}
-        out[mode] = {"cosine": val.get((last, "mean_cosine"), val.get((last, "cosine"), math.nan)),
+        out[mode] = {"cosine": val[(last, "cosine")],
                      "norm_ratio": val[(last, "norm")] / val[(0, "norm")],
                      "norm_by_layer": [val[(layer, "norm")] / val[(0, "norm")] for layer in range(last + 1)]}
     return out
