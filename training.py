@@ -749,7 +749,7 @@ def time_variants(runs: list, rt: "Runtime", rounds: int, steps: int, raw: dict 
     (every variant once per round), so that a noisy neighbour hits all variants alike.
     `raw`, if given, receives every round's seconds per step (to report the spread)."""
     gpu = rt.device.type == "cuda"
-    times: dict = {name: [] for name, _ in runs} if raw is None else raw
+    times: dict = {} if raw is None else raw
     times.update({name: [] for name, _ in runs})
     for _ in tqdm(range(rounds), desc="bench rounds", disable=not rt.is_main):
         for name, step in runs:
