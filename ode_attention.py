@@ -60,6 +60,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import regimes
 import rope as rope_mod
 
 # ================================================================================================
@@ -540,10 +541,8 @@ class Attention(nn.Module):
             # definite or of fixed nonzero inertia; Q is checked below, off the hot path). Two
             # single solves, not one batched: on CUDA a batch of two 512×512 goes to the small-matrix
             # batched kernels, which took 54% of an H100 training step (torch.profiler).
-            Kt, info_q = torch.linalg.solve_ex(Q, W, check_errors=False)
-            Vt, _ = torch.linalg.solve_ex(A, W, check_errors=False)
-            K, V = Kt.T, Vt.T
-        if not self.training and bool(info_q):
+            K, V, singular = regimes.keys_values(Q, W, A)
+        if not self.training and bool(singular):
             raise ValueError("the constrained attention's query map Q became singular.")
         return Q, K, V, None
 

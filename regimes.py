@@ -194,6 +194,19 @@ def _random_forms(count: int, d: int, n_neg: int, antisymmetric: bool, generator
     return ldl_form(L_free, D, T_free)
 
 
+def keys_values(Q: torch.Tensor, W: torch.Tensor, A: torch.Tensor):
+    """The keys and values that realise a given (W, A) for a query map Q, in the row convention:
+        Q Kᵀ = W   ⇒  Kᵀ = Q⁻¹ W            (the logit form is exactly W)
+        A Vᵀ = W   ⇒  Vᵀ = A⁻¹ W            (the value map gives exactly A = W (Vᵀ)⁻¹)
+    Q, W, A are (..., d, d). Returns (K, V, singular): `singular` is a bool tensor of the batch shape,
+    True where Q or A is not invertible. No error checking inside the solves (no host sync): the
+    caller decides when to look at `singular`. Used by sample_instances and by the constrained
+    attention layer (ode_attention.Attention with regime != "free")."""
+    Kt, info_q = torch.linalg.solve_ex(Q, W, check_errors=False)
+    Vt, info_a = torch.linalg.solve_ex(A, W, check_errors=False)
+    return Kt.transpose(-1, -2), Vt.transpose(-1, -2), (info_q != 0) | (info_a != 0)
+
+
 def sample_instances(regime: str, d: int, count: int, *, symmetric_A: bool = False, generator=None):
     """`count` random instances at once: (Q, K, V), each (count, d, d), float64. See sample_instance."""
     if regime not in REGIME_NAMES:
@@ -211,8 +224,9 @@ def sample_instances(regime: str, d: int, count: int, *, symmetric_A: bool = Fal
     Z = torch.randn(count, d, d, generator=generator, dtype=torch.float64)
     Qm, R = torch.linalg.qr(Z)
     Q = Qm * torch.sign(torch.diagonal(R, dim1=-2, dim2=-1)).unsqueeze(-2)
-    K = torch.linalg.solve(Q, W).transpose(-1, -2)              # Kᵀ = Q⁻¹ W  ⇒  Q Kᵀ = W
-    V = torch.linalg.solve(A, W).transpose(-1, -2)              # Vᵀ = A⁻¹ W  ⇒  A Vᵀ = W
+    K, V, singular = keys_values(Q, W, A)
+    if bool(singular.any()):
+        raise ValueError("a sampled Q or A is singular; draw again with another generator state.")
     return Q, K, V
 
 

@@ -95,6 +95,7 @@ from tqdm import tqdm
 import ode_attention
 import rope as rope_mod
 import training
+from data import download as data_download
 
 HERE = Path(__file__).resolve().parent
 
@@ -314,7 +315,7 @@ def load_corpus(data: str, cache_dir: Path) -> Corpus:
         return pydocs_corpus(cache_dir)
     if data in SOURCES:
         src = SOURCES[data]
-        path = training.download(src["urls"], cache_dir / src["file"], sha256=src.get("sha256"),
+        path = data_download.download(src["urls"], cache_dir / src["file"], sha256=src.get("sha256"),
                                  md5=src.get("md5"), size=src.get("size"))
         return load_zip(path, cache_dir)
     path = Path(data)

@@ -115,6 +115,7 @@ import ode_attention
 import regimes
 import rope as rope_mod
 import training
+from data import download as data_download
 # the token probe and its figure are the language model's, reused as they are (see the report)
 
 HERE = Path(__file__).resolve().parent
@@ -376,7 +377,7 @@ def load_data(data: str, cache_dir: Path):
     if data == "shapes":
         return shapes_data()
     if data == "cifar10":
-        return load_cifar10(training.download(CIFAR10["urls"], cache_dir / CIFAR10["file"], md5=CIFAR10["md5"]))
+        return load_cifar10(data_download.download(CIFAR10["urls"], cache_dir / CIFAR10["file"], md5=CIFAR10["md5"]))
     path = Path(data)
     if not path.exists():
         raise ValueError(f"--data {data!r} is neither a known dataset (shapes, cifar10) nor an existing "

@@ -13,6 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import training  # noqa: E402
+from data import download as data_download  # noqa: E402
 
 
 def test_cosine_lr_closed_form():
@@ -158,20 +159,20 @@ def test_download_verifies_before_renaming(http_server, tmp_path):
     cache = tmp_path / "cache"
     # a wrong checksum: ValueError, and nothing at the destination
     with pytest.raises(ValueError, match="checksum"):
-        training.download(f"{url}/data.zip", cache / "d.zip", sha256="0" * 64)
+        data_download.download(f"{url}/data.zip", cache / "d.zip", sha256="0" * 64)
     assert list(cache.iterdir()) == []
     # the first URL is dead, the mirror works: downloaded, verified, renamed into place
-    p = training.download([f"{url}/missing.zip", f"{url}/data.zip"], cache / "d.zip", sha256=good, size=len(body))
+    p = data_download.download([f"{url}/missing.zip", f"{url}/data.zip"], cache / "d.zip", sha256=good, size=len(body))
     assert p.read_bytes() == body and sorted(os.listdir(cache)) == ["d.zip"]
     md5 = hashlib.md5(body).hexdigest()
-    assert training.download("http://127.0.0.1:9/never", cache / "d.zip", md5=md5) == p  # cached: no network
+    assert data_download.download("http://127.0.0.1:9/never", cache / "d.zip", md5=md5) == p  # cached: no network
     # a cached file that no longer matches is refused
     (cache / "d.zip").write_bytes(body[:-1])
     with pytest.raises(ValueError, match="truncated|checksum"):
-        training.download(f"{url}/data.zip", cache / "d.zip", size=len(body))
+        data_download.download(f"{url}/data.zip", cache / "d.zip", size=len(body))
     # offline: one sentence naming where to put the file by hand
     with pytest.raises(ValueError, match=r"offline.*put it at .*e\.zip"):
-        training.download("http://127.0.0.1:9/e.zip", cache / "e.zip", timeout=5)
+        data_download.download("http://127.0.0.1:9/e.zip", cache / "e.zip", timeout=5)
     assert not (cache / "e.zip").exists() and not any(n.startswith("e.zip.part") for n in os.listdir(cache))
 
 

@@ -1,0 +1,1 @@
+"""Data pipelines: text corpora (data.text), image datasets (data.images), downloads (data.download)."""

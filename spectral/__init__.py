@@ -1,0 +1,1 @@
+"""The Spectral paper: logit decomposition (spectral.decomposition) and synthetic tasks (spectral.tasks)."""
