@@ -699,7 +699,7 @@ def simulate(regime: str, pe: str = "none", lam: float = 0.0, lam_matrix: str = 
         if lam_matrix == "A":
             opts["lam_M"] = A
     # the logit matrix the λ-term produces: W + λM — its regime is the one we predict
-    W_eff = W + lam * (A if lam_matrix == "A" else torch.eye(d, dtype=torch.float64))
+    W_eff = regimes.logit_form(W, lam, A if lam_matrix == "A" else None)
     predicted = regimes.classify_matrices(W_eff, A)
     bound = 1e6 * max(1.0, float(token_norm(X0 + shift)))
     tr = integrate(X0, Q, K, V, t_end=t_end, dt=dt, method=method, max_norm=bound, n_save=401, **opts)

@@ -104,6 +104,15 @@ def interaction_matrices(Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor,
     return W, A
 
 
+def logit_form(W: torch.Tensor, lam: float = 0.0, M: torch.Tensor | None = None) -> torch.Tensor:
+    """What the λ-term does to the logit matrix, written once: it adds λ xᵢᵀ M xⱼ to every logit
+    xᵢᵀ W xⱼ, so the realised logit form is  W_λ = W + λ M  (M = I when None). The regime the λ-term
+    aims at is read off W_λ (its symmetric part) with the same value map."""
+    if lam == 0.0:
+        return W
+    return W + lam * (torch.eye(W.shape[-1], dtype=W.dtype, device=W.device) if M is None else M)
+
+
 def regime_of(W: torch.Tensor, A: torch.Tensor, tol: float = 1e-6) -> dict:
     """Eigenvalues and inertia of W_sym and A_sym, and the regime they imply."""
     W, A = _as_float64("W", W), _as_float64("A", A)
