@@ -1,4 +1,4 @@
-"""pretrained.py: converted modules reproduce the originals.
+"""analysis/pretrained.py: converted modules reproduce the originals.
 
 * tiny random GPT-2, BERT, Llama (GQA), GPT-NeoX (partial RoPE), ViT and DeiT built offline from
   `transformers` configs: every hidden state and the logits agree with transformers' own forward;
@@ -22,9 +22,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")   # nothing in this file may touch 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import pretrained as P  # noqa: E402
-import rope  # noqa: E402
+import rope
+from analysis import pretrained as P
 
 
 def _has(module):
@@ -213,7 +212,7 @@ def test_layer_matrices_recompute_attention_only_dynamics_with_gqa():
     states = P.hidden_states(net, ids, attention_only=True)
     x = states[0]
     for ell, m in enumerate(mats):
-        x = x + _attention_from_matrices(x, m)        # Euler step x ← x + Attn(x) (notes §5.4)
+        x = x + _attention_from_matrices(x, m)        # Euler step x ← x + Attn(x) (docs/dynamics.md §5.4)
         torch.testing.assert_close(states[ell + 1], x, atol=1e-10, rtol=0)
     full = P.hidden_states(net, ids)
     assert (full[-1] - states[-1]).abs().max() > 1e-3   # the full blocks differ (norms, MLP)

@@ -1,11 +1,12 @@
-"""W, A, inertia, classification, prescribed inertia, sampling, RoPE offsets, the agreement run."""
+"""W, A, inertia, classification, prescribed inertia, sampling, RoPE offsets, the multi-head layer.
+
+(The agreement experiment built on these is tested in test_agreement.py.)"""
 
 import math
 
 import pytest
 import torch
 
-import ode_attention as oa
 import regimes
 import rope
 
@@ -130,16 +131,6 @@ def test_rope_offset_matrices_match_rotated_logits():
     assert torch.allclose(Wm[8], Q @ K.T, atol=1e-14)                # offset 0: W itself
 
 
-def test_rope_offset_regimes_and_batch_predictions_agree():
-    Q, K, V = regimes.sample_instances("divergent", 4, 6, generator=gen(6))
-    offs = list(range(-3, 4))
-    preds = regimes.rope_predictions(Q, K, V, offs)
-    for b in range(6):
-        per = {r["regime"] for r in regimes.rope_offset_regimes(Q[b], K[b], V[b], offs)}
-        assert preds[b] == (per.pop() if len(per) == 1 else None)
-        assert regimes.rope_offset_regimes(Q[b], K[b], V[b], [0])[0]["regime"] == "divergent"
-
-
 def test_analyse_layer_single_head_equals_classify_and_heads_are_rank_deficient():
     Q, K, V = regimes.sample_instance("convergent", 6, generator=gen(8))
     r = regimes.analyse_layer(Q, K, V, None, n_heads=1)
@@ -161,33 +152,36 @@ def test_analyse_layer_single_head_equals_classify_and_heads_are_rank_deficient(
     assert r2["regime"] == "undefined" and r2["rank_M"] == 4 and r2["A_lsq_residual"] > 1e-3
 
 
-def test_agreement_small_run_confirms_the_predictions():
-    rows = regimes.agreement_table(24, t_end=15.0, progress=False)
-    cell = {(r["regime"], r["A"], r["pe"]): r for r in rows}
-    assert len(rows) == 18
-    for pe in ("none", "abs"):
-        assert cell[("convergent", "symmetric", pe)]["agreement"] == 1.0
-        assert cell[("divergent", "symmetric", pe)]["agreement"] == 1.0
-        assert cell[("divergent", "general", pe)]["agreement"] == 1.0
-    for r in rows:
-        assert r["converged"] + r["diverged"] + r["neither"] == 24
-    assert "| convergent | symmetric | none | 24 |" in regimes.format_table(rows)
+def test_one_regime_rule_batched_and_single_agree():
+    # classify_batch (the batched rule) == regime_of / classify_matrices (single) == inertia counts
+    g = gen(10)
+    W = torch.randn(40, 3, 3, generator=g, dtype=f64) + 1.5 * torch.eye(3, dtype=f64)
+    A = torch.randn(40, 3, 3, generator=g, dtype=f64)
+    A[:10] = -(A[:10] @ A[:10].transpose(-1, -2)) - 0.1 * torch.eye(3, dtype=f64)     # A_sym ≺ 0
+    A[10:20] = A[10:20] @ A[10:20].transpose(-1, -2) + 0.1 * torch.eye(3, dtype=f64)  # A_sym ≻ 0
+    names = regimes.classify_batch(W, A)
+    assert {"convergent", "divergent", "intermediate"} <= set(names)
+    for b in range(40):
+        r = regimes.regime_of(W[b], A[b])
+        assert names[b] == r["regime"] == regimes.classify_matrices(W[b], A[b])
+        assert r["inertia_W"] == regimes.inertia(W[b]) and r["inertia_A"] == regimes.inertia(A[b])
+    assert regimes.classify_batch(W.view(4, 10, 3, 3), A.view(4, 10, 3, 3)) == names
+    counts = regimes.inertia_counts(torch.tensor([[3.0, -1.0, 1e-9], [0.0, 0.0, 0.0]], dtype=f64))
+    assert [c.tolist() for c in counts] == [[1, 0], [1, 0], [1, 3]]
+    with pytest.raises(ValueError, match="one square matrix"):
+        regimes.regime_of(W, A)
 
 
-def test_observed_fate_rules():
-    norms = torch.tensor([[1.0, 1.0, 1.0], [0.6, 5.0, 1.0], [0.3, 20.0, 1.1]], dtype=f64)
-    assert regimes.observed_fate(norms, torch.tensor([False, False, False])) == \
-        ["converged", "diverged", "neither"]
-    assert regimes.observed_fate(norms, torch.tensor([False, False, True]))[2] == "diverged"
-
-
-def test_cli_agreement_and_bad_input(tmp_path, capsys):
-    assert regimes.main(["--agreement", "3", "--t-end", "2", "--out", str(tmp_path)]) == 0
-    assert (tmp_path / "agreement.md").read_text().count("\n") == 20
-    assert (tmp_path / "agreement.csv").exists()
-    capsys.readouterr()
-    for bad in (["--agreement", "0"], ["--agreement", "3", "--d", "3"]):
-        assert regimes.main([*bad, "--out", str(tmp_path / "x")]) == 2
-        err = capsys.readouterr().err.strip()
-        assert err.startswith("regimes.py: ") and "\n" not in err
-        assert not (tmp_path / "x").exists()
+def test_rope_rotations_and_batched_offset_matrices():
+    R = regimes.rope_rotations([0, 3, -5], 6, 4, 100.0, "half")
+    assert torch.equal(R[0], torch.eye(6, dtype=f64))
+    assert torch.equal(R[1, :4, :4], rope.rotation_matrix(3.0, 4, 100.0, "half"))
+    assert torch.equal(R[2, 4:, 4:], torch.eye(2, dtype=f64)) and not R[2, :4, 4:].any()
+    Q, K, _ = regimes.sample_instances("divergent", 4, 3, generator=gen(11))
+    offs = [-2, 0, 5]
+    Wb = regimes.rope_offset_matrices(Q, K, offs)                     # (B, M, d, d)
+    assert Wb.shape == (3, 3, 4, 4)
+    for b in range(3):
+        torch.testing.assert_close(Wb[b], regimes.rope_offset_matrices(Q[b], K[b], offs), atol=1e-14, rtol=0)
+    with pytest.raises(ValueError, match="even d_k"):
+        regimes.rope_offset_matrices(torch.eye(3, dtype=f64), torch.eye(3, dtype=f64), offs)

