@@ -1,7 +1,7 @@
 """Positional encodings, one place for all of them.
 
 Every encoding in this project lives here, written so that its maths can be read beside the line
-that computes it. Conventions (DESIGN.md): tokens are rows, ``x`` has shape ``(..., n, d)``.
+that computes it. Conventions (docs/conventions.md): tokens are rows, ``x`` has shape ``(..., n, d)``.
 
 Absolute encodings (added to the token embeddings once, at the input)
     sinusoidal   p_{t,2k} = sin(t ω_k),  p_{t,2k+1} = cos(t ω_k),  ω_k = base^(-2k/d)   (Vaswani et al.)
@@ -15,7 +15,7 @@ Rotary encoding (multiplies queries and keys inside every attention layer)
 
         (x_i Q R(i)ᵀ) · (x_j K R(j)ᵀ) = x_i Q R(i)ᵀ R(j) Kᵀ x_jᵀ = x_i Q R(j − i) Kᵀ x_jᵀ,
 
-    so the logit depends on positions only through the offset j − i (DESIGN.md: W + ΔW_ij).
+    so the logit depends on positions only through the offset j − i (docs/conventions.md: W + ΔW_ij).
 
     Pairing convention — two are in use and they are NOT interchangeable for a given checkpoint:
       * "interleaved" (RoFormer, GPT-J, llama.cpp/GGUF, the Spectral paper's code):
@@ -33,7 +33,7 @@ Rotary encoding (multiplies queries and keys inside every attention layer)
 Relative biases (added to the logits, position only, content-blind)
     ALiBi   B_ij = −m_h |i − j|  (bidirectional),  B_ij = −m_h (i − j) for j ≤ i (causal)
             slopes: "geometric" m_h = 2^(−8(h+1)/H) (Press et al. 2022), or "exp" m_h = e^(−h/H)
-            (what the Spectral paper's code uses; notes §2).
+            (what the Spectral paper's code uses; docs/spectral.md §2).
     T5      B_ij = b_h[bucket(j − i)] with learned scalars; with no buckets, one scalar per offset
             (the Spectral paper's code), with buckets T5's log-spaced buckets (Raffel et al. 2020).
     Both are Toeplitz: B_ij depends only on j − i.
@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 
 import torch
@@ -53,11 +54,6 @@ import torch.nn as nn
 
 PAIRINGS = ("interleaved", "half")
 ALIBI_SCHEDULES = ("geometric", "exp")
-
-
-def _check_finite(name: str, x: torch.Tensor) -> None:
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name} contains non-finite values (NaN or inf).")
 
 
 def _broadcasts(small: tuple, big: tuple) -> bool:
@@ -145,15 +141,14 @@ def rotation_matrix(position: float, dim: int, base: float = 10000.0, pairing: s
 # ------------------------------------------------------------------------------------------------
 # 2-D rotary encodings for image patches
 # ------------------------------------------------------------------------------------------------
-def apply_rope_2d(x: torch.Tensor, positions_yx, base: float = 100.0, mode: str = "axial",
+def apply_rope_2d(x: torch.Tensor, positions_yx, base: float = 100.0,
                   pairing: str = "interleaved") -> torch.Tensor:
     """Axial 2-D RoPE: first half of the features rotated by the row, second half by the column.
 
     positions_yx: (n, 2) integer or float (row, col) of each of the n tokens of x (..., n, d).
     Logit between patches (r, c) and (r', c') then depends only on (r' − r, c' − c).
+    For the mixed variant (learnable frequencies) use RoPEMixed.
     """
-    if mode != "axial":
-        raise ValueError(f"apply_rope_2d supports mode='axial'; use RoPEMixed for 'mixed' (got {mode!r}).")
     d = x.shape[-1]
     if d % 4:
         raise ValueError(f"axial 2-D RoPE needs a feature size divisible by 4, got {d}.")
@@ -261,7 +256,7 @@ def alibi_slopes(n_heads: int, schedule: str = "geometric") -> torch.Tensor:
         # Press et al.: m_h = 2^(−8(h+1)/H)   (h = 0 … H−1)
         return 2.0 ** (-8.0 * (h + 1) / n_heads)
     if schedule == "exp":
-        # Spectral paper's code (notes §2): m_h = e^(−h/H)
+        # Spectral paper's code (docs/spectral.md §2): m_h = e^(−h/H)
         return torch.exp(-h / n_heads)
     raise ValueError(f"unknown ALiBi schedule {schedule!r}; choose one of {ALIBI_SCHEDULES}.")
 
@@ -335,7 +330,6 @@ def main(argv=None) -> int:
     try:
         if a.dim <= 0 or a.dim % 4 or a.n <= 1:
             raise ValueError(f"--dim must be a positive multiple of 4 and --n > 1 (got {a.dim}, {a.n}).")
-        import os
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -346,13 +340,13 @@ def main(argv=None) -> int:
         scores = (apply_rope(q.expand(1, -1), torch.zeros(1), a.base)
                   * apply_rope(q.expand(a.n, -1), offs, a.base)).sum(-1)
         fig, ax = plt.subplots(1, 4, figsize=(16, 3.6))
-        ax[0].plot(offs, scores)
+        ax[0].plot(offs.numpy(), scores.numpy())
         ax[0].set(title="RoPE: q·R(m)q against offset m", xlabel="offset m")
-        ax[1].imshow(sinusoidal_pe(a.n, a.dim), aspect="auto", cmap="RdBu")
+        ax[1].imshow(sinusoidal_pe(a.n, a.dim).numpy(), aspect="auto", cmap="RdBu")
         ax[1].set(title="sinusoidal PE (n × d)", xlabel="feature", ylabel="position")
-        ax[2].imshow(alibi_bias(a.n, alibi_slopes(8))[0], cmap="viridis")
+        ax[2].imshow(alibi_bias(a.n, alibi_slopes(8))[0].numpy(), cmap="viridis")
         ax[2].set(title="ALiBi bias, head 0")
-        ax[3].imshow(T5RelativeBias(1, a.n, num_buckets=32)(a.n)[0].detach(), cmap="viridis")
+        ax[3].imshow(T5RelativeBias(1, a.n, num_buckets=32)(a.n)[0].detach().numpy(), cmap="viridis")
         ax[3].set(title="T5 bias (random init), Toeplitz")
         fig.tight_layout()
         os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)

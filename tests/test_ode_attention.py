@@ -1,10 +1,8 @@
 """The attention field, its integrators, the probes and the trained layer — against independent,
 plainly written computations (float64, CPU, seeded)."""
 
+import inspect
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +12,6 @@ import ode_attention as oa
 import regimes
 import rope
 
-ROOT = Path(__file__).resolve().parents[1]
 f64 = torch.float64
 
 
@@ -116,6 +113,38 @@ def uniform_attention_case(seed=5, n=5, d=3):
     return X0, Q, K, V, exact
 
 
+def test_steppers_are_pure_functions_with_their_formulas():
+    """On the linear field f(t, x) = x M: Euler is x(I + hM), RK4 the 4th-order Taylor polynomial of
+    e^{hM}, Dormand–Prince agrees with e^{hM} to O(h⁶) with a small error estimate and k₇ = f(x⁵)."""
+    g = gen(42)
+    M = 0.5 * torch.randn(3, 3, generator=g, dtype=f64)
+    x = torch.randn(2, 4, 3, generator=g, dtype=f64)
+    x_copy = x.clone()
+    f = lambda t, y: y @ M                                          # noqa: E731
+    h = 0.1
+    I = torch.eye(3, dtype=f64)
+    hM = h * M
+    assert torch.allclose(oa.euler_step(f, 0.0, x, h), x @ (I + hM), atol=1e-15)
+    taylor4 = I + hM + hM @ hM / 2 + hM @ hM @ hM / 6 + hM @ hM @ hM @ hM / 24
+    assert torch.allclose(oa.rk4_step(f, 0.0, x, h), x @ taylor4, atol=1e-14)
+    x5, err, k7 = oa.dopri5_step(f, 0.0, x, h)
+    exact = x @ torch.linalg.matrix_exp(hM)
+    assert (x5 - exact).abs().max() < 1e-9 and 0 < err.abs().max() < 1e-6
+    assert torch.allclose(k7, f(0.0, x5), atol=1e-15)
+    x5b, errb, _ = oa.dopri5_step(f, 0.0, x, h, k1=f(0.0, x))        # FSAL: a known k1 changes nothing
+    assert torch.equal(x5, x5b) and torch.equal(err, errb)
+    assert torch.equal(x, x_copy)                                   # pure: the input is untouched
+
+
+def test_integrate_is_the_steppers_repeated():
+    """One fixed step of integrate is exactly one stepper call (same floating-point operations)."""
+    X0, Q, K, V, _ = uniform_attention_case(43)
+    f = lambda t, X: oa.velocity(X, Q, K, V)                        # noqa: E731
+    for method, step in (("euler", oa.euler_step), ("rk4", oa.rk4_step)):
+        tr = oa.integrate(X0, Q, K, V, t_end=0.1, dt=0.1, method=method, n_save=2)
+        assert torch.equal(tr.X[-1], step(f, 0.0, X0, 0.1))
+
+
 def test_uniform_attention_closed_form_all_methods():
     X0, Q, K, V, exact = uniform_attention_case()
     for method, dt, tol in (("euler", 1e-3, 5e-3), ("rk4", 1e-2, 1e-9), ("dopri5", 0.1, 1e-7)):
@@ -185,20 +214,26 @@ def test_blow_up_is_reported_not_nan_and_others_go_on():
 # ------------------------------------------------------------------------------------------------
 # What the theory guarantees, on many random instances
 # ------------------------------------------------------------------------------------------------
-def energy(X, A):
-    """E = Σᵢ xᵢᵀ A xᵢ."""
-    return torch.einsum("...ni,...ij,...nj->...", X, A, X)
+def test_energy_is_the_sum_of_quadratic_forms():
+    X = torch.randn(3, 5, 4, generator=gen(40), dtype=f64)
+    A = torch.randn(3, 4, 4, generator=gen(41), dtype=f64)
+    E = oa.energy(X, A)
+    assert E.shape == (3,)
+    for b in range(3):
+        ref = sum(float(X[b, i] @ A[b] @ X[b, i]) for i in range(5))
+        assert math.isclose(float(E[b]), ref, rel_tol=1e-12)
+    assert oa.energy(X[0], A[0]).shape == ()
 
 
 @pytest.mark.parametrize("regime", regimes.REGIME_NAMES)
 def test_energy_monotone_for_symmetric_A(regime):
-    """For symmetric A and W_sym ⪰ 0, E(t) = Σ xᵢᵀ A xᵢ is non-decreasing (notes §1.2)."""
+    """For symmetric A and W_sym ⪰ 0, E(t) = Σ xᵢᵀ A xᵢ is non-decreasing (docs/dynamics.md §1.2)."""
     Q, K, V = regimes.sample_instances(regime, 4, 32, symmetric_A=True, generator=gen(11))
     W, A = regimes.interaction_matrices(Q, K, V)
     assert torch.allclose(A, A.transpose(-1, -2), atol=1e-10)
     X0 = torch.randn(32, 7, 4, generator=gen(12), dtype=f64)
     tr = oa.integrate(X0, Q, K, V, t_end=4.0, dt=0.01, max_norm=1e8, n_save=81)
-    E = energy(tr.X, A)                                             # (T, B)
+    E = oa.energy(tr.X, A)                                          # (T, B)
     ok = ~tr.blown
     dE = E[1:] - E[:-1]
     assert (dE[:, ok] >= -1e-9 * E.abs()[1:, ok].clamp_min(1)).all()
@@ -290,6 +325,13 @@ def test_bad_input_raises_value_error_naming_the_problem():
         (lambda: oa.integrate(X, Q, K, V, 1.0, -0.1), "dt must be"),
         (lambda: oa.integrate(X, Q, K, V, float("inf"), 0.1), "t_end must be"),
         (lambda: oa.integrate(X, Q, K, V, 1.0, 0.1, temperature=2), "unknown option"),
+        (lambda: oa.integrate(X, Q, K, V, 1.0, 0.1, n_save=1), "n_save must be"),
+        (lambda: oa.velocity(X, Q, K, V, lam=0.1, lam_M=torch.eye(3, dtype=f64)), "lam_M must have shape"),
+        (lambda: oa.velocity(X, Q, K, V, pos=torch.full((5, 4), math.inf, dtype=f64)), "pos contains non-finite"),
+        (lambda: oa.velocity(X, Q, K, V, lam=math.nan), "lam must be finite"),
+        (lambda: oa.velocity(X, Q, torch.randn(4, 3, dtype=f64), V), "share d_k"),
+        (lambda: oa.velocity(X.expand(2, 5, 4), Q.expand(3, 4, 2), K, V), "do not broadcast"),
+        (lambda: oa.velocity(X.numpy(), Q, K, V), "must be a torch.Tensor"),
         (lambda: oa.Attention(10, 3), "multiple of n_heads"),
         (lambda: oa.Attention(8, 2, pe="alibi"), "unknown attention PE"),
         (lambda: oa.Attention(8, 2, regime="chaotic"), "unknown regime"),
@@ -298,29 +340,6 @@ def test_bad_input_raises_value_error_naming_the_problem():
     for fn, msg in cases:
         with pytest.raises(ValueError, match=msg):
             fn()
-
-
-def test_script_runs_and_bad_input_exits_2(tmp_path):
-    out = tmp_path / "sim"
-    r = subprocess.run([sys.executable, str(ROOT / "ode_attention.py"), "--regime", "divergent",
-                        "--pe", "rope", "--lam", "-0.1", "--t-end", "5", "--out", str(out)],
-                       capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 0, r.stderr
-    assert "predicted regime: divergent" in r.stdout and "observed fate:    diverged" in r.stdout
-    for name in ("trajectories.png", "probes.png", "probes.csv", "summary.json"):
-        assert (out / name).stat().st_size > 0
-    r = subprocess.run([sys.executable, str(ROOT / "ode_attention.py"), "--d", "3", "--pe", "rope"],
-                       capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
-
-
-@pytest.mark.parametrize("bad", [["--pe", "rope", "--d", "3"], ["--dt", "0"], ["--lam", "nan"],
-                                 ["--pe", "abs", "--d", "5"], ["--n", "1"]])
-def test_script_bad_input_one_sentence_exit_2(bad, tmp_path, capsys):
-    assert oa.main([*bad, "--out", str(tmp_path / "bad")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("ode_attention.py: ") and "\n" not in err
-    assert not (tmp_path / "bad").exists()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -415,6 +434,43 @@ def test_block_attention_only_is_one_euler_step_of_the_field():
     assert torch.allclose(blk(x, attention_only=True), step, atol=1e-12)
     y = blk(x)
     assert y.shape == x.shape and not torch.allclose(y, step)
+
+
+def test_block_takes_the_papers_knobs_by_name_and_passes_them_on():
+    params = inspect.signature(oa.Block).parameters
+    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    assert list(params) == ["d", "n_heads", "mlp_ratio", "dropout", "drop_path", "causal", "pe",
+                            "rope_base", "rope_pairing", "rope_heads", "lam", "lam_mode", "regime",
+                            "bias", "attn"]
+    blk = oa.Block(16, 2, causal=True, pe="rope", rope_base=500.0, rope_pairing="half", rope_heads=1,
+                   lam=0.05, lam_mode="softplus-diag", regime="intermediate", bias=True, dropout=0.1)
+    a = blk.attn
+    assert (a.causal, a.pe, a.rope_base, a.rope_pairing, a.rope_heads, a.lam_mode, a.regime, a.dropout) == \
+        (True, "rope", 500.0, "half", 1, "softplus-diag", "intermediate", 0.1)
+    assert a.qkv_bias is not None and torch.allclose(a.lam_values(), torch.full((2, 8), 0.05, dtype=f64))
+    with pytest.raises(TypeError):
+        oa.Block(16, 2, temperature=2.0)
+    # the same random numbers as building the Attention directly: same weights, bit for bit
+    torch.manual_seed(3)
+    b1 = oa.Block(16, 2, pe="rope", lam=-0.1)
+    torch.manual_seed(3)
+    att = oa.Attention(16, 2, pe="rope", lam=-0.1)
+    assert all(torch.equal(p, q) for p, q in zip(b1.attn.parameters(), att.parameters()))
+
+
+def test_no_decay_parameters_are_the_lambda_and_theta_parameters_by_type():
+    net = torch.nn.ModuleDict({
+        "plain": oa.Block(8, 2),
+        "lam": oa.Block(8, 2, lam=-0.1),
+        "diag": oa.Block(8, 2, lam=0.05, lam_mode="softplus-diag"),
+        "odd_name": torch.nn.Sequential(oa.Attention(8, 2, regime="convergent", lam=0.2)),
+    })
+    got = oa.no_decay_parameters(net)
+    c = net["odd_name"][0]
+    want = [net["lam"].attn.lam, net["diag"].attn.lam_phi, c.lam, c.W_form.theta, c.A_form.theta]
+    assert len(got) == len(want) and {id(p) for p in got} == {id(p) for p in want}
+    assert all(isinstance(p, torch.nn.Parameter) for p in got)
+    assert oa.no_decay_parameters(oa.Block(8, 2)) == []
 
 
 def test_agrees_with_torchdiffeq():

@@ -1,5 +1,6 @@
 """Positional encodings: RoPE (both pairings, 1-D and 2-D), sinusoidal, ALiBi, T5 bias."""
 
+import inspect
 import math
 
 import pytest
@@ -83,6 +84,11 @@ def test_2d_axial_rope_is_relative_in_both_axes_and_norm_preserving():
     x = torch.randn(12, 16, generator=g, dtype=f64)
     pos = torch.stack(torch.meshgrid(torch.arange(3), torch.arange(4), indexing="ij"), -1).reshape(12, 2)
     assert torch.allclose(rope.apply_rope_2d(x, pos).norm(dim=-1), x.norm(dim=-1), atol=1e-12)
+    # axial: the first half rotated by the row, the second by the column, each with d/2 frequencies
+    y = rope.apply_rope_2d(x, pos, base=100.0, pairing="half")
+    assert torch.equal(y[:, :8], rope.apply_rope(x[:, :8], pos[:, 0], 100.0, "half"))
+    assert torch.equal(y[:, 8:], rope.apply_rope(x[:, 8:], pos[:, 1], 100.0, "half"))
+    assert list(inspect.signature(rope.apply_rope_2d).parameters) == ["x", "positions_yx", "base", "pairing"]
 
 
 def test_rope_mixed_is_relative_and_norm_preserving():
@@ -141,3 +147,11 @@ def test_bad_input():
     ):
         with pytest.raises(ValueError, match=msg):
             fn()
+
+
+def test_demo_draws_the_encodings(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "fig" / "rope.png"
+    assert rope.main(["--dim", "8", "--n", "6", "--out", str(out)]) == 0
+    assert out.stat().st_size > 0
+    assert rope.main(["--dim", "6", "--out", str(out)]) == 2               # not a multiple of 4
