@@ -61,6 +61,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import ode_attention
+
 
 # ----------------------------------------------------------------------------------------------
 # Device, precision, distributed
@@ -179,6 +181,30 @@ def cosine_lr(step: int, *, lr: float, total: int, warmup: int = 0, min_lr: floa
     p = min(1.0, (step - warmup) / max(1, total - warmup))
     # lr(s) = lr_min + (lr_max − lr_min) (1 + cos πp) / 2
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimiser and model
+# ----------------------------------------------------------------------------------------------
+def build_on(build, cfg: dict, device: torch.device) -> torch.nn.Module:
+    """build(cfg) on `device`; an allocator refusing an impossible size becomes one sentence."""
+    try:
+        return build(cfg).to(device)
+    except (RuntimeError, MemoryError) as e:
+        raise ValueError(f"cannot build this model on {device}: {str(e).splitlines()[0]}") from None
+
+
+def make_adamw(model: torch.nn.Module, *, lr: float, beta2: float, weight_decay: float,
+               device: torch.device, no_decay=()) -> torch.optim.AdamW:
+    """AdamW (β₁ = 0.9) with weight decay on weight matrices only: never on vectors (norms,
+    biases), never on the λ-term or the LDL diagonal θ (ode_attention.no_decay_parameters), nor
+    on the parameters in `no_decay` (e.g. [model.cls_token, model.pos.weight])."""
+    skip = {id(p) for p in [*ode_attention.no_decay_parameters(model), *no_decay]}
+    decay, rest = [], []
+    for p in model.parameters():
+        (decay if p.dim() >= 2 and id(p) not in skip else rest).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), eps=1e-8, fused=device.type == "cuda")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -532,29 +558,14 @@ def train_loop(model, optimizer, *, rt: Runtime, run: RunDir, config: dict, step
 
 
 # ----------------------------------------------------------------------------------------------
-# Scripts: bad input is one sentence and exit code 2
+# Token probe (shared by train_lm.py and train_vit.py)
 # ----------------------------------------------------------------------------------------------
-USER_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, PermissionError)
-
-
-class ArgParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as a ValueError (one sentence, exit 2 through run_cli)
-    instead of printing its usage block."""
-
-    def error(self, message):
-        raise ValueError(message)
-
-
-# ================================================================================================
-# Token probe and speed measurement (shared by train_lm.py and train_vit.py)
-# ================================================================================================
 @torch.no_grad()
 def token_probe(model: torch.nn.Module, x: torch.Tensor) -> list[dict]:
-    """Per layer l = 0..L: mean ± std over the batch of the four probes of notes §5.4
+    """Per layer l = 0..L: mean ± std over the batch of the four probes of docs/dynamics.md §5.4
     (ode_attention.PROBES), for full blocks and for attention-only updates x ← x + Attn(x).
     `model.hidden(x, attention_only=..., record=list)` must append the token states after the
     input and after every block (both training scripts' models do)."""
-    import ode_attention
     rows = []
     for mode, attention_only in (("full", False), ("attention-only", True)):
         states: list = []
@@ -582,8 +593,6 @@ def write_probe(rows: list[dict], run: "RunDir", title: str, what: str = "valida
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import ode_attention
-
     write_csv(run.path / "probe.csv", rows, ["mode", "layer", "metric", "mean", "std"])
     fig, axes = plt.subplots(1, 4, figsize=(14, 3.4))
     for ax, metric in zip(axes, ode_attention.PROBES):
@@ -604,106 +613,22 @@ def write_probe(rows: list[dict], run: "RunDir", title: str, what: str = "valida
     plt.close(fig)
 
 
-PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense
+# ----------------------------------------------------------------------------------------------
+# Command line: the flags both scripts share; bad input is one sentence and exit code 2
+# ----------------------------------------------------------------------------------------------
+USER_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, PermissionError)
 
 
-def flops_per_token(model: torch.nn.Module, n_layers: int, n_ctx: int, d_model: int,
-                    skip: tuple = ("pos",)) -> float:
-    """Model FLOPs of one training token, forward + backward (PaLM / nanoGPT accounting):
+class ArgParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a ValueError (one sentence, exit 2 through run_cli)
+    instead of printing its usage block."""
 
-        F = 6 N + 12 L n d
-    N = parameters in weight matrices (dim ≥ 2; names containing one of `skip` — position tables,
-    a class token — left out, as they are looked up, not multiplied); 12 L n d = the attention
-    scores q·k and the mixing of v over n tokens in L layers of width d. MFU = F · tokens/s / peak."""
-    n_mat = sum(p.numel() for n, p in model.named_parameters() if p.dim() >= 2 and not any(k in n for k in skip))
-    return 6 * n_mat + 12 * n_layers * n_ctx * d_model
-
-
-def peak_tflops(rt: "Runtime", override: float | None = None) -> float | None:
-    """The accelerator's dense bf16 peak (TFLOP/s) for MFU: `override`, else looked up by name."""
-    if override is not None or rt.device.type != "cuda":
-        return override
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if all(w in name for w in k.split())), None)
-
-
-def bench_step(model: torch.nn.Module, optimizer, rt: "Runtime", loss_of, *, compile: bool | None = None):
-    """A zero-argument training step for benchmarks — loss = loss_of(forward), backward, optimiser
-    step — after its warm-up steps (3 on CUDA, where they include compilation; 1 elsewhere)."""
-    fwd = wrap_model(model, rt, compile=compile)
-
-    def step():
-        with autocast(rt):
-            loss = loss_of(fwd)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    for _ in range(3 if rt.device.type == "cuda" else 1):
-        step()
-    return step
-
-def select_variants(table: dict, spec: str | None) -> list:
-    """The (name, overrides) pairs of `table` (key → (name, overrides)) that --bench-variants
-    `spec` names, comma-separated, "plain" always first; all of them when spec is empty."""
-    if not spec:
-        return list(table.values())
-    keys = [k.strip() for k in spec.split(",") if k.strip()]
-    unknown = [k for k in keys if k not in table]
-    if unknown or not keys:
-        raise ValueError(f"unknown --bench-variants entry {unknown[0] if unknown else ''!r}: choose from "
-                         f"{', '.join(table)}")
-    return [table[k] for k in ["plain"] + [k for k in keys if k != "plain"]]
-
-
-def run_processes(jobs: list, n_jobs: int, desc: str = "runs") -> list[str]:
-    """Run each (argv, log_path) as its own process with one thread (OMP_NUM_THREADS=1), at most
-    `n_jobs` at once, stdout and stderr to log_path. Returns one line per failed job."""
-    import subprocess
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    todo, running, failed = list(jobs), [], []
-    bar = tqdm(total=len(jobs), desc=desc, unit="run")
-    while todo or running:
-        while todo and len(running) < max(1, n_jobs):
-            argv, log_path = todo.pop(0)
-            Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-            log = open(log_path, "w")
-            running.append((argv, log_path, subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-        time.sleep(0.2)
-        for item in list(running):
-            argv, log_path, proc, log = item
-            if proc.poll() is not None:
-                log.close()
-                running.remove(item)
-                bar.update(1)
-                if proc.returncode != 0:
-                    failed.append(f"exit {proc.returncode}: {' '.join(map(str, argv[1:]))} (see {log_path})")
-    bar.close()
-    return failed
-
-
-def time_variants(runs: list, rt: "Runtime", rounds: int, steps: int, raw: dict | None = None) -> dict:
-    """Median seconds per step of each (name, step_fn) in `runs`, timed in interleaved rounds
-    (every variant once per round), so that a noisy neighbour hits all variants alike.
-    `raw`, if given, receives every round's seconds per step (to report the spread)."""
-    gpu = rt.device.type == "cuda"
-    times: dict = {} if raw is None else raw
-    times.update({name: [] for name, _ in runs})
-    for _ in tqdm(range(rounds), desc="bench rounds", disable=not rt.is_main):
-        for name, step in runs:
-            if gpu:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                step()
-            if gpu:
-                torch.cuda.synchronize()
-            times[name].append((time.perf_counter() - t0) / steps)
-    return {name: float(np.median(v)) for name, v in times.items()}
+    def error(self, message):
+        raise ValueError(message)
 
 
 def add_attention_args(a) -> None:
     """--lam, --lam-mode, --regime: the same flags, with the same meaning, in both training scripts."""
-    import ode_attention
     a("--lam", type=float, default=0.0, help="initial λ of the λ-term, any sign; 0 = off (default)")
     a("--lam-mode", choices=ode_attention.LAM_MODES, default="identity",
       help="identity: λₕ I per head; softplus-diag: diag(softplus(φ)) > 0 (the authors')")
@@ -712,7 +637,7 @@ def add_attention_args(a) -> None:
 
 
 def add_run_args(a, *, default_out: str, cache_help: str, probe_help: str) -> None:
-    """The run, device and benchmark flags both training scripts share."""
+    """The run and device flags both training scripts share."""
     a("--seed", type=int, default=0)
     a("--log-every", type=int, default=10, help="training-loss rows in metrics.csv every N steps")
     a("--ckpt-every", type=int, default=0, help="checkpoint every N steps (default: at each evaluation)")
@@ -724,9 +649,6 @@ def add_run_args(a, *, default_out: str, cache_help: str, probe_help: str) -> No
     a("--device", default="auto", help="auto (cuda > mps > cpu), cuda, mps or cpu")
     a("--no-compile", action="store_true", help="skip torch.compile on CUDA")
     a("--no-amp", action="store_true", help="float32 instead of bf16 autocast on CUDA")
-    a("--bench-steps", type=int, default=3, help="timed steps per variant and round in --bench")
-    a("--bench-rounds", type=int, default=3, help="rounds over all variants in --bench (median kept)")
-    a("--peak-tflops", type=float, help="the GPU's dense bf16 peak for MFU (auto for A100/H100/H200)")
 
 
 def interrupted_exit(result: dict, run: "RunDir", rt: "Runtime") -> int:
@@ -736,24 +658,6 @@ def interrupted_exit(result: dict, run: "RunDir", rt: "Runtime") -> int:
               f"continue with --resume {run.path}", file=sys.stderr)
     return 128 + int(result["signal"])
 
-def build_on(build, cfg: dict, device: torch.device) -> torch.nn.Module:
-    """build(cfg) on `device`; an allocator refusing an impossible size becomes one sentence."""
-    try:
-        return build(cfg).to(device)
-    except (RuntimeError, MemoryError) as e:
-        raise ValueError(f"cannot build this model on {device}: {str(e).splitlines()[0]}") from None
-
-def make_adamw(model: torch.nn.Module, *, lr: float, beta2: float, weight_decay: float,
-               device: torch.device, keep: tuple = ()) -> torch.optim.AdamW:
-    """AdamW (β₁ = 0.9) with weight decay on weight matrices only: never on vectors (norms,
-    biases), never on the λ-term (lam, lam_phi) or the LDL diagonal θ, nor on parameters whose
-    names end with one of `keep` (e.g. a class token or learned positions)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        plain_matrix = p.dim() >= 2 and not name.endswith(("lam", "lam_phi", "theta", *keep))
-        (decay if plain_matrix else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), eps=1e-8, fused=device.type == "cuda")
 
 def run_cli(main, argv=None) -> int:
     """Call main(argv); turn a user error into one sentence on stderr and exit code 2."""

@@ -1,10 +1,12 @@
-"""bench.py runs end to end on a tiny size, and its two solvers agree on what they computed."""
+"""analysis.bench runs end to end on a tiny size, its two solvers agree on what they computed, and
+its helpers (FLOPs per token, the variant selection) shared by analysis.bench_lm / bench_vit."""
 
 import json
 
 import pytest
+import torch
 
-import bench
+from analysis import bench
 
 
 def test_bench_runs_and_the_solvers_agree(tmp_path):
@@ -23,3 +25,20 @@ def test_bench_runs_and_the_solvers_agree(tmp_path):
     assert ours["parameters"] == plain["parameters"]               # the same shape, to the weight
     assert plain["ratio_to_plain"] == 1.0 and ours["tokens_per_s"] > 0
     assert "| rk4 to t = 0.5 |" in (tmp_path / "bench.md").read_text()
+
+
+def test_flops_per_token_counts_weight_matrices_and_attention():
+    # F = 6 N + 12 L n d, N = matrix parameters without the position table
+    model = bench.PlainGPT(256, 32, 2, 2, 16)
+    n_mat = sum(p.numel() for n, p in model.named_parameters() if p.dim() >= 2 and "pos" not in n)
+    assert bench.flops_per_token(model, 2, 16, 32) == 6 * n_mat + 12 * 2 * 16 * 32
+    assert bench.peak_tflops(bench.Runtime(device=torch.device("cpu"))) is None
+    assert bench.peak_tflops(bench.Runtime(device=torch.device("cpu")), 100.0) == 100.0
+
+
+def test_select_variants_puts_plain_first_and_names_an_unknown_one():
+    table = {"plain": ("plain", {}), "rope": ("rope", {"pe": "rope"}), "lam": ("λ", {"lam": -0.1})}
+    assert bench.select_variants(table, None) == list(table.values())
+    assert bench.select_variants(table, "lam, rope") == [table["plain"], table["lam"], table["rope"]]
+    with pytest.raises(ValueError, match="unknown --bench-variants entry 'nope'"):
+        bench.select_variants(table, "rope,nope")

@@ -1,11 +1,16 @@
-"""experiments.py: the runner plans, runs, resumes, tabulates and judges (smoke budget, tiny runs)."""
+"""analysis.experiments: the runner plans, runs, resumes, tabulates and judges (smoke budget, tiny runs)."""
 import csv
 import json
 import math
+import os
+import re
+import shutil
 
 import pytest
 
-import experiments as ex
+import training
+from analysis import experiments as ex
+from spectral import tasks as stt
 
 
 def test_compare_resolves_only_differences_beyond_two_standard_errors():
@@ -66,13 +71,12 @@ def test_runner_runs_tabulates_judges_and_resumes(tmp_path, two_variants, capsys
     cfg = json.loads(cfg_path.read_text())
     cfg["steps"] = 999
     cfg_path.write_text(json.dumps(cfg))
-    rows, jobs = ex.plan_training("lm-regimes", "smoke", res, runs, ex.ENWIKI)
+    rows, jobs = ex.plan_training("lm-regimes", "smoke", res, runs, None)
     # the run folder under runs/ still matches, so it is only copied back (no process)
     assert [(j[0] is None, j[3].name) for j in jobs] == [(True, "divergent-s0")]
-    import shutil
     shutil.rmtree(runs / "lm-regimes" / "convergent-s1")
     shutil.rmtree(res / "lm" / "regimes" / "convergent-s1")
-    rows, jobs = ex.plan_training("lm-regimes", "smoke", res, runs, ex.ENWIKI)
+    rows, jobs = ex.plan_training("lm-regimes", "smoke", res, runs, None)
     todo = [j for j in jobs if j[0] is not None]
     assert [j[3].name for j in todo] == ["convergent-s1"] and "--regime" in todo[0][0]
 
@@ -89,7 +93,6 @@ def test_a_failing_run_stops_with_its_log(tmp_path, monkeypatch, capsys):
 
 
 def test_spectral_resumes_from_the_runs_stored_in_results(tmp_path):
-    import synthetic_tasks as stt
     (tmp_path / "spectral").mkdir()
     run = {"config": stt.run_config(1, "rope", "small", 2), "test_acc": 50.0}
     (tmp_path / "spectral" / "synthetic_small_runs.json").write_text(json.dumps([run]))
@@ -100,7 +103,6 @@ def test_spectral_resumes_from_the_runs_stored_in_results(tmp_path):
 
 
 def test_unknown_experiment_is_one_sentence(capsys):
-    import training
     assert training.run_cli(ex.main, ["--only", "lm-nothing"]) == 2
     assert "unknown experiment 'lm-nothing'" in capsys.readouterr().err
 
@@ -109,25 +111,51 @@ def test_unknown_experiment_is_one_sentence(capsys):
 def test_every_budget_plans_runs_the_scripts_accept(tmp_path, budget):
     """Each budget's flags go through the training scripts' own parsers and resolve_config (a typo
     in a budget would otherwise surface only hours into `--budget gpu`)."""
+    enwiki = tmp_path / "enwiki-sample.xml.bz2"          # planning does not open it
     for exp, (script, variants, *_rest) in ex.TRAINING.items():
-        rows, jobs = ex.plan_training(exp, budget, tmp_path / "r", tmp_path / "w", ex.ENWIKI)
+        rows, jobs = ex.plan_training(exp, budget, tmp_path / "r", tmp_path / "w", enwiki)
         assert len(rows) == len(jobs) == len(variants) * ex.BUDGETS[budget]["seeds"]
-        assert all(j[0][1].endswith(script) and "--out" in j[0] for j in jobs)
+        assert all(j[0][1] == str(ex.ROOT / script) and "--out" in j[0] for j in jobs)
     for step in ex.ONE_SHOT:
         for cmd in ex.one_shot_commands(step, budget, tmp_path / "r", tmp_path / "w", 2):
-            assert (ex.HERE / cmd[1]).exists()
+            assert cmd[1] == "-m" and (ex.ROOT / (cmd[2].replace(".", "/") + ".py")).exists()
     assert not list(tmp_path.iterdir())                  # planning wrote nothing
 
 
+def test_list_plans_without_writing_and_skips_a_missing_enwiki_sample(tmp_path, capsys):
+    args = ["--budget", "smoke", "--list", "--results", str(tmp_path / "r"), "--runs", str(tmp_path / "w")]
+    assert ex.main(args) == 0
+    out = capsys.readouterr().out
+    assert "lm-pe-enwiki: no enwiki sample given; skipped (give its path with --enwiki)." in out
+    assert "lm-regimes: 8 runs, 0 in results" in out and "agreement: 2 command(s) to run" in out
+    assert ex.main(args + ["--enwiki", str(tmp_path / "missing.xml.bz2")]) == 0
+    assert f"lm-pe-enwiki: {tmp_path / 'missing.xml.bz2'} not found; skipped" in capsys.readouterr().out
+    assert not list(tmp_path.iterdir())
+
+
+def test_one_shot_steps_are_keyed_on_their_settings_not_the_program():
+    cmds = ex.one_shot_commands("speed", "cpu-small", ex.ROOT / "results", ex.ROOT / "runs", 2)
+    assert cmds == [[ex.PY, "-m", "analysis.bench", "--suite", "--out", "results/speed"]]
+    assert ex.settings_key(cmds) == ["--suite --out results/speed"]
+    # the stored state of results/ is that of the cpu-small commands: no one-shot step reruns
+    state_path = ex.ROOT / "results" / "experiments-state.json"
+    if not state_path.exists():
+        pytest.skip("no results/experiments-state.json")
+    state = json.loads(state_path.read_text())
+    workers = re.search(r"--workers (\d+)", " ".join(state["spectral"]["commands"]))
+    for step in ex.ONE_SHOT:
+        cmds = ex.one_shot_commands(step, "cpu-small", ex.ROOT / "results",
+                                    ex.ROOT / "runs" / "experiments" / "cpu-small", int(workers.group(1)))
+        assert state[step]["commands"] == ex.settings_key(cmds), step
+
+
 def test_a_second_runner_on_the_same_results_is_refused(tmp_path, capsys):
-    import os
-    import training
     res = tmp_path / "results"
     res.mkdir()
     (res / ".experiments.lock").write_text(str(os.getpid()))        # a live process holds it
     args = ["--budget", "smoke", "--only", "agreement", "--results", str(res), "--runs", str(tmp_path / "w")]
     assert training.run_cli(ex.main, args) == 2
-    assert "another experiments.py" in capsys.readouterr().err
+    assert "another analysis.experiments" in capsys.readouterr().err
     (res / ".experiments.lock").write_text("999999999")              # stale: no such process
     lock = ex._take_lock(res)
     assert lock.read_text() == str(os.getpid())

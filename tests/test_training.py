@@ -1,19 +1,19 @@
 """training.py: schedule, checkpoints, exact resume through a real SIGTERM, gradient accumulation,
-run folder, verified downloads, and the one-sentence / exit-2 contract."""
+run folder, AdamW's parameter groups, verified downloads, and the one-sentence / exit-2 contract."""
 import hashlib
 import http.server
 import os
+import random
 import signal
-import sys
 import threading
-from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import training  # noqa: E402
-from data import download as data_download  # noqa: E402
+import ode_attention
+import training
+from data import download as data_download
 
 
 def test_cosine_lr_closed_form():
@@ -57,9 +57,9 @@ def test_checkpoint_roundtrip_corruption_and_config_check(tmp_path):
 def test_rng_state_roundtrip():
     training.seed_everything(3)
     state = training.rng_state()
-    a = (torch.rand(3), __import__("numpy").random.rand(2), __import__("random").random())
+    a = (torch.rand(3), np.random.rand(2), random.random())
     training.set_rng_state(state)
-    b = (torch.rand(3), __import__("numpy").random.rand(2), __import__("random").random())
+    b = (torch.rand(3), np.random.rand(2), random.random())
     assert torch.equal(a[0], b[0]) and (a[1] == b[1]).all() and a[2] == b[2]
 
 
@@ -136,6 +136,40 @@ def test_run_dir_truncates_rows_after_the_checkpoint(tmp_path):
     run.start({"a": 1}, resume_step=3)
     assert [r["step"] for r in run.read()] == [1, 2, 3]
     assert (tmp_path / "r" / "config.json").exists() and (tmp_path / "r" / "versions.json").exists()
+
+
+class _Net(torch.nn.Module):
+    """Blocks with every kind of λ-term and θ parameter, a learned position table and a class token."""
+
+    def __init__(self):
+        super().__init__()
+        self.cls = torch.nn.Parameter(torch.zeros(1, 1, 8))
+        self.pos = torch.nn.Embedding(4, 8)
+        self.blocks = torch.nn.ModuleList([
+            ode_attention.Block(8, 2, lam=-0.1, lam_mode="identity", regime="free"),
+            ode_attention.Block(8, 2, lam=0.05, lam_mode="softplus-diag", regime="convergent"),
+            ode_attention.Block(8, 2, lam=0.05, lam_mode="softplus-diag", regime="intermediate", bias=True)])
+        self.head = torch.nn.Linear(8, 3)
+
+
+def test_make_adamw_decays_weight_matrices_only():
+    model = _Net()
+    opt = training.make_adamw(model, lr=1e-3, beta2=0.95, weight_decay=0.1, device=torch.device("cpu"),
+                              no_decay=[model.cls, model.pos.weight])
+    decay, rest = (g["params"] for g in opt.param_groups)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    # the rule the groups replace (by name suffix): the same members, in the same order
+    old = [p for n, p in model.named_parameters()
+           if p.dim() >= 2 and not n.endswith(("lam", "lam_phi", "theta", "cls", "pos.weight"))]
+    assert [id(p) for p in decay] == [id(p) for p in old]
+    assert [id(p) for p in rest] == [id(p) for p in model.parameters() if id(p) not in {id(q) for q in old}]
+    kept = {id(p) for p in rest}
+    assert any(p.dim() >= 2 for p in ode_attention.no_decay_parameters(model))       # lam_phi is (H, d_h)
+    assert all(id(p) in kept for p in ode_attention.no_decay_parameters(model))
+    assert id(model.cls) in kept and id(model.pos.weight) in kept
+    # without the explicit list the class token and positions are decayed like any matrix
+    opt = training.make_adamw(model, lr=1e-3, beta2=0.95, weight_decay=0.1, device=torch.device("cpu"))
+    assert {id(model.cls), id(model.pos.weight)} <= {id(p) for p in opt.param_groups[0]["params"]}
 
 
 # -- downloads ------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
-"""bench.py — this project's speed against its peers, in one run, as ratios.
+"""analysis/bench.py — this project's speed against its peers, in one run, as ratios; and the
+benchmark helpers (FLOPs per token, the GPU's peak, a timed training step, interleaved timing)
+that analysis/bench_lm.py and analysis/bench_vit.py share.
 
-    python bench.py                 # ODE integrator vs torchdiffeq, our GPT vs a plain SDPA GPT
-    python bench.py --suite         # ... and the test suite's wall time
-    python bench.py --device cuda   # the same on a GPU
+    python -m analysis.bench                 # ODE integrator vs torchdiffeq, our GPT vs a plain SDPA GPT
+    python -m analysis.bench --suite         # ... and the test suite's wall time
+    python -m analysis.bench --device cuda   # the same on a GPU
 
 1. The batched ODE integrator (ode_attention.integrate) against torchdiffeq.odeint on the same
    10,000 random instances (regimes.sample_instances; d = 4, n = 8 tokens; each instance with
@@ -14,7 +16,7 @@
 2. The language model: train_lm.py's GPT (ode_attention.Block, --pe learned, --lam 0) against a
    plain PyTorch GPT of the same shape written below in ~30 lines (pre-LN, learned positions,
    F.scaled_dot_product_attention with is_causal, tied embeddings): training tokens/s, timed in
-   interleaved rounds (training.time_variants), same optimiser, same batch.
+   interleaved rounds (time_variants), same optimiser, same batch.
 3. --suite: `python -m pytest -q` in a subprocess, wall time.
 Results: printed, and written to --out (bench.json, bench.md).
 """
@@ -27,15 +29,101 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import ode_attention as oa
 import regimes
+import train_lm
 import training
+from training import Runtime, autocast, wrap_model
 
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent          # the project folder (analysis/ is inside it)
+
+
+# ------------------------------------------------------------------------------------------------
+# Benchmark helpers (also used by analysis/bench_lm.py and analysis/bench_vit.py)
+# ------------------------------------------------------------------------------------------------
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense
+
+
+def add_bench_args(p) -> None:
+    """The timing flags of the training-step benchmarks (analysis.bench_lm, analysis.bench_vit)."""
+    p.add_argument("--bench-steps", type=int, default=3, help="timed steps per variant and round")
+    p.add_argument("--bench-rounds", type=int, default=3, help="rounds over all variants (median kept)")
+    p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak for MFU (auto for A100/H100/H200)")
+
+
+def flops_per_token(model: torch.nn.Module, n_layers: int, n_ctx: int, d_model: int,
+                    skip: tuple = ("pos",)) -> float:
+    """Model FLOPs of one training token, forward + backward (PaLM / nanoGPT accounting):
+
+        F = 6 N + 12 L n d
+    N = parameters in weight matrices (dim ≥ 2; names containing one of `skip` — position tables,
+    a class token — left out, as they are looked up, not multiplied); 12 L n d = the attention
+    scores q·k and the mixing of v over n tokens in L layers of width d. MFU = F · tokens/s / peak."""
+    n_mat = sum(p.numel() for n, p in model.named_parameters() if p.dim() >= 2 and not any(k in n for k in skip))
+    return 6 * n_mat + 12 * n_layers * n_ctx * d_model
+
+
+def peak_tflops(rt: Runtime, override: float | None = None) -> float | None:
+    """The accelerator's dense bf16 peak (TFLOP/s) for MFU: `override`, else looked up by name."""
+    if override is not None or rt.device.type != "cuda":
+        return override
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if all(w in name for w in k.split())), None)
+
+
+def bench_step(model: torch.nn.Module, optimizer, rt: Runtime, loss_of, *, compile: bool | None = None):
+    """A zero-argument training step for benchmarks — loss = loss_of(forward), backward, optimiser
+    step — after its warm-up steps (3 on CUDA, where they include compilation; 1 elsewhere)."""
+    fwd = wrap_model(model, rt, compile=compile)
+
+    def step():
+        with autocast(rt):
+            loss = loss_of(fwd)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    for _ in range(3 if rt.device.type == "cuda" else 1):
+        step()
+    return step
+
+
+def select_variants(table: dict, spec: str | None) -> list:
+    """The (name, overrides) pairs of `table` (key → (name, overrides)) that --bench-variants
+    `spec` names, comma-separated, "plain" always first; all of them when spec is empty."""
+    if not spec:
+        return list(table.values())
+    keys = [k.strip() for k in spec.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in table]
+    if unknown or not keys:
+        raise ValueError(f"unknown --bench-variants entry {unknown[0] if unknown else ''!r}: choose from "
+                         f"{', '.join(table)}")
+    return [table[k] for k in ["plain"] + [k for k in keys if k != "plain"]]
+
+
+def time_variants(runs: list, rt: Runtime, rounds: int, steps: int, raw: dict | None = None) -> dict:
+    """Median seconds per step of each (name, step_fn) in `runs`, timed in interleaved rounds
+    (every variant once per round), so that a noisy neighbour hits all variants alike.
+    `raw`, if given, receives every round's seconds per step (to report the spread)."""
+    gpu = rt.device.type == "cuda"
+    times: dict = {} if raw is None else raw
+    times.update({name: [] for name, _ in runs})
+    for _ in tqdm(range(rounds), desc="bench rounds", disable=not rt.is_main):
+        for name, step in runs:
+            if gpu:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            if gpu:
+                torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - t0) / steps)
+    return {name: float(np.median(v)) for name, v in times.items()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -45,7 +133,7 @@ def bench_ode(device, n_inst: int, t_end: float, dt: float) -> list[dict]:
     try:
         import torchdiffeq
     except ImportError:
-        print("bench.py: torchdiffeq is not installed (pip install -r requirements-extra.txt); "
+        print("analysis.bench: torchdiffeq is not installed (pip install -r requirements-extra.txt); "
               "skipping the integrator comparison.", file=sys.stderr)
         return []
     g = torch.Generator().manual_seed(0)
@@ -128,7 +216,6 @@ class PlainGPT(nn.Module):
 
 
 def bench_lm(rt, d: int, layers: int, heads: int, seq_len: int, batch: int, rounds: int, steps: int) -> list[dict]:
-    import train_lm
     cfg = dict(vocab_size=256, d_model=d, n_layers=layers, n_heads=heads, seq_len=seq_len, pe="learned",
                lam=0.0, lam_mode="identity", regime="free", mlp_ratio=4.0, dropout=0.0, cutoffs="")
     g = torch.Generator().manual_seed(0)
@@ -139,22 +226,23 @@ def bench_lm(rt, d: int, layers: int, heads: int, seq_len: int, batch: int, roun
     runs = []
     for name, model in models.items():
         model = model.to(rt.device)
-        step = training.bench_step(model, torch.optim.AdamW(model.parameters(), lr=1e-4), rt,
+        step = bench_step(model, torch.optim.AdamW(model.parameters(), lr=1e-4), rt,
                                    lambda fwd: fwd(x, y))
         runs.append((name, step, sum(p.numel() for p in model.parameters())))
-    sec = training.time_variants([(n, s) for n, s, _ in runs], rt, rounds, steps)
+    sec = time_variants([(n, s) for n, s, _ in runs], rt, rounds, steps)
     base = batch * seq_len / sec[runs[1][0]]
     # MFU (GPU only): F = 6 N + 12 L n d model FLOPs per token (N = matrix parameters; the same for
-    # both models, which share one shape), as in train_lm.py --bench
-    peak = training.peak_tflops(rt)
-    flops = training.flops_per_token(models[runs[1][0]], layers, seq_len, d)
+    # both models, which share one shape), as in analysis/bench_lm.py
+    peak = peak_tflops(rt)
+    flops = flops_per_token(models[runs[1][0]], layers, seq_len, d)
     return [{"model": n, "parameters": p, "tokens_per_s": batch * seq_len / sec[n],
              "ratio_to_plain": batch * seq_len / sec[n] / base,
              "mfu": flops * batch * seq_len / sec[n] / (peak * 1e12) if peak else None} for n, _, p in runs]
 
 
 def main(argv=None) -> int:
-    p = training.ArgParser(description="Speed against peers: the ODE integrator vs torchdiffeq, the "
+    p = training.ArgParser(prog="python -m analysis.bench",
+                           description="Speed against peers: the ODE integrator vs torchdiffeq, the "
                            "LM vs a plain SDPA GPT, and (--suite) the test suite's wall time.")
     p.add_argument("--device", default="auto")
     p.add_argument("--instances", type=int, default=10_000, help="ODE instances (d = 4, n = 8)")
@@ -168,7 +256,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--suite", action="store_true", help="also time `python -m pytest -q`")
-    p.add_argument("--out", default=str(HERE / "results" / "speed"))
+    p.add_argument("--out", default=str(ROOT / "results" / "speed"))
     a = p.parse_args(argv)
     if a.instances <= 0 or not (a.t_end > 0 and 0 < a.dt <= a.t_end) or a.rounds < 1 or a.steps < 1:
         raise ValueError("need --instances > 0, 0 < --dt <= --t-end, --rounds >= 1 and --steps >= 1")
@@ -184,7 +272,7 @@ def main(argv=None) -> int:
                           "seq_len": a.seq_len or (1024 if gpu else 256), "batch": a.batch_size or (16 if gpu else 4)}
     if a.suite:
         t0 = time.perf_counter()
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q"], cwd=HERE, capture_output=True, text=True)
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q"], cwd=ROOT, capture_output=True, text=True)
         report["suite"] = {"seconds": time.perf_counter() - t0, "returncode": r.returncode,
                            "summary": (r.stdout.strip().splitlines() or [""])[-1]}
     lines = [f"device: {report['device']} ({report['threads']} threads)", "",

@@ -1,37 +1,43 @@
-"""experiments.py — every experiment behind this project's results, at one budget, resumable.
+"""analysis/experiments.py — every experiment behind this project's results, at one budget, resumable.
 
-    python experiments.py                          # --budget cpu-small: everything, on all CPU cores
-    python experiments.py --budget gpu             # the same at GPU scale, runs one after another
-    python experiments.py --only lm-regimes,agreement --jobs 2
-    python experiments.py --list                   # what each experiment runs, and what is done
-    python experiments.py --report                 # only rebuild results/README.md from results/
+    python -m analysis.experiments                 # --budget cpu-small: everything, on all CPU cores
+    python -m analysis.experiments --budget gpu    # the same at GPU scale, runs one after another
+    python -m analysis.experiments --only lm-regimes,agreement --jobs 2
+    python -m analysis.experiments --enwiki PATH   # ... with lm-pe-enwiki on the enwiki sample at PATH
+    python -m analysis.experiments --list          # what each experiment runs, and what is done
+    python -m analysis.experiments --report        # only rebuild results/README.md from results/
 
-Experiments (each training run is its own process, `python train_lm.py …` etc., with one thread):
+Run from the project folder. Experiments (each training run is its own process,
+`python train_lm.py …` etc., with one thread):
 
     lm-regimes     constrained attention, free vs divergent (PD) / intermediate (HD) / convergent (ND):
                    validation bpb and the per-layer token probe               → results/lm/regimes*
     lm-pe          none / sin / learned / rope, rope + λ −0.1, rope + softplus λ +0.05, learned + λ −0.1
                    on the embedded corpus                                      → results/lm/pe*
-    lm-pe-enwiki   the same on ../shared/data/enwiki-sample.xml.bz2 (--enwiki) → results/lm/pe-enwiki*
+    lm-pe-enwiki   the same on the enwiki sample given with --enwiki PATH (enwiki-sample.xml.bz2;
+                   skipped without it)                                         → results/lm/pe-enwiki*
     vit-pe         none / learned / sin2d / rope-axial / rope-mixed and three λ variants on the
                    embedded `shapes` images                                    → results/vit/pe-lam*
-    agreement      regimes.py --agreement N for each seed, then mean ± std     → results/core/agreement*
-    pretrained     regimes.py --model minilm,smollm2 (needs requirements-extra.txt) → results/pretrained
-    spectral       spectral.py, and synthetic_tasks.py table (Task 1 / Task 2 × 9 PEs × seeds,
-                   with the per-head ablation grids)                           → results/spectral
-    speed          bench.py (--suite on CPU)                                   → results/speed
+    agreement      python -m analysis.agreement --instances N for each seed, then mean ± std
+                                                                               → results/core/agreement*
+    pretrained     python -m analysis.reports --model minilm,smollm2 (needs requirements-extra.txt)
+                                                                               → results/pretrained
+    spectral       python -m spectral.decomposition, and python -m spectral.tasks table (Task 1 /
+                   Task 2 × 9 PEs × seeds, with the per-head ablation grids)  → results/spectral
+    speed          python -m analysis.bench (--suite on CPU)                   → results/speed
 
 Resuming: a training run counts as done when its folder under results/ (or under --runs) holds a
 summary.json whose config.json matches what this budget would run; anything else is (re)run, a
 half-finished run continuing from its checkpoint. A one-shot step (agreement, pretrained, spectral,
-speed) is done when `results/experiments-state.json` records it with the same command. Nothing else
+speed) is done when `results/experiments-state.json` records it with the same settings: each
+command's arguments after its module name, so renaming a program reruns nothing. Nothing else
 is remembered, so deleting a result folder reruns exactly that. A second runner on the same results/ is refused
 while the first is alive (results/.experiments.lock).
 
-Claims: results/README.md gets one line per claim of the two papers (../shared/seeds), each
-"supported", "not supported" or "not resolved at this scale", with the numbers it rests on. The
-rule for two means: resolved when they differ by more than twice the standard error of the
-difference, √(s₁²/n₁ + s₂²/n₂), over seeds.
+Claims: results/README.md gets one line per claim of the two papers (docs/dynamics.md,
+docs/spectral.md), each "supported", "not supported" or "not resolved at this scale", with the
+numbers it rests on. The rule for two means: resolved when they differ by more than twice the
+standard error of the difference, √(s₁²/n₁ + s₂²/n₂), over seeds.
 """
 
 from __future__ import annotations
@@ -47,11 +53,17 @@ import sys
 import time
 from pathlib import Path
 
-import training
+import numpy as np
+from tqdm import tqdm
 
-HERE = Path(__file__).resolve().parent
+import train_lm
+import train_vit
+import training
+from spectral import tasks as stt
+
+ROOT = Path(__file__).resolve().parent.parent          # the project folder (analysis/ is inside it)
 PY = sys.executable
-ENWIKI = HERE.parent / "shared" / "data" / "enwiki-sample.xml.bz2"
+SCRIPTS = {"train_lm.py": train_lm, "train_vit.py": train_vit}
 
 # ------------------------------------------------------------------------------------------------
 # 1. What runs: experiments, their variants, and the budgets
@@ -68,8 +80,8 @@ VIT_PE = {"none": ["--pe", "none"], "learned": ["--pe", "learned"], "sin2d": ["-
           "rope-axial-lam+0.05-softplus": ["--pe", "rope-axial", "--lam", "0.05", "--lam-mode", "softplus-diag"],
           "learned-lam-0.1": ["--pe", "learned", "--lam", "-0.1"]}
 SPECTRAL_PES = "none,sin,learned,t5,alibi,rope,rope-partial:1,sin+rope,mla"
-# The pretrained token probe has no seed: its randomness is the text. Seed 0 is regimes.py's own
-# paragraph; seeds 1, 2 are these two, of the same length and register.
+# The pretrained token probe has no seed: its randomness is the text. Seed 0 is analysis.reports'
+# own paragraph; seeds 1, 2 are these two, of the same length and register.
 PROBE_TEXTS = {
     1: ("The market opens before sunrise, when the first carts arrive from the farms outside the town. "
         "Traders set out baskets of apples, bread still warm from the oven and bolts of bright cloth. By "
@@ -126,7 +138,7 @@ def fmt(v: list, digits: int = 3) -> str:
 # ------------------------------------------------------------------------------------------------
 def _expected_config(script: str, argv: list) -> dict:
     """The config the script would resolve from argv (its own parser and resolve_config)."""
-    mod = __import__(script[:-3])
+    mod = SCRIPTS[script]
     return mod.resolve_config(mod.build_parser().parse_args(argv))
 
 
@@ -150,7 +162,7 @@ def _matches(folder: Path, expected: dict) -> bool:
     return (folder / "summary.json").exists() and _made_with(folder, expected)
 
 
-def plan_training(exp: str, budget: str, results: Path, runs: Path, enwiki: Path) -> tuple[list, list]:
+def plan_training(exp: str, budget: str, results: Path, runs: Path, enwiki: Path | None) -> tuple[list, list]:
     """(all (variant, seed, kept folder) rows, jobs still to run as (argv, log, run folder, kept folder));
     argv None: finished under runs/, only to be kept. Reads only: changes nothing on disk."""
     script, variants, key, sub, corpus = TRAINING[exp]
@@ -170,13 +182,23 @@ def plan_training(exp: str, budget: str, results: Path, runs: Path, enwiki: Path
                 continue
             # half-finished with these settings: continue it from its checkpoint
             resume = ["--resume", str(run)] if (run / "ckpt.pt").exists() and _made_with(run, expected) else []
-            jobs.append(([PY, str(HERE / script), *argv, "--out", str(run), *resume], run.with_suffix(".log"), run, kept))
+            jobs.append(([PY, str(ROOT / script), *argv, "--out", str(run), *resume], run.with_suffix(".log"), run, kept))
     return rows, jobs
 
 
-def run_training(exp: str, budget: str, results: Path, runs: Path, n_jobs: int, enwiki: Path) -> None:
-    if exp == "lm-pe-enwiki" and not enwiki.exists():
-        print(f"lm-pe-enwiki: {enwiki} not found; skipped (give its path with --enwiki).", file=sys.stderr)
+def enwiki_missing(exp: str, enwiki: Path | None) -> str | None:
+    """Why `exp` cannot run for want of the enwiki sample (one sentence), or None."""
+    if exp != "lm-pe-enwiki" or (enwiki is not None and enwiki.exists()):
+        return None
+    if enwiki is None:
+        return "lm-pe-enwiki: no enwiki sample given; skipped (give its path with --enwiki)."
+    return f"lm-pe-enwiki: {enwiki} not found; skipped (give its path with --enwiki)."
+
+
+def run_training(exp: str, budget: str, results: Path, runs: Path, n_jobs: int, enwiki: Path | None) -> None:
+    missing = enwiki_missing(exp, enwiki)
+    if missing:
+        print(missing, file=sys.stderr)
         return
     rows, jobs = plan_training(exp, budget, results, runs, enwiki)
     todo = [(argv, log) for argv, log, _, _ in jobs if argv is not None]
@@ -184,7 +206,7 @@ def run_training(exp: str, budget: str, results: Path, runs: Path, n_jobs: int, 
         if argv is not None and "--resume" not in argv and run.exists():
             shutil.rmtree(run)                       # an unfinished run without a checkpoint, or other settings
     print(f"{exp}: {len(rows)} runs, {len(rows) - len(jobs)} already in {results}, {len(todo)} to run", flush=True)
-    failed = training.run_processes(todo, n_jobs, desc=exp)
+    failed = run_processes(todo, n_jobs, desc=exp)
     if failed:
         raise RuntimeError(f"{exp}: {len(failed)} run(s) failed; the first: {failed[0]}")
     for _, _, run, kept in jobs:                                      # keep the small files in results/
@@ -298,7 +320,6 @@ def plot(exp: str, data: dict, path: Path, lm: bool, metric: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
     names = list(data)
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
     key = "val" if lm else "top1"
@@ -332,43 +353,49 @@ def plot(exp: str, data: dict, path: Path, lm: bool, metric: str) -> None:
 def _rel(path: Path) -> Path:
     """path relative to the project when inside it (the tools record their --out in their outputs)."""
     try:
-        return path.resolve().relative_to(HERE)
+        return path.resolve().relative_to(ROOT)
     except ValueError:
         return path
 
 
 def one_shot_commands(step: str, budget: str, results: Path, runs: Path, n_jobs: int) -> list:
-    """The commands of a one-shot step (empty: skipped at this budget); run from the project folder."""
+    """The commands of a one-shot step, each `[python, "-m", module, *arguments]` (empty: skipped at
+    this budget); run from the project folder."""
     b = BUDGETS[budget]
     results, runs = _rel(results), _rel(runs)
     if step == "agreement":
-        return [[PY, "regimes.py", "--agreement", str(b["agreement"]), "--seed", str(s),
+        return [[PY, "-m", "analysis.agreement", "--instances", str(b["agreement"]), "--seed", str(s),
                  "--out", str(results / "core" / f"agreement-seed{s}")] for s in range(b["seeds"])]
     if step == "pretrained":
         if budget == "smoke":
             return []
-        return [[PY, "regimes.py", "--model", "minilm,smollm2", "--out", str(results / "pretrained")]] + [
-            [PY, "regimes.py", "--model", "minilm,smollm2", "--text", PROBE_TEXTS[s],
+        return [[PY, "-m", "analysis.reports", "--model", "minilm,smollm2", "--out", str(results / "pretrained")]] + [
+            [PY, "-m", "analysis.reports", "--model", "minilm,smollm2", "--text", PROBE_TEXTS[s],
              "--out", str(results / "pretrained" / f"text{s}")] for s in range(1, min(b["seeds"], 3))]
     if step == "spectral":
         spec = b["spectral"]
-        return [[PY, "spectral.py", "--out", str(results / "spectral")],
-                [PY, "synthetic_tasks.py", "table", *spec, "--workers", str(n_jobs),
+        return [[PY, "-m", "spectral.decomposition", "--out", str(results / "spectral")],
+                [PY, "-m", "spectral.tasks", "table", *spec, "--workers", str(n_jobs),
                  "--cache", str(runs / "spectral"), "--out", str(results / "spectral")]]
     if step == "speed":
-        return [] if b["speed"] is None else [[PY, "bench.py", *b["speed"], "--out", str(results / "speed")]]
+        return [] if b["speed"] is None else [[PY, "-m", "analysis.bench", *b["speed"], "--out", str(results / "speed")]]
     raise ValueError(step)
 
 
+def settings_key(cmds: list) -> list[str]:
+    """What a one-shot step's done check compares: each command's arguments after `python -m
+    module` (its settings, not the program's name, so moving a program reruns nothing)."""
+    return [" ".join(c[3:]) for c in cmds]
+
+
 def _overrides(spec: list) -> dict:
-    """The run settings a budget's synthetic_tasks.py flags change (only --device among them)."""
+    """The run settings a budget's spectral.tasks flags change (only --device among them)."""
     return {"device": spec[spec.index("--device") + 1]} if "--device" in spec else {}
 
 
 def _seed_spectral_cache(spec: list, results: Path, cache: Path) -> int:
     """Resume the Spectral table from results/: every run stored in results/spectral/<preset>_runs.json
-    is written back into the per-run cache that synthetic_tasks.py skips (it re-checks each config)."""
-    import synthetic_tasks as stt
+    is written back into the per-run cache that spectral.tasks skips (it re-checks each config)."""
     preset = spec[spec.index("--preset") + 1]
     stored = results / "spectral" / f"synthetic_{preset}_runs.json"
     if not stored.exists():
@@ -390,7 +417,7 @@ def run_one_shot(step: str, budget: str, results: Path, runs: Path, n_jobs: int,
     if not cmds:
         print(f"{step}: not part of the {budget} budget", flush=True)
         return
-    key = [" ".join(c[1:]) for c in cmds]
+    key = settings_key(cmds)
     if state.get(step, {}).get("commands") == key:
         print(f"{step}: done ({state[step]['finished']}), kept", flush=True)
         return
@@ -410,7 +437,7 @@ def run_one_shot(step: str, budget: str, results: Path, runs: Path, n_jobs: int,
     for c in cmds:
         print(f"{step}: python {' '.join(c[1:])}", flush=True)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        r = subprocess.run(c, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        r = subprocess.run(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         log = results / "logs" / f"{step}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a") as fh:
@@ -631,7 +658,7 @@ def _spectral_claims(results: Path) -> list:
 
 def write_report(results: Path, budget: str, state: dict) -> None:
     lines = ["# Results", "",
-             f"Made by `python experiments.py --budget {budget}` (resumable; `--report` rebuilds this page). "
+             f"Made by `python -m analysis.experiments --budget {budget}` (resumable; `--report` rebuilds this page). "
              "Every table has mean ± std over seeds; the commands and settings of each run are in its "
              "`config.json`. Verdicts compare means against twice the standard error of their difference.", "",
              "## The papers' claims", "", "| paper | claim | verdict | numbers |", "|---|---|---|---|"]
@@ -651,7 +678,7 @@ def write_report(results: Path, budget: str, state: dict) -> None:
     sp = results / "speed" / "bench.json"
     if sp.exists():
         b = json.loads(sp.read_text())
-        lines += ["", f"## Speed against peers ({b['device']}, {b['threads']} threads; `python bench.py`)", ""]
+        lines += ["", f"## Speed against peers ({b['device']}, {b['threads']} threads; `python -m analysis.bench`)", ""]
         for r in b.get("ode", []):
             lines.append(f"- {r['method']}, {r['instances']:,} instances: ours {r['ours_s']:.2f} s ({r['ours_evals']} "
                          f"evaluations) vs torchdiffeq {r['torchdiffeq_s']:.2f} s ({r['torchdiffeq_evals']}): "
@@ -674,6 +701,31 @@ def write_report(results: Path, budget: str, state: dict) -> None:
 # ------------------------------------------------------------------------------------------------
 # 5. The command line
 # ------------------------------------------------------------------------------------------------
+def run_processes(jobs: list, n_jobs: int, desc: str = "runs") -> list[str]:
+    """Run each (argv, log_path) as its own process with one thread (OMP_NUM_THREADS=1), at most
+    `n_jobs` at once, stdout and stderr to log_path. Returns one line per failed job."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    todo, running, failed = list(jobs), [], []
+    bar = tqdm(total=len(jobs), desc=desc, unit="run")
+    while todo or running:
+        while todo and len(running) < max(1, n_jobs):
+            argv, log_path = todo.pop(0)
+            Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+            log = open(log_path, "w")
+            running.append((argv, log_path, subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        time.sleep(0.2)
+        for item in list(running):
+            argv, log_path, proc, log = item
+            if proc.poll() is not None:
+                log.close()
+                running.remove(item)
+                bar.update(1)
+                if proc.returncode != 0:
+                    failed.append(f"exit {proc.returncode}: {' '.join(map(str, argv[1:]))} (see {log_path})")
+    bar.close()
+    return failed
+
+
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     training.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
@@ -691,20 +743,22 @@ def _take_lock(results: Path) -> Path:
         except (ValueError, OSError):
             pass                                          # stale: its runner is gone
         else:
-            raise ValueError(f"another experiments.py (pid {pid}) is running on {results}; wait for it, "
+            raise ValueError(f"another analysis.experiments (pid {pid}) is running on {results}; wait for it, "
                              f"or delete {lock} if that process is not this runner")
     lock.write_text(str(os.getpid()))
     return lock
 
 
 def main(argv=None) -> int:
-    p = training.ArgParser(description="Run every experiment at one budget (resumable) and write results/.")
+    p = training.ArgParser(prog="python -m analysis.experiments",
+                           description="Run every experiment at one budget (resumable) and write results/.")
     p.add_argument("--budget", choices=tuple(BUDGETS), default="cpu-small")
     p.add_argument("--only", help=f"comma-separated subset of: {', '.join(EXPERIMENTS)}")
     p.add_argument("--jobs", type=int, default=None, help="processes at once (default: the budget's, or every CPU core)")
     p.add_argument("--results", help="results folder (default results/, results/gpu for --budget gpu)")
     p.add_argument("--runs", help="where the full run folders go (default runs/experiments/<budget>)")
-    p.add_argument("--enwiki", default=str(ENWIKI), help="the enwiki sample for lm-pe-enwiki")
+    p.add_argument("--enwiki", metavar="PATH", help="the enwiki sample (enwiki-sample.xml.bz2) for "
+                   "lm-pe-enwiki; without it that experiment is skipped")
     p.add_argument("--list", action="store_true", help="print what would run and what is done, run nothing")
     p.add_argument("--report", action="store_true", help="only rebuild results/README.md")
     a = p.parse_args(argv)
@@ -713,21 +767,22 @@ def main(argv=None) -> int:
     bad = [e for e in exps if e not in EXPERIMENTS]
     if bad:
         raise ValueError(f"unknown experiment {bad[0]!r}: choose from {', '.join(EXPERIMENTS)}")
-    results = Path(a.results or (HERE / "results" / ("gpu" if a.budget == "gpu" else ""))).resolve()
+    results = Path(a.results or (ROOT / "results" / ("gpu" if a.budget == "gpu" else ""))).resolve()
     if a.budget == "smoke" and not a.results:
-        results = HERE / "runs" / "experiments" / "smoke" / "results"
-    runs = Path(a.runs or HERE / "runs" / "experiments" / a.budget).resolve()
+        results = ROOT / "runs" / "experiments" / "smoke" / "results"
+    runs = Path(a.runs or ROOT / "runs" / "experiments" / a.budget).resolve()
     n_jobs = a.jobs or b["jobs"] or os.cpu_count() or 1
     if n_jobs < 1:
         raise ValueError("--jobs must be at least 1")
     state_path = results / "experiments-state.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
-    enwiki = Path(a.enwiki)
+    enwiki = Path(a.enwiki) if a.enwiki else None
     if a.list:
         for e in exps:
             if e in TRAINING:
-                if e == "lm-pe-enwiki" and not enwiki.exists():
-                    print(f"{e}: {enwiki} not found")
+                missing = enwiki_missing(e, enwiki)
+                if missing:
+                    print(missing)
                     continue
                 rows, jobs = plan_training(e, a.budget, results, runs, enwiki)
                 todo = sum(j[0] is not None for j in jobs)
@@ -735,7 +790,7 @@ def main(argv=None) -> int:
                       f"under {runs} (to be kept), {todo} to run")
             else:
                 cmds = one_shot_commands(e, a.budget, results, runs, n_jobs)
-                done = state.get(e, {}).get("commands") == [" ".join(c[1:]) for c in cmds]
+                done = state.get(e, {}).get("commands") == settings_key(cmds)
                 print(f"{e}: " + ("not part of this budget" if not cmds else "done" if done else f"{len(cmds)} command(s) to run"))
         return 0
     if not a.report:
