@@ -3,7 +3,6 @@ encoding, the λ-term and definiteness-constrained attention.
 
     python train_lm.py --pe rope --lam -0.1                 # ~2 MB of English that ships with Python
     python train_lm.py --preset enwik8 --regime divergent   # the paper's PD run (downloads enwik8)
-    python train_lm.py --bench                              # tokens/s of every variant, as ratios
     torchrun --nproc_per_node 4 train_lm.py --preset wikitext103 --pe rope --lam 0.05 --lam-mode softplus-diag
 
 The model (a compact GPT, pre-LN, causal)
@@ -33,75 +32,47 @@ uses non-overlapping windows of --seq-len tokens (every token sees the context s
 window's start; the final partial window is dropped), so numbers are comparable between runs of
 one --seq-len, not with papers that evaluate with sliding windows or Transformer-XL memory.
 
-The token probe (notes §5.4) runs a fixed batch of validation windows through the trained
-model twice -- full blocks, and attention-only updates x ← x + Attn(x) -- and records after
-every layer the mean token norm, Σᵢⱼ‖xᵢ − xⱼ‖², the mean pairwise cosine and the sharpness
+The token probe (docs/dynamics.md §5.4) runs a fixed batch of validation windows through the
+trained model twice -- full blocks, and attention-only updates x ← x + Attn(x) -- and records
+after every layer the mean token norm, Σᵢⱼ‖xᵢ − xⱼ‖², the mean pairwise cosine and the sharpness
 (probe.csv, probe.png): whether a run's tokens converge or spread.
 
-Data (--data) and where it comes from
--------------------------------------
-pydocs (default, no download)  The English prose that ships with Python itself: the Python
-    Language Reference topics that `help()` shows (pydoc_data.topics, ~0.47 MB) followed by the
-    docstrings of the standard library's pure-Python modules (~1.5 MB, parsed with `ast`; test
-    packages and site-packages skipped); ~2.0 MB of UTF-8, byte level (256 symbols).  It depends on
-    the Python version (the numbers in the README are for CPython 3.11.7).  Split by document:
-    of every 20 consecutive documents the 19th goes to validation and the 20th to test.
-enwik8     http://mattmahoney.net/dc/enwik8.zip  (sha256 547994d9…34bc, 36,445,475 bytes; the
-    checksum published in Hugging Face's dataset record): first 10⁸ bytes of a 2006 Wikipedia
-    XML dump, byte level, split 90M / 5M / 5M (train / validation / test), bits per character.
-text8      http://mattmahoney.net/dc/text8.zip  (31,344,016 bytes: the size every word2vec tutorial
-    checks; no digest is published that we could confirm, so only the size is checked): 10⁸
-    characters of cleaned Wikipedia (a-z and space), split 90M / 5M / 5M, bits per character.
-wikitext103  wikitext-103-v1.zip, the TOKENISED word-level release (not the -raw one), from the
-    authors' S3 bucket (mirror: wikitext.smerity.com), md5 9ddaacaf6af0710eda8c456decff7832 (as
-    in torchtext): its own train/valid/test files; vocabulary = the training words by frequency
-    plus <eos> at every line end (Transformer-XL's convention, 267,735 symbols); perplexity.
-PATH       any local text file (.bz2 / .gz / .xz are decompressed; a .zip is recognised as one of
-    the archives above by its members), byte level, split 90% / 5% / 5% contiguously.
-Downloads go to --cache-dir (default ./cache), are verified before they are renamed into place
-and verified again on every use.
+Data (--data; data/text.py's docstring gives sources, sizes, checksums and splits)
+-------------------------------------------------------------------------------
+pydocs (default, no download): the Language Reference and the standard library's docstrings
+that ship with Python (~2.0 MB, byte level, split by document);  enwik8, text8: byte level,
+90M / 5M / 5M, bits per character;  wikitext103: word level, its own splits, perplexity;  PATH:
+any local text file (.bz2 / .gz / .xz decompressed), byte level, 90% / 5% / 5%.  Downloads go
+to --cache-dir (default ./cache) and are verified before every use.
 
 Run folder (--out, default runs/lm-…): config.json, versions.json, metrics.csv, loss.png,
 ckpt.pt, probe.csv, probe.png, summary.json.  The checkpoint's "config" holds everything needed
 to rebuild the model (d_model, n_layers, n_heads, mlp_ratio, pe, attn_pe, lam, lam_mode, regime,
 vocab_size, seq_len, cutoffs); block i's attention is `blocks.{i}.attn.*` in its state dict.
+Tokens/s of every λ mode and regime against the plain model: `python -m analysis.bench_lm`.
 """
 from __future__ import annotations
 
-import array
-import ast
-import bz2
-import gzip
-import io
-import lzma
 import math
-import os
 import sys
-import sysconfig
 import time
-import warnings
-import zipfile
-import zlib
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import ode_attention
 import rope as rope_mod
 import training
-from data import download as data_download
+from data import text
 
 HERE = Path(__file__).resolve().parent
 
 # ----------------------------------------------------------------------------------------------
 # Defaults: the small CPU preset (used when no --preset is given) and the paper's two settings
-# (notes §4.2).  Any flag given on the command line overrides its preset value.
+# (docs/dynamics.md §4.2).  Any flag given on the command line overrides its preset value.
 # ----------------------------------------------------------------------------------------------
 PRESETS = {
     "small": dict(data="pydocs", pe="rope", d_model=128, n_layers=4, n_heads=4, mlp_ratio=4.0,
@@ -132,231 +103,7 @@ RESUME_KEYS = ("data", "pe", "lam", "lam_mode", "regime", "d_model", "n_layers",
 
 
 # ==============================================================================================
-# 1. Data
-# ==============================================================================================
-@dataclass
-class Corpus:
-    name: str
-    train: np.ndarray          # token ids (uint8 for bytes, int32 for words)
-    val: np.ndarray
-    test: np.ndarray
-    vocab_size: int
-    metric: str                # "bpc" | "bpb" (bits per character / byte) | "ppl"
-    itos: list | None = None   # words, for word-level data
-
-    def score(self, loss_nats: float) -> float:
-        """bits per symbol = ℓ / ln 2,  perplexity = e^ℓ."""
-        return math.exp(loss_nats) if self.metric == "ppl" else loss_nats / math.log(2)
-
-
-SOURCES = {
-    "enwik8": dict(urls=["http://mattmahoney.net/dc/enwik8.zip"], file="enwik8.zip", size=36445475,
-                   sha256="547994d9980ebed1288380d652999f38a14fe291a6247c157c3d33d4932534bc"),
-    # no published digest that we could confirm: the size is what every word2vec tutorial checks
-    "text8": dict(urls=["http://mattmahoney.net/dc/text8.zip"], file="text8.zip", size=31344016),
-    "wikitext103": dict(urls=["https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip",
-                              "https://wikitext.smerity.com/wikitext-103-v1.zip"],
-                        file="wikitext-103-v1.zip", md5="9ddaacaf6af0710eda8c456decff7832"),
-}
-KNOWN = ("pydocs",) + tuple(SOURCES)
-_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
-
-
-def python_docs(cache_dir: Path | None = None) -> list[str]:
-    """The embedded corpus as a list of documents: each `help()` topic of the Language Reference
-    (sorted by name), then one document per pure-Python stdlib module holding its module, class
-    and function docstrings (files in sorted path order).  Cached as text after the first build."""
-    ver = ".".join(map(str, sys.version_info[:3]))
-    cached = cache_dir / f"pydocs-py{ver}.txt" if cache_dir else None
-    sep = "\n\x1e\n"                                   # ASCII record separator between documents
-    if cached is not None and cached.exists():
-        return cached.read_text(encoding="utf-8").split(sep)
-    try:
-        from pydoc_data.topics import topics
-    except ImportError:
-        raise ValueError("this Python build lacks the standard library's pydoc_data, which the "
-                         "embedded corpus needs: pass --data with a text file instead") from None
-    docs = [topics[k] for k in sorted(topics)]
-    std = sysconfig.get_paths()["stdlib"]
-    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
-    for root, dirs, files in os.walk(std):
-        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS)
-        for f in sorted(files):
-            if not f.endswith(".py") or f.startswith("test_"):
-                continue
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    tree = ast.parse(Path(root, f).read_bytes())
-            except (SyntaxError, ValueError, OSError):
-                continue
-            text = "\n\n".join(s for n in ast.walk(tree) if isinstance(n, kinds)
-                               if (s := ast.get_docstring(n)))
-            if text:
-                docs.append(text)
-    if cached is not None:
-        training.atomic_write(cached, lambda tmp: tmp.write_text(sep.join(docs), encoding="utf-8"))
-    return docs
-
-
-def split_90_5_5(data: np.ndarray):
-    """Contiguous split: train = all but the last 10%, then 5% validation, 5% test (for enwik8's
-    and text8's 10⁸ symbols exactly the standard 90M / 5M / 5M)."""
-    n5 = len(data) // 20
-    return data[: len(data) - 2 * n5], data[len(data) - 2 * n5: len(data) - n5], data[len(data) - n5:]
-
-
-def byte_corpus(name: str, raw: bytes, metric: str = "bpb") -> Corpus:
-    if not raw:
-        raise ValueError(f"the corpus {name} is empty")
-    tr, va, te = split_90_5_5(np.frombuffer(raw, dtype=np.uint8))
-    return Corpus(name, tr, va, te, 256, metric)
-
-
-def pydocs_corpus(cache_dir: Path | None) -> Corpus:
-    docs = python_docs(cache_dir)
-    parts = {"train": [], "val": [], "test": []}
-    for i, doc in enumerate(docs):
-        # of every 20 documents: the 19th → validation, the 20th → test, the rest → train
-        parts["val" if i % 20 == 18 else "test" if i % 20 == 19 else "train"].append(doc)
-    arr = {k: np.frombuffer("\n\n".join(v).encode("utf-8"), dtype=np.uint8) for k, v in parts.items()}
-    return Corpus("pydocs", arr["train"], arr["val"], arr["test"], 256, "bpb")
-
-
-def _open_zip(path: Path) -> zipfile.ZipFile:
-    try:
-        return zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise ValueError(f"{path} is not a readable zip archive ({e}): it is corrupt or truncated, "
-                         f"delete it and download it again") from None
-
-
-def _read_member(z: zipfile.ZipFile, member: str, path: Path) -> bytes:
-    try:
-        return z.read(member)
-    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
-        raise ValueError(f"{path} is corrupt or truncated: reading {member} failed ({e})") from None
-
-
-def load_zip(path: Path, cache_dir: Path | None = None) -> Corpus:
-    """Recognise enwik8.zip, text8.zip and wikitext-103(-v1).zip by their members."""
-    with _open_zip(path) as z:
-        names = z.namelist()
-        if "enwik8" in names:
-            return byte_corpus("enwik8", _read_member(z, "enwik8", path), "bpc")
-        if "text8" in names:
-            return byte_corpus("text8", _read_member(z, "text8", path), "bpc")
-    if any(n.endswith("wiki.train.tokens") for n in names):
-        return load_wikitext(path, cache_dir)
-    raise ValueError(f"{path} holds none of enwik8, text8 or wikitext-103/wiki.*.tokens")
-
-
-def _wikitext_lines(z: zipfile.ZipFile, member: str, path: Path):
-    """Words of each line, with <eos> at the end (empty lines give just <eos>)."""
-    try:
-        with z.open(member) as raw:
-            for line in io.TextIOWrapper(raw, encoding="utf-8"):
-                yield line.split() + ["<eos>"]
-    except (zipfile.BadZipFile, OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
-        raise ValueError(f"{path} is corrupt or truncated: reading {member} failed ({e})") from None
-
-
-def load_wikitext(path: Path, cache_dir: Path | None = None) -> Corpus:
-    """Word-level WikiText: vocabulary = training words sorted by count (ties: first seen), the
-    order the adaptive softmax's frequency cutoffs assume; <unk> is already a word of the corpus
-    (added if absent, and used for words the training split lacks).  Encoded ids are cached."""
-    st = path.stat()
-    cached = (cache_dir / f"{path.stem}-{st.st_size}-{st.st_mtime_ns}.npz") if cache_dir else None
-    if cached is not None and cached.exists():
-        z = np.load(cached)
-        itos = bytes(z["vocab"]).decode("utf-8").split("\n")
-        return Corpus("wikitext103", z["train"], z["val"], z["test"], len(itos), "ppl", itos)
-    with _open_zip(path) as z:
-        member = {s: next((n for n in z.namelist() if n.endswith(f"wiki.{s}.tokens")), None)
-                  for s in ("train", "valid", "test")}
-        for s, m in member.items():
-            if m is None:
-                raise ValueError(f"{path} has no wiki.{s}.tokens: it is not a WikiText archive")
-        counts = Counter()
-        for words in tqdm(_wikitext_lines(z, member["train"], path), desc="counting words", unit=" lines"):
-            counts.update(words)
-        itos = [w for w, _ in counts.most_common()]
-        if "<unk>" not in counts:
-            itos.append("<unk>")
-        stoi = {w: i for i, w in enumerate(itos)}
-        unk = stoi["<unk>"]
-        out = {}
-        for split, key in (("train", "train"), ("valid", "val"), ("test", "test")):
-            ids = array.array("i")                     # 4 bytes a word: ~0.4 GB for WikiText-103
-            for words in _wikitext_lines(z, member[split], path):
-                ids.extend(stoi.get(w, unk) for w in words)
-            out[key] = np.frombuffer(ids, dtype=np.int32).copy()
-    if cached is not None:
-        vocab = np.frombuffer("\n".join(itos).encode("utf-8"), dtype=np.uint8)
-        training.atomic_write(cached, lambda tmp: np.savez(open(tmp, "wb"), vocab=vocab, **out))
-    return Corpus("wikitext103", out["train"], out["val"], out["test"], len(itos), "ppl", itos)
-
-
-def read_text_file(path: Path) -> bytes:
-    """Bytes of a local file, decompressing .bz2 / .gz / .xz."""
-    opener = {".bz2": bz2.open, ".gz": gzip.open, ".xz": lzma.open}.get(path.suffix, open)
-    try:
-        with opener(path, "rb") as f:
-            return f.read()
-    except (OSError, EOFError, lzma.LZMAError) as e:
-        if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):
-            raise
-        raise ValueError(f"{path} could not be decompressed ({e}): it is corrupt or truncated") from None
-
-
-def load_corpus(data: str, cache_dir: Path) -> Corpus:
-    """--data: a known name (downloaded and verified into cache_dir) or a local file."""
-    if data == "pydocs":
-        return pydocs_corpus(cache_dir)
-    if data in SOURCES:
-        src = SOURCES[data]
-        path = data_download.download(src["urls"], cache_dir / src["file"], sha256=src.get("sha256"),
-                                 md5=src.get("md5"), size=src.get("size"))
-        return load_zip(path, cache_dir)
-    path = Path(data)
-    if not path.exists():
-        raise ValueError(f"--data {data!r} is neither a known corpus ({', '.join(KNOWN)}) nor an existing file")
-    if path.is_dir():
-        raise ValueError(f"--data {data} is a folder: pass a text file or an archive")
-    if path.suffix == ".zip":
-        return load_zip(path, cache_dir)
-    return byte_corpus(path.name, read_text_file(path))
-
-
-def check_corpus(c: Corpus, seq_len: int) -> None:
-    """Every split must hold at least one window of seq_len + 1 tokens."""
-    for split in ("train", "val", "test"):
-        n = len(getattr(c, split))
-        if n < seq_len + 2:
-            need = 20 * (seq_len + 2)
-            raise ValueError(f"the corpus {c.name} is too short: its {split} split has {n} tokens but "
-                             f"--seq-len {seq_len} needs at least {seq_len + 2} (about {need} tokens in all)")
-
-
-def batch_fn_for(tokens: np.ndarray, *, seq_len: int, global_batch: int, micro: int,
-                 rt: training.Runtime, seed: int):
-    """Random windows, a pure function of (seed, step): all processes draw the same global batch
-    of start offsets and take their own rows, so 1 and W processes see the same data."""
-    span = np.arange(seq_len + 1)
-
-    def batch_fn(step: int, m: int):
-        rng = np.random.default_rng([seed, step])
-        starts = rng.integers(0, len(tokens) - seq_len - 1, size=global_batch, endpoint=True)
-        # micro-batch m of rank r: rows (m W + r) b … (m W + r + 1) b − 1
-        lo = (m * rt.world_size + rt.rank) * micro
-        chunk = torch.from_numpy(tokens[starts[lo: lo + micro, None] + span].astype(np.int64))
-        chunk = chunk.to(rt.device, non_blocking=True)
-        return chunk[:, :-1], chunk[:, 1:]
-    return batch_fn
-
-
-# ==============================================================================================
-# 2. The model
+# 1. The model
 # ==============================================================================================
 def check_sizes(**sizes) -> None:
     """Positive integer sizes, heads dividing the width, a positive MLP ratio."""
@@ -455,21 +202,22 @@ def build_lm(cfg: dict) -> GPT:
                dropout=cfg["dropout"], cutoffs=parse_cutoffs(cfg["cutoffs"]))
 
 
-def parse_cutoffs(text: str) -> list:
+def parse_cutoffs(spec: str) -> list:
     try:
-        return [int(c) for c in str(text).split(",") if c.strip()]
+        return [int(c) for c in str(spec).split(",") if c.strip()]
     except ValueError:
-        raise ValueError(f"--cutoffs must be comma-separated integers, got {text!r}") from None
+        raise ValueError(f"--cutoffs must be comma-separated integers, got {spec!r}") from None
 
 
 def make_optimizer(model: nn.Module, cfg: dict, device: torch.device):
-    """AdamW; weight decay only on weight matrices, never on norms, biases or λ (training.make_adamw)."""
+    """AdamW; weight decay only on weight matrices, never on norms, biases, λ or θ
+    (training.make_adamw).  Learned positions are a matrix, and are decayed like the rest."""
     return training.make_adamw(model, lr=cfg["lr"], beta2=cfg["beta2"], weight_decay=cfg["weight_decay"],
-                               device=device)
+                               device=device, no_decay=())
 
 
 # ==============================================================================================
-# 3. Evaluation and the token probe
+# 2. Evaluation
 # ==============================================================================================
 def evaluate(model: GPT, tokens: np.ndarray, *, seq_len: int, batch: int, rt: training.Runtime,
              max_tokens: int = 0) -> float:
@@ -490,15 +238,16 @@ def evaluate(model: GPT, tokens: np.ndarray, *, seq_len: int, batch: int, rt: tr
 
 
 # ==============================================================================================
-# 4. Command line
+# 3. Command line
 # ==============================================================================================
 def build_parser() -> training.ArgParser:
     p = training.ArgParser(description="Train a causal LM built from ode_attention.Block "
-                           "(see the module docstring for the maths, data and outputs).")
+                           "(see the module docstring for the maths, data and outputs).",
+                           epilog="Tokens/s of every λ mode and regime: python -m analysis.bench_lm")
     a = p.add_argument
     a("--preset", choices=tuple(PRESETS), default="small",
-      help="settings: small (CPU, default), enwik8 or wikitext103 (the paper's, notes §4.2)")
-    a("--data", help=f"{', '.join(KNOWN)}, or a text file / archive path (preset's default)")
+      help="settings: small (CPU, default), enwik8 or wikitext103 (the paper's, docs/dynamics.md §4.2)")
+    a("--data", help=f"{', '.join(text.KNOWN)}, or a text file / archive path (preset's default)")
     a("--pe", choices=PES, help="positional encoding (preset: small rope, enwik8 learned, wikitext103 sin)")
     training.add_attention_args(a)
     for name, typ, h in (("d-model", int, "width d"), ("n-layers", int, "blocks L"),
@@ -518,9 +267,6 @@ def build_parser() -> training.ArgParser:
     training.add_run_args(a, default_out="runs/lm-<data>-<pe>-lam<λ>-<mode>-<regime>-<time>",
                           cache_help="where downloads and the embedded corpus are cached",
                           probe_help="validation windows in the token probe")
-    a("--bench", action="store_true", help="measure tokens/s of λ modes and regimes against --lam 0")
-    a("--bench-variants", help="comma-separated subset for --bench (plain is always first): plain, "
-      "lam-identity, lam-softplus, divergent, intermediate, convergent")
     return p
 
 
@@ -552,15 +298,13 @@ def resolve_config(args) -> dict:
 
 
 def default_run_name(cfg: dict) -> str:
-    data = Path(cfg["data"]).name.split(".")[0] if cfg["data"] not in KNOWN else cfg["data"]
+    data = Path(cfg["data"]).name.split(".")[0] if cfg["data"] not in text.KNOWN else cfg["data"]
     lam = f"lam{cfg['lam']:g}-{cfg['lam_mode']}" if cfg["lam"] else "lam0"
     return f"lm-{data}-{cfg['pe']}-{lam}-{cfg['regime']}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.bench:
-        return bench(args)
     cfg = resolve_config(args)
     rt = training.setup_runtime(args.device, amp=not args.no_amp)
     try:
@@ -569,11 +313,14 @@ def main(argv=None) -> int:
         training.teardown(rt)
 
 
+# ==============================================================================================
+# 4. Training
+# ==============================================================================================
 def train(cfg: dict, args, rt: training.Runtime) -> int:
     training.seed_everything(cfg["seed"])
     micro = training.split_batch(cfg["batch_size"], rt, cfg["grad_accum"])
-    corpus = load_corpus(cfg["data"], Path(args.cache_dir))
-    check_corpus(corpus, cfg["seq_len"])
+    corpus = text.load_corpus(cfg["data"], Path(args.cache_dir))
+    text.check_corpus(corpus, cfg["seq_len"])
     cfg.update(vocab_size=corpus.vocab_size, metric=corpus.metric,
                attn_pe="rope" if cfg["pe"] == "rope" else "none")
     model = training.build_on(build_lm, cfg, rt.device)
@@ -604,7 +351,7 @@ def train(cfg: dict, args, rt: training.Runtime) -> int:
         training.wrap_model(model, rt, compile=False if args.no_compile else None,
                             find_unused_parameters=bool(parse_cutoffs(cfg["cutoffs"]))),
         optimizer, rt=rt, run=run, config=cfg, steps=cfg["steps"], raw_model=model,
-        batch_fn=batch_fn_for(corpus.train, seq_len=cfg["seq_len"], global_batch=cfg["batch_size"],
+        batch_fn=text.batch_fn_for(corpus.train, seq_len=cfg["seq_len"], global_batch=cfg["batch_size"],
                               micro=micro, rt=rt, seed=cfg["seed"]),
         loss_fn=lambda m, b: (m(*b), b[1].numel()), eval_fn=eval_fn, lr=cfg["lr"], warmup=cfg["warmup"],
         min_lr=cfg["min_lr"], grad_accum=cfg["grad_accum"], clip=cfg["clip"], eval_every=cfg["eval_every"],
@@ -627,79 +374,6 @@ def train(cfg: dict, args, rt: training.Runtime) -> int:
         run.write_json("summary.json", summary)
         print(f"done: step {result['step']}, validation {metric} {ev['val'][metric]:.4f}, "
               f"test {metric} {ev['test'][metric]:.4f}  ({wall:.0f} s; {run.path})")
-    return 0
-
-
-# ==============================================================================================
-# 5. Benchmark: tokens/s of the λ modes and the constrained regimes against the plain model
-# ==============================================================================================
-BENCH_VARIANTS = {"plain": ("plain (--lam 0)", {}),
-                  "lam-identity": ("lam identity -0.1", dict(lam=-0.1, lam_mode="identity")),
-                  "lam-softplus": ("lam softplus-diag 0.05", dict(lam=0.05, lam_mode="softplus-diag")),
-                  **{r: (f"regime {r}", dict(regime=r)) for r in ("divergent", "intermediate", "convergent")}}
-
-
-def bench(args) -> int:
-    """One process, one run: every variant timed in interleaved rounds (the median of the rounds
-    is kept, so a noisy neighbour on a shared machine hits all variants alike).
-
-    Model FLOPs per token (PaLM / nanoGPT accounting, forward + backward):
-        F = 6 N + 12 L n d           (N = parameters in matrices; 12 L n d = attention scores)
-    MFU = F · tokens/s / peak.  The constrained variants' K, V solves (O(d³) per layer per step)
-    are not counted, so their MFU is "plain-model FLOPs per second"."""
-    rt = training.setup_runtime(args.device, amp=not args.no_amp)
-    gpu = rt.device.type == "cuda"
-    # width 512 everywhere; on a GPU the enwik8 preset itself, on CPU a 2-layer cut of it
-    cfg = dict(PRESETS["enwik8"] if gpu else PRESETS["enwik8"] | dict(n_layers=2, seq_len=256, batch_size=4, grad_accum=1))
-    cfg.update(pe=args.pe or cfg["pe"], vocab_size=256)
-    for k in ("d_model", "n_layers", "n_heads", "seq_len"):
-        if getattr(args, k, None) is not None:
-            cfg[k] = getattr(args, k)
-    micro = args.batch_size or (16 if gpu else 4)
-    variants = training.select_variants(BENCH_VARIANTS, args.bench_variants)
-    gen = torch.Generator().manual_seed(0)
-    data = torch.randint(0, 256, (micro, cfg["seq_len"] + 1), generator=gen).to(rt.device)
-    x, y = data[:, :-1], data[:, 1:]
-    runs = []
-    for name, over in variants:
-        c = dict(cfg, lam=0.0, lam_mode="identity", regime="free") | over
-        model = build_lm(c).to(rt.device)
-        step = training.bench_step(model, make_optimizer(model, c, rt.device), rt, lambda fwd: fwd(x, y),
-                                   compile=False if args.no_compile else None)
-        runs.append((name, model, step))
-        if rt.is_main:
-            print(f"built {name}", flush=True)
-    rounds: dict = {}
-    sec_per_step = training.time_variants([(n, s) for n, _, s in runs], rt, args.bench_rounds,
-                                          args.bench_steps, raw=rounds)
-    tokens = micro * cfg["seq_len"]
-    peak = training.peak_tflops(rt, args.peak_tflops)
-    # F = 6 N + 12 L n d of the plain model, for every variant
-    plain = runs[0][1]
-    flops = training.flops_per_token(plain, cfg["n_layers"], cfg["seq_len"], cfg["d_model"])
-    rows, base = [], None
-    for name, model, _ in runs:
-        sec = sec_per_step[name]
-        tps = tokens / sec
-        base = base or tps
-        rows.append({"variant": name, "tokens_per_s": tps, "ratio_to_plain": tps / base,
-                     "step_s": sec, "step_s_rounds": rounds[name],
-                     "mfu": (flops * tps / (peak * 1e12)) if peak else None})
-    out = Path(args.out or HERE / "runs" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}")
-    report = {"device": str(torch.cuda.get_device_name() if gpu else "cpu"), "threads": torch.get_num_threads(),
-              "amp": str(rt.amp_dtype), "compile": gpu and not args.no_compile, "micro_batch": micro,
-              "config": {k: cfg[k] for k in ("d_model", "n_layers", "n_heads", "seq_len", "pe")},
-              "peak_tflops": peak, "rows": rows}
-    if rt.is_main:
-        training.RunDir(out).write_json("bench.json", report)
-        print(f"\n{report['device']}, {cfg['n_layers']}×{cfg['d_model']} ({cfg['n_heads']} heads), "
-              f"seq {cfg['seq_len']}, batch {micro}, pe {cfg['pe']}, amp {report['amp']}:")
-        print(f"{'variant':<26}{'tokens/s':>12}{'× plain':>9}{'MFU':>8}")
-        for r in rows:
-            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-            print(f"{r['variant']:<26}{r['tokens_per_s']:>12,.0f}{r['ratio_to_plain']:>9.3f}{mfu:>8}")
-        print(f"(written to {out / 'bench.json'})")
-    training.teardown(rt)
     return 0
 
 

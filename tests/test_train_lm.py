@@ -1,6 +1,6 @@
 """train_lm.py: every PE × λ mode × regime learns; constrained attention keeps its inertia;
-kill-and-resume and 2-process DDP reproduce the plain run; the loaders read small archives of
-the real formats; every bad input is one sentence, exit 2, nothing written."""
+kill-and-resume and 2-process DDP reproduce the plain run; the loaders of data/text.py read small
+archives of the real formats; every bad input is one sentence, exit 2, nothing written."""
 import bz2
 import csv
 import itertools
@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 import torch
 
+import ode_attention
+import regimes
+import train_lm
+import training
+from data import text
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import ode_attention  # noqa: E402
-import regimes  # noqa: E402
-import train_lm  # noqa: E402
-import training  # noqa: E402
 
 TINY = ["--d-model", "16", "--n-layers", "1", "--n-heads", "2", "--seq-len", "16", "--batch-size", "4",
         "--warmup", "0", "--eval-tokens", "64", "--probe-batch", "2", "--device", "cpu", "--log-every", "1"]
@@ -62,7 +63,7 @@ def test_a_few_steps_reduce_the_loss(pe, lam, regime, english):
     opt = train_lm.make_optimizer(model, cfg, torch.device("cpu"))
     tokens = np.frombuffer(english, dtype=np.uint8)
     rt = training.Runtime(device=torch.device("cpu"))
-    batches = train_lm.batch_fn_for(tokens, seq_len=16, global_batch=16, micro=16, rt=rt, seed=0)
+    batches = text.batch_fn_for(tokens, seq_len=16, global_batch=16, micro=16, rt=rt, seed=0)
     held_out = batches(10_000, 0)
     with torch.no_grad():
         before = model(*held_out).item()
@@ -86,7 +87,7 @@ def test_constrained_attention_keeps_its_inertia_after_training(regime, n_neg, e
     start = [p.detach().clone() for p in model.blocks[0].attn.parameters()]
     opt = train_lm.make_optimizer(model, cfg, torch.device("cpu"))
     rt = training.Runtime(device=torch.device("cpu"))
-    batches = train_lm.batch_fn_for(np.frombuffer(english, dtype=np.uint8), seq_len=16, global_batch=8,
+    batches = text.batch_fn_for(np.frombuffer(english, dtype=np.uint8), seq_len=16, global_batch=8,
                                     micro=8, rt=rt, seed=0)
     for step in range(15):
         loss = model(*batches(step, 0))
@@ -133,7 +134,7 @@ def test_run_writes_every_output_and_the_checkpoint_rebuilds_the_model(text_file
     model.load_state_dict(state["model"])
     model.eval()
     val = np.frombuffer(text_file.read_bytes(), np.uint8)
-    val = train_lm.split_90_5_5(val)[1]
+    val = text.split_90_5_5(val)[1]
     with torch.no_grad():
         full = train_lm.evaluate(model, val, seq_len=16, batch=7, rt=training.Runtime(device=torch.device("cpu")))
     assert summary["val"]["loss"] == pytest.approx(full, rel=1e-5)
@@ -212,15 +213,15 @@ WIKI_TEST = " \n The zebra began the series . \n"
 
 def test_loaders_read_the_real_archive_formats(english, tmp_path):
     xml = b'<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.3/">\n<page>\n<title>AaA</title>\n' + english[:3900]
-    enwik8 = train_lm.load_zip(make_zip(tmp_path / "enwik8.zip", {"enwik8": xml}))
+    enwik8 = text.load_zip(make_zip(tmp_path / "enwik8.zip", {"enwik8": xml}))
     assert (enwik8.name, enwik8.metric, enwik8.vocab_size) == ("enwik8", "bpc", 256)
     n5 = len(xml) // 20                                   # 90 / 5 / 5, in order
     assert bytes(enwik8.train) + bytes(enwik8.val) + bytes(enwik8.test) == xml
     assert len(enwik8.val) == len(enwik8.test) == n5
     text8 = b" anarchism originated as a term of abuse first used against early working class radicals" * 50
-    t8 = train_lm.load_zip(make_zip(tmp_path / "text8.zip", {"text8": text8}))
+    t8 = text.load_zip(make_zip(tmp_path / "text8.zip", {"text8": text8}))
     assert t8.name == "text8" and bytes(t8.test) == text8[-(len(text8) // 20):]
-    wt = train_lm.load_zip(make_zip(tmp_path / "wikitext-103-v1.zip", {
+    wt = text.load_zip(make_zip(tmp_path / "wikitext-103-v1.zip", {
         "wikitext-103/wiki.train.tokens": WIKI_TRAIN, "wikitext-103/wiki.valid.tokens": WIKI_VALID,
         "wikitext-103/wiki.test.tokens": WIKI_TEST}), cache_dir=tmp_path / "cache")
     assert wt.metric == "ppl" and wt.itos[0] == "<eos>"   # most frequent first: one <eos> per line
@@ -229,12 +230,12 @@ def test_loaders_read_the_real_archive_formats(english, tmp_path):
     decode = lambda ids: " ".join(wt.itos[i] for i in ids)
     assert decode(wt.val) == "<eos> = <unk> <unk> = <eos> The <unk> is a game . <eos>"
     assert decode(wt.test[:4]) == "<eos> The <unk> began"
-    again = train_lm.load_wikitext(tmp_path / "wikitext-103-v1.zip", cache_dir=tmp_path / "cache")
+    again = text.load_wikitext(tmp_path / "wikitext-103-v1.zip", cache_dir=tmp_path / "cache")
     assert np.array_equal(again.train, wt.train) and again.itos == wt.itos and len(os.listdir(tmp_path / "cache")) == 1
     # a .bz2 text file (the shared enwiki sample's format) is decompressed transparently
     (tmp_path / "s.xml.bz2").write_bytes(bz2.compress(xml))
-    assert bytes(np.concatenate([c for c in train_lm.split_90_5_5(np.frombuffer(xml, np.uint8))])) == xml
-    local = train_lm.load_corpus(str(tmp_path / "s.xml.bz2"), tmp_path / "cache")
+    assert bytes(np.concatenate([c for c in text.split_90_5_5(np.frombuffer(xml, np.uint8))])) == xml
+    local = text.load_corpus(str(tmp_path / "s.xml.bz2"), tmp_path / "cache")
     assert bytes(local.train) == bytes(enwik8.train) and local.metric == "bpb"
 
 
@@ -249,14 +250,6 @@ def test_wikitext_trains_with_the_adaptive_softmax(tmp_path):
     ck = training.load_checkpoint(out)
     assert any(k.startswith("adaptive.tail") for k in ck["model"])
     assert np.isfinite(json.loads((out / "summary.json").read_text())["test"]["ppl"])
-
-
-def test_bench_reports_every_variant(tmp_path):
-    assert cli(["--bench", "--device", "cpu", "--d-model", 16, "--n-layers", 1, "--n-heads", 2, "--seq-len", 16,
-                "--batch-size", 2, "--bench-steps", 1, "--bench-rounds", 1, "--out", tmp_path / "b"]) == 0
-    rows = json.loads((tmp_path / "b" / "bench.json").read_text())["rows"]
-    assert [r["variant"] for r in rows][0].startswith("plain") and len(rows) == 6
-    assert rows[0]["ratio_to_plain"] == 1.0 and all(r["tokens_per_s"] > 0 for r in rows)
 
 
 # -- bad input: one sentence, exit 2, nothing written ----------------------------------------------
@@ -320,10 +313,10 @@ def test_checksum_mismatch_and_offline_leave_nothing(bad_files, monkeypatch, cap
     cache.mkdir()
     fake = (bad_files / "enwik8.zip").read_bytes()
     (cache / "enwik8.zip").write_bytes(fake)
-    monkeypatch.setitem(train_lm.SOURCES, "enwik8", dict(train_lm.SOURCES["enwik8"], size=len(fake)))
+    monkeypatch.setitem(text.SOURCES, "enwik8", dict(text.SOURCES["enwik8"], size=len(fake)))
     assert cli(["--data", "enwik8", "--cache-dir", cache, "--out", bad_files / "o1"]) == 2
     assert "sha256" in capsys.readouterr().err
-    monkeypatch.setitem(train_lm.SOURCES, "text8", dict(train_lm.SOURCES["text8"], urls=["http://127.0.0.1:9/text8.zip"]))
+    monkeypatch.setitem(text.SOURCES, "text8", dict(text.SOURCES["text8"], urls=["http://127.0.0.1:9/text8.zip"]))
     assert cli(["--data", "text8", "--cache-dir", cache, "--out", bad_files / "o2"]) == 2
     err = capsys.readouterr().err
     assert "offline" in err and str(cache / "text8.zip") in err
@@ -349,3 +342,7 @@ def test_script_exit_code_and_message_without_traceback(tmp_path):
                        capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "invalid choice" in p.stderr
     assert "--lam-mode" in train_lm.build_parser().format_help()
+    # the benchmark moved to analysis/bench_lm.py: --bench is refused by argparse, and --help says where
+    p = subprocess.run([sys.executable, str(ROOT / "train_lm.py"), "--bench"], env=ENV, capture_output=True, text=True)
+    assert p.returncode == 2 and "error:" in p.stderr and "--bench" in p.stderr and "Traceback" not in p.stderr
+    assert "python -m analysis.bench_lm" in train_lm.build_parser().format_help()

@@ -1,0 +1,115 @@
+"""analysis/bench_lm.py -- training tokens/s of train_lm.py's GPT for every λ mode and constrained
+regime, against the plain model (--lam 0, free attention), on random bytes, as ratios.
+
+    python -m analysis.bench_lm                   # GPU: the enwik8 preset; CPU: 2 of its layers, seq 256
+    python -m analysis.bench_lm --device cpu --bench-rounds 5 --bench-steps 5
+    python -m analysis.bench_lm --device cuda --bench-variants plain,lam-identity,divergent
+
+One process, one run: every variant is built, then timed in interleaved rounds (the median of the
+rounds is kept, so a noisy neighbour on a shared machine hits all variants alike).
+
+Model FLOPs per token (PaLM / nanoGPT accounting, forward + backward):
+    F = 6 N + 12 L n d           (N = parameters in matrices; 12 L n d = attention scores)
+MFU = F · tokens/s / peak.  The constrained variants' K, V solves (O(d³) per layer per step)
+are not counted, so their MFU is "plain-model FLOPs per second".
+
+Flags: train_lm.py's (the model ones are used: --pe, --d-model, --n-layers, --n-heads, --seq-len;
+--batch-size is the micro-batch), plus --bench-variants, --bench-steps, --bench-rounds and
+--peak-tflops (was `train_lm.py --bench`).  Output: --out/bench.json (default runs/bench-<time>),
+and a table on the console.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import train_lm
+import training
+from analysis.bench import add_bench_args, bench_step, flops_per_token, peak_tflops, select_variants, time_variants
+
+ROOT = Path(__file__).resolve().parent.parent          # the project folder (analysis/ is inside it)
+
+BENCH_VARIANTS = {"plain": ("plain (--lam 0)", {}),
+                  "lam-identity": ("lam identity -0.1", dict(lam=-0.1, lam_mode="identity")),
+                  "lam-softplus": ("lam softplus-diag 0.05", dict(lam=0.05, lam_mode="softplus-diag")),
+                  **{r: (f"regime {r}", dict(regime=r)) for r in ("divergent", "intermediate", "convergent")}}
+
+
+def build_parser() -> training.ArgParser:
+    p = train_lm.build_parser()
+    p.description = ("Training tokens/s of every λ mode and regime of train_lm.py's GPT against the "
+                     "plain model (--lam 0), on random bytes (was train_lm.py --bench).")
+    p.epilog = None
+    add_bench_args(p)
+    p.add_argument("--bench-variants", help="comma-separated subset (plain is always first): plain, "
+                   "lam-identity, lam-softplus, divergent, intermediate, convergent")
+    return p
+
+
+def bench(args) -> int:
+    """Time every variant (see the module docstring); write bench.json to --out and print the table."""
+    rt = training.setup_runtime(args.device, amp=not args.no_amp)
+    gpu = rt.device.type == "cuda"
+    # width 512 everywhere; on a GPU the enwik8 preset itself, on CPU a 2-layer cut of it
+    presets = train_lm.PRESETS
+    cfg = dict(presets["enwik8"] if gpu else presets["enwik8"] | dict(n_layers=2, seq_len=256, batch_size=4, grad_accum=1))
+    cfg.update(pe=args.pe or cfg["pe"], vocab_size=256)
+    for k in ("d_model", "n_layers", "n_heads", "seq_len"):
+        if getattr(args, k, None) is not None:
+            cfg[k] = getattr(args, k)
+    micro = args.batch_size or (16 if gpu else 4)
+    variants = select_variants(BENCH_VARIANTS, args.bench_variants)
+    gen = torch.Generator().manual_seed(0)
+    data = torch.randint(0, 256, (micro, cfg["seq_len"] + 1), generator=gen).to(rt.device)
+    x, y = data[:, :-1], data[:, 1:]
+    runs = []
+    for name, over in variants:
+        c = dict(cfg, lam=0.0, lam_mode="identity", regime="free") | over
+        model = train_lm.build_lm(c).to(rt.device)
+        step = bench_step(model, train_lm.make_optimizer(model, c, rt.device), rt, lambda fwd: fwd(x, y),
+                          compile=False if args.no_compile else None)
+        runs.append((name, model, step))
+        if rt.is_main:
+            print(f"built {name}", flush=True)
+    rounds: dict = {}
+    sec_per_step = time_variants([(n, s) for n, _, s in runs], rt, args.bench_rounds, args.bench_steps, raw=rounds)
+    tokens = micro * cfg["seq_len"]
+    peak = peak_tflops(rt, args.peak_tflops)
+    # F = 6 N + 12 L n d of the plain model, for every variant
+    plain = runs[0][1]
+    flops = flops_per_token(plain, cfg["n_layers"], cfg["seq_len"], cfg["d_model"])
+    rows, base = [], None
+    for name, model, _ in runs:
+        sec = sec_per_step[name]
+        tps = tokens / sec
+        base = base or tps
+        rows.append({"variant": name, "tokens_per_s": tps, "ratio_to_plain": tps / base,
+                     "step_s": sec, "step_s_rounds": rounds[name],
+                     "mfu": (flops * tps / (peak * 1e12)) if peak else None})
+    out = Path(args.out or ROOT / "runs" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}")
+    report = {"device": str(torch.cuda.get_device_name() if gpu else "cpu"), "threads": torch.get_num_threads(),
+              "amp": str(rt.amp_dtype), "compile": gpu and not args.no_compile, "micro_batch": micro,
+              "config": {k: cfg[k] for k in ("d_model", "n_layers", "n_heads", "seq_len", "pe")},
+              "peak_tflops": peak, "rows": rows}
+    if rt.is_main:
+        training.RunDir(out).write_json("bench.json", report)
+        print(f"\n{report['device']}, {cfg['n_layers']}×{cfg['d_model']} ({cfg['n_heads']} heads), "
+              f"seq {cfg['seq_len']}, batch {micro}, pe {cfg['pe']}, amp {report['amp']}:")
+        print(f"{'variant':<26}{'tokens/s':>12}{'× plain':>9}{'MFU':>8}")
+        for r in rows:
+            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+            print(f"{r['variant']:<26}{r['tokens_per_s']:>12,.0f}{r['ratio_to_plain']:>9.3f}{mfu:>8}")
+        print(f"(written to {out / 'bench.json'})")
+    training.teardown(rt)
+    return 0
+
+
+def main(argv=None) -> int:
+    return bench(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(training.run_cli(main))
