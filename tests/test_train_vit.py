@@ -1,36 +1,33 @@
 """train_vit.py: every PE × λ mode × regime learns; 2-D RoPE is relative in both axes and keeps
 norms; without a PE the model is permutation-equivariant on patches (and the embedded task is
-then at chance by construction); the transforms do what their formulas say; the folder and
-CIFAR-10 loaders read small files of the real formats (a corrupt image is skipped and counted);
-resume equals an uninterrupted run; every bad input is one sentence, exit 2, nothing written."""
+then at chance by construction); the optimiser decays exactly the weight matrices; --data cifar10
+is fetched and checked; resume equals an uninterrupted run; every bad input is one sentence,
+exit 2, nothing written.  (The data pipeline's tests are in test_data_images.py, the benchmark's
+in test_bench_vit.py, the PE comparison's in test_compare_vit.py.)"""
 import csv
 import hashlib
-import io
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+
+import ode_attention
+import rope
+import train_vit
+import training
+from data import images
+from test_data_images import cifar_archive, image_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import ode_attention  # noqa: E402
-import rope  # noqa: E402
-import train_vit  # noqa: E402
-import training  # noqa: E402
-
 TINY = ["--d-model", "16", "--n-layers", "1", "--n-heads", "2", "--mlp-ratio", "2", "--batch-size", "8",
         "--warmup", "0", "--eval-images", "64", "--probe-batch", "2", "--device", "cpu", "--log-every", "1"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-CPU = training.Runtime(device=torch.device("cpu"))
 
 
 def cli(argv):
@@ -62,25 +59,7 @@ def permute_patches(img, perm, p):
     return tiles.reshape(B, H // p, g, C, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
 
 
-# -- the embedded task and the model -----------------------------------------------------------------
-def test_shapes_labels_follow_the_arrangement_and_patch_contents_do_not():
-    x, y = train_vit.make_shapes(400, seed=3)
-    assert x.shape == (400, 3, 32, 32) and x.dtype == np.uint8 and set(np.unique(y)) == {0, 1, 2, 3}
-    bright = x.max(1) >= 110                                       # sprite pixels (background ≤ 40)
-    for i in range(40):
-        cells = bright.reshape(400, 4, 8, 4, 8)[i].any((1, 3))      # (row, col) cells holding a sprite
-        # A (filled 5×5 square) is the only sprite with 25 bright pixels in its cell
-        counts = bright[i].reshape(4, 8, 4, 8).sum((1, 3))
-        ra, ca = np.argwhere(counts == 25)[0]
-        rb, cb = np.argwhere(counts == 9)[0]                        # B: the plus sign, 9 pixels
-        assert cells.sum() in (2, 3, 4) and ra != rb and ca != cb
-        assert y[i] == 2 * (rb > ra) + (cb > ca)
-    # the same multiset of cell contents for every label: sprite counts per image do not depend on it
-    per_img = bright.sum((1, 2))
-    means = [per_img[y == k].mean() for k in range(4)]
-    assert max(means) - min(means) < 8
-
-
+# -- the model -----------------------------------------------------------------
 LAMS = {"off": (0.0, "identity", "free"), "identity": (-0.1, "identity", "free"),
         "softplus-diag": (0.05, "softplus-diag", "free"), "divergent": (0.0, "identity", "divergent"),
         "convergent": (0.0, "identity", "convergent")}
@@ -94,9 +73,9 @@ def test_a_few_steps_reduce_the_loss(pe, variant):
     cfg = tiny_cfg(pe=pe, lam=lam, lam_mode=mode, regime=regime, pool="mean" if pe == "sin2d" else "cls")
     model = train_vit.build_vit(cfg)
     opt = train_vit.make_optimizer(model, cfg, torch.device("cpu"))
-    x, y = train_vit.make_shapes(32, seed=1)
-    x = train_vit.normalise(torch.from_numpy(x), train_vit.SHAPES_NORM)
-    t = train_vit.soft_targets(torch.from_numpy(y), 4, 0.0)
+    x, y = images.make_shapes(32, seed=1)
+    x = images.normalise(torch.from_numpy(x), images.SHAPES_NORM)
+    t = images.soft_targets(torch.from_numpy(y), 4, 0.0)
     losses = []
     for _ in range(25):
         loss = train_vit.soft_cross_entropy(model(x), t)
@@ -168,158 +147,20 @@ def test_a_rope_vit_only_sees_relative_positions(pe):
     assert (model(x) - before).abs().max() > 1e-4
 
 
-# -- the transforms -------------------------------------------------------------------------------
-def test_crops_flips_mixing_and_smoothing_follow_their_formulas():
-    rng = np.random.default_rng(0)
-    boxes, flips = train_vit.sample_crops(rng, 2000, 48, 64, 0.25, 0.5)
-    top, left, h, w = boxes.T
-    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 48).all() and (left + w <= 64).all()
-    frac = h * w / (48 * 64)
-    assert frac.min() > 0.22 and frac.max() <= 1.0 and 0.45 < flips.mean() < 0.55
-    assert (w / h).min() > 0.7 and (w / h).max() < 1.4
-    # the affine resampler: a box at scale 1 is the slice itself, a flip is torch.flip
-    x = torch.rand(3, 3, 16, 16)
-    box = np.array([[4, 2, 8, 8], [0, 8, 8, 8], [8, 0, 8, 8]])
-    out = train_vit.crop_resize_tensor(x, box, np.array([False, True, False]), 8)
-    torch.testing.assert_close(out[0], x[0, :, 4:12, 2:10])
-    torch.testing.assert_close(out[1], x[1, :, 0:8, 8:16].flip(-1))
-    torch.testing.assert_close(out[2], x[2, :, 8:16, 0:8])
-    # a whole-image box resized to half size is the 2×2 average (bilinear at the right centres)
-    half = train_vit.crop_resize_tensor(x, np.tile([0, 0, 16, 16], (3, 1)), np.zeros(3, bool), 8)
-    torch.testing.assert_close(half, F.avg_pool2d(x, 2))
-    # label smoothing, mixup, cutmix
-    y = torch.tensor([0, 1, 2, 3])
-    t = train_vit.soft_targets(y, 4, 0.1)
-    assert torch.allclose(t.sum(1), torch.ones(4)) and t[0, 0] == pytest.approx(0.9 + 0.025)
-    imgs = torch.arange(4.0)[:, None, None, None].expand(4, 3, 10, 10).contiguous()
-    for mixup, cutmix in ((1.0, 0.0), (0.0, 1.0)):
-        xm, tm = train_vit.mix_batch(imgs, t, np.random.default_rng(5), mixup, cutmix)
-        # image 0's pixels are a λ-mix of images 0 and 3; its target mixes the same way
-        share_of_3 = (xm[0] / 3.0).mean().item()
-        torch.testing.assert_close(tm[0], (1 - share_of_3) * t[0] + share_of_3 * t[3])
-        assert torch.allclose(tm.sum(1), torch.ones(4))
-        if cutmix:                                                   # pixels are copied, not blended
-            assert set(xm[0].unique().tolist()) <= {0.0, 3.0}
 
-
-# -- loaders on small files of the real formats ---------------------------------------------------------
-def _jpeg_bytes(rgb, size=(40, 30), fmt="JPEG", mode="RGB"):
-    from PIL import Image
-    arr = np.clip(np.array(rgb)[None, None] + np.random.default_rng(0).integers(-20, 20, (size[1], size[0], 3)),
-                  0, 255).astype(np.uint8)
-    im = Image.fromarray(arr).convert(mode)
-    buf = io.BytesIO()
-    im.save(buf, fmt)
-    return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    """train/{red,blue}: JPEGs, a grey PNG, an RGBA PNG, a corrupt .JPEG and a truncated JPEG."""
-    root = tmp_path_factory.mktemp("imagenet")
-    colours = {"blue": (30, 40, 220), "red": (220, 30, 40)}
-    for split, n in (("train", 3), ("val", 2)):
-        for c, rgb in colours.items():
-            d = root / split / c
-            d.mkdir(parents=True)
-            for i in range(n):
-                (d / f"{c}_{i}.JPEG").write_bytes(_jpeg_bytes(rgb, size=(40 + 8 * i, 30)))
-    (root / "train" / "red" / "grey.png").write_bytes(_jpeg_bytes((200, 200, 200), fmt="PNG", mode="L"))
-    (root / "train" / "blue" / "alpha.png").write_bytes(_jpeg_bytes((30, 40, 220), fmt="PNG", mode="RGBA"))
-    (root / "train" / "blue" / "broken.JPEG").write_bytes(b"this is not a JPEG at all")
-    (root / "train" / "red" / "cut.JPEG").write_bytes(_jpeg_bytes((220, 30, 40))[:300])
-    (root / "train" / "red" / "notes.txt").write_text("not an image: ignored by extension")
-    return root
-
-
-def test_folder_loader_reads_real_files_and_skips_corrupt_ones(image_folder):
-    data = train_vit.load_data(str(image_folder), Path("unused"))
-    assert data.classes == ["blue", "red"] and data.n_train == 10 and data.n_val == 4
-    cfg = dict(tiny_cfg(), batch_size=10, grad_accum=1, steps=3, seed=0, label_smoothing=0.0, mixup=0.0,
-               cutmix=0.0, crop_min_scale=0.3, hflip=0.5, image_size=16)
-    seen = []
-    for workers in (0, 2):
-        batches = train_vit.Batches(data, cfg, CPU, 10, workers=workers)
-        steps = [batches(s, 0) for s in range(3)]
-        seen.append(steps)
-        assert len(batches.unreadable) == 2 and {Path(p).name for p in batches.unreadable} == {"broken.JPEG", "cut.JPEG"}
-    for (x0, t0), (x1, t1) in zip(*seen):                       # workers do not change the batches
-        assert torch.equal(x0, x1) and torch.equal(t0, t1)
-    for x, t in seen[0]:
-        assert x.shape == (10, 3, 16, 16)
-        rgb = x.mean((2, 3)) * torch.tensor(train_vit.IMAGENET_NORM[1]) + torch.tensor(train_vit.IMAGENET_NORM[0])
-        label = t.argmax(1)
-        colourful = (rgb[:, 0] - rgb[:, 2]).abs() > 0.3              # not the grey PNG
-        assert ((rgb[:, 2] > rgb[:, 0]) == (label == 0))[colourful].all()   # blue ⇔ class 0
-    # a loader restarted at step 2 (resume) gives step 2's batch
-    again = train_vit.Batches(data, cfg, CPU, 10, workers=0)(2, 0)
-    assert torch.equal(again[0], seen[0][2][0])
-    # evaluation: the centre crops of all four validation images
-    model = train_vit.build_vit(dict(cfg, n_classes=2, patch_size=8)).eval()
-    with torch.no_grad():
-        ev = train_vit.evaluate(model, data, dict(cfg, n_classes=2), CPU, batch=3)
-    assert set(ev) == {"loss", "top1"} and ev["top1"] in (0.0, 25.0, 50.0, 75.0, 100.0)
-
-
-def test_folder_errors_are_clear(image_folder, tmp_path, monkeypatch):
-    with pytest.raises(ValueError, match="train/ is missing|train is missing"):
-        train_vit.load_data(str(tmp_path), Path("unused"))
-    (tmp_path / "train" / "cat").mkdir(parents=True)
-    (tmp_path / "train" / "cat" / "a.txt").write_text("x")
-    (tmp_path / "val" / "cat").mkdir(parents=True)
-    with pytest.raises(ValueError, match=r"class folder .*cat holds no images"):
-        train_vit.load_data(str(tmp_path), Path("unused"))
-    monkeypatch.setitem(sys.modules, "PIL", None)
-    with pytest.raises(ValueError, match="needs Pillow"):
-        train_vit.load_data(str(image_folder), Path("unused"))
-
-
-def _cifar_archive(path, n_per_batch=6, bad_member=None):
-    """The real layout: cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}, each a
-    protocol-2 pickle of a dict with 'data' (N, 3072) uint8 and 'labels'."""
-    rng = np.random.default_rng(0)
-    with tarfile.open(path, "w:gz") as tar:
-        def add(name, obj):
-            raw = pickle.dumps(obj, protocol=2) if not isinstance(obj, bytes) else obj
-            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
-            info.size = len(raw)
-            tar.addfile(info, io.BytesIO(raw))
-        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-            data = rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8)
-            data[0, :1024], data[0, 1024:2048], data[0, 2048:] = 255, 0, 128   # image 0: (255, 0, 128)
-            data[0, 5] = 7                                                      # red plane, row 0, column 5
-            add(name, bad_member if bad_member and name == "test_batch" else
-                {"batch_label": name, "labels": rng.integers(0, 10, n_per_batch).tolist(), "data": data})
-        add("batches.meta", {"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
-                                             "horse", "ship", "truck"]})
-    return path
-
-
-class _Evil:
-    def __reduce__(self):
-        return (os.system, ("echo pwned",))
-
-
-def test_cifar10_loader_reads_the_real_format(tmp_path, monkeypatch, capsys):
-    path = _cifar_archive(tmp_path / "cifar-10-python.tar.gz")
-    d = train_vit.load_data(str(path), tmp_path)
-    assert d.train_x.shape == (30, 3, 32, 32) and d.val_x.shape == (6, 3, 32, 32) and d.classes[9] == "truck"
-    assert tuple(d.train_x[0, :, 3, 3]) == (255, 0, 128) and d.train_x[0, 0, 0, 5] == 7
-    # --data cifar10: fetched into the cache (here: already there) and checked against its md5
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    (cache / "cifar-10-python.tar.gz").write_bytes(path.read_bytes())
-    assert cli(["--data", "cifar10", "--cache-dir", cache, "--out", tmp_path / "o", *TINY]) == 2
-    assert "md5" in capsys.readouterr().err                              # not the published file
-    monkeypatch.setitem(train_vit.CIFAR10, "md5", hashlib.md5(path.read_bytes()).hexdigest())
-    out = tmp_path / "run"
-    assert cli(["--data", "cifar10", "--cache-dir", cache, "--out", out, "--steps", 2, "--patch-size", 8,
-                "--hflip", 0.5, "--crop-min-scale", 0.5, *TINY]) == 0
-    assert json.loads((out / "summary.json").read_text())["classes"][0] == "airplane"
-    # a pickle that would run code is refused, not executed
-    _cifar_archive(tmp_path / "evil.tar.gz", bad_member=pickle.dumps({"data": _Evil()}, protocol=2))
-    with pytest.raises(ValueError, match="never does"):
-        train_vit.load_data(str(tmp_path / "evil.tar.gz"), tmp_path)
+def test_weight_decay_is_on_the_weight_matrices_only():
+    """AdamW decays every ≥ 2-D weight (patch embedding, attention, MLP, head) and nothing else: not
+    the class token, the learned positions, RoPE-Mixed's frequencies, λ or θ (nor norms, biases)."""
+    special = ("cls", "pos.weight", "freqs", "lam", "lam_phi", "theta")
+    for pe, lam, mode, regime in (("learned", 0.05, "softplus-diag", "free"), ("rope-mixed", -0.1, "identity", "convergent"),
+                                  ("sin2d", 0.0, "identity", "intermediate"), ("none", 0.0, "identity", "divergent")):
+        model = train_vit.build_vit(tiny_cfg(pe=pe, lam=lam, lam_mode=mode, regime=regime, n_layers=2))
+        opt = train_vit.make_optimizer(model, tiny_cfg(weight_decay=0.05), torch.device("cpu"))
+        names = {id(p): n for n, p in model.named_parameters()}
+        decayed, kept = ([names[id(p)] for p in g["params"]] for g in opt.param_groups)
+        assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+        assert decayed == [n for n, p in model.named_parameters() if p.dim() >= 2 and not n.endswith(special)]
+        assert kept == [n for n in names.values() if n not in decayed]
 
 
 # -- the command line: outputs, resume ---------------------------------------------------------------
@@ -380,7 +221,7 @@ def test_resume_equals_an_uninterrupted_run_and_every_output_is_written(tmp_path
 
 
 def test_torchrun_two_processes_match_one(tmp_path):
-    data = _cifar_archive(tmp_path / "c.tar.gz")                     # small: 30 + 6 images
+    data = cifar_archive(tmp_path / "c.tar.gz")                     # small: 30 + 6 images
     common = [*TINY, "--data", data, "--patch-size", 8, "--steps", 3, "--eval-every", 0,
               "--crop-min-scale", 0.5, "--hflip", 0.5, "--label-smoothing", 0.1]
     assert cli([*common, "--out", tmp_path / "one"]) == 0
@@ -398,30 +239,20 @@ def test_torchrun_two_processes_match_one(tmp_path):
         torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=1e-5)
 
 
-def test_bench_reports_every_variant(tmp_path):
-    assert cli(["--bench", "--device", "cpu", "--d-model", 16, "--n-layers", 1, "--n-heads", 2, "--image-size", 16,
-                "--patch-size", 8, "--batch-size", 2, "--bench-steps", 1, "--bench-rounds", 1,
-                "--peak-tflops", 1.0, "--out", tmp_path / "b"]) == 0
-    report = json.loads((tmp_path / "b" / "bench.json").read_text())
-    rows = report["rows"]
-    assert rows[0]["variant"].startswith("plain") and rows[0]["ratio_to_plain"] == 1.0 and len(rows) == 10
-    assert report["tokens_per_image"] == 5 and all(r["images_per_s"] > 0 and r["mfu"] > 0 for r in rows)
-    # F = n (6 N + 12 L n d) for the plain model: N = 192·16 patch + 4·16² attention + 2·16·64 MLP + 16·1000 head
-    assert rows[0]["gflop_per_image"] * 1e9 == pytest.approx(5 * (6 * (192 * 16 + 4 * 256 + 2 * 1024 + 16000)
-                                                                   + 12 * 1 * 5 * 16))
 
-
-def test_compare_runs_every_pe_and_tabulates(tmp_path):
-    out = tmp_path / "cmp"
-    common = ["--data", _cifar_archive(tmp_path / "c.tar.gz"), "--patch-size", 8, "--steps", 2, "--eval-every", 0, *TINY]
-    # one run made in-process beforehand (compare keeps finished runs), one launched as a process
-    assert cli([*common, "--pe", "none", "--seed", 0, "--out", tmp_path / "runs" / "none-seed0"]) == 0
-    assert cli(["--compare", "none,rope-axial", "--seeds", 1, "--jobs", 1, "--out", out,
-                "--runs-dir", tmp_path / "runs", *common]) == 0
-    assert (tmp_path / "runs" / "rope-axial-seed0" / "summary.json").exists()
-    rows = list(csv.DictReader(open(out / "compare.csv")))
-    assert [(r["pe"], r["seed"]) for r in rows] == [("none", "0"), ("rope-axial", "0")]
-    assert "| rope-axial |" in (out / "compare.md").read_text() and (out / "compare.png").stat().st_size > 0
+def test_cifar10_is_fetched_into_the_cache_and_checked(tmp_path, monkeypatch, capsys):
+    path = cifar_archive(tmp_path / "cifar-10-python.tar.gz")
+    # --data cifar10: fetched into the cache (here: already there) and checked against its md5
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "cifar-10-python.tar.gz").write_bytes(path.read_bytes())
+    assert cli(["--data", "cifar10", "--cache-dir", cache, "--out", tmp_path / "o", *TINY]) == 2
+    assert "md5" in capsys.readouterr().err                              # not the published file
+    monkeypatch.setitem(images.CIFAR10, "md5", hashlib.md5(path.read_bytes()).hexdigest())
+    out = tmp_path / "run"
+    assert cli(["--data", "cifar10", "--cache-dir", cache, "--out", out, "--steps", 2, "--patch-size", 8,
+                "--hflip", 0.5, "--crop-min-scale", 0.5, *TINY]) == 0
+    assert json.loads((out / "summary.json").read_text())["classes"][0] == "airplane"
 
 
 # -- bad input: one sentence, exit 2, nothing written ----------------------------------------------
@@ -441,8 +272,6 @@ BAD = {
     "empty class": (["--data", "{d}/empty"], "holds no images"),
     "no val": (["--data", "{d}/noval"], "val is missing"),
     "resume missing": (["--resume", "{d}/nowhere"], "no checkpoint"),
-    "unknown bench variant": (["--bench", "--bench-variants", "plain,rope"], "unknown --bench-variants"),
-    "unknown compare pe": (["--compare", "none,rope2d"], "unknown PE"),
 }
 
 
@@ -450,12 +279,12 @@ BAD = {
 def bad_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("bad")
     (d / "notes.txt").write_text("hello")
-    raw = _cifar_archive(d / "good.tar.gz").read_bytes()
+    raw = cifar_archive(d / "good.tar.gz").read_bytes()
     (d / "cut.tar.gz").write_bytes(raw[: len(raw) // 2])
     (d / "empty" / "train" / "cat").mkdir(parents=True)
     (d / "empty" / "val" / "cat").mkdir(parents=True)
     (d / "noval" / "train" / "cat").mkdir(parents=True)
-    (d / "noval" / "train" / "cat" / "x.png").write_bytes(_jpeg_bytes((1, 2, 3), fmt="PNG"))
+    (d / "noval" / "train" / "cat" / "x.png").write_bytes(image_bytes((1, 2, 3), fmt="PNG"))
     return d
 
 
