@@ -1,23 +1,26 @@
-"""synthetic_tasks.py: the task generators, the classifier for every PE, MLA, and per-head ablation."""
+"""spectral.tasks: the task generators, the classifier for every PE, MLA, and per-head ablation."""
+import inspect
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import rope
-import spectral
-import synthetic_tasks as st
 import training
+from spectral import decomposition
+from spectral import tasks as st
 
 DT = torch.float64
 TINY = st.PRESETS["tiny"]
+ROOT = Path(__file__).resolve().parent.parent
 
 
 # ---------------------------------------------------------------- generators
 def test_paper_sizes_are_the_defaults():
-    import inspect
     p = inspect.signature(st.make_task1).parameters
     assert (p["max_gap"].default, p["max_side"].default, p["max_words"].default) == (70, 25, 120)
     p = inspect.signature(st.make_task2).parameters
@@ -157,7 +160,7 @@ def test_partial_rope_rotates_only_the_first_heads():
 
 # ---------------------------------------------------------------- MLA
 def _mla_reference(mod, x, positions):
-    """MLA output recomputed from spectral.mla_logits (content term + RoPE Hadamard term)."""
+    """MLA output recomputed from decomposition.mla_logits (content term + RoPE Hadamard term)."""
     H, dh = mod.n_heads, mod.d_h
     c_q, c_kv = mod.down_q(x), mod.down_kv(x)
     k_r = mod.k_rope(x)                                      # unrotated, shared
@@ -166,7 +169,7 @@ def _mla_reference(mod, x, positions):
     outs = []
     for h in range(H):
         sl = slice(h * dh, (h + 1) * dh)
-        L = spectral.mla_logits(q_c[:, sl], k_c[:, sl], q_r[:, min(h, q_r.shape[1] - 1)], k_r, positions)["total"]
+        L = decomposition.mla_logits(q_c[:, sl], k_c[:, sl], q_r[:, min(h, q_r.shape[1] - 1)], k_r, positions)["total"]
         outs.append(torch.softmax(L, -1) @ v[:, sl])
     return mod.proj(torch.cat(outs, -1)), outs
 
@@ -288,3 +291,10 @@ def test_script_bad_input_is_one_sentence_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "rotary" in err
     assert not any(tmp_path.iterdir())
+
+
+def test_script_runs_in_module_form_from_the_project_root():
+    r = subprocess.run([sys.executable, "-m", "spectral.tasks", "show", "--task", "2", "--preset", "tiny", "--n", "1"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("task 2: 256 samples"), r.stderr
+    assert "python -m spectral.tasks" in st.__doc__

@@ -1,5 +1,5 @@
 """Content-position coupling in attention logits, and the eigenvalue comparison behind
-"spectral contraction" (the Spectral paper, arXiv 2505.13027; notes: spec/paper-spectral-notes.md).
+"spectral contraction" (the Spectral paper, arXiv 2505.13027; reading notes: docs/spectral.md).
 
 What is the paper's and what is ours
 ------------------------------------
@@ -7,18 +7,18 @@ The paper's claim (abstract, v1): positional encodings (PEs) couple content and 
 attention logits either *additively* (a Toeplitz bias B is added: ALiBi, T5) or *multiplicatively*
 (RoPE: a Hadamard product with a relative-position Toeplitz kernel), and the multiplicative form
 "induces spectral contraction (tighter eigenvalue bounds)". The paper's theorem statements could
-not be read (notes §1.3, "Open uncertainties" 1). **Everything below the decomposition identities
-is our textbook reconstruction (notes §1.3 [I]), not the paper's theorem**: Weyl's inequality for
-the additive case and Schur's product theorem for the multiplicative case. The tests check each
-bound numerically on random instances.
+not be read (docs/spectral.md §1.3 and "Open uncertainties" 1). **Everything below the
+decomposition identities is our textbook reconstruction (docs/spectral.md §1.3 [I]), not the
+paper's theorem**: Weyl's inequality for the additive case and Schur's product theorem for the
+multiplicative case. The tests check each bound numerically on random instances.
 
 Notation (tokens are rows)
 --------------------------
-Token i is x_i = c_i + p_i (content plus position, notes §1.2). Queries and keys are rows of
-X Q and X K (Q, K are (d, d_k) matrices in row convention). For two stacks of rows a, b the Gram
-matrix is G_{a,b} = a b^T, i.e. (G_{a,b})_ij = a_i . b_j.
+Token i is x_i = c_i + p_i (content plus position, docs/spectral.md §1.2). Queries and keys are
+rows of X Q and X K (Q, K are (d, d_k) matrices in row convention). For two stacks of rows a, b
+the Gram matrix is G_{a,b} = a b^T, i.e. (G_{a,b})_ij = a_i . b_j.
 
-1. Additive family (NoPE, absolute sinusoidal or learned PE, T5 bias, ALiBi), notes §1.2:
+1. Additive family (NoPE, absolute sinusoidal or learned PE, T5 bias, ALiBi; docs/spectral.md §1.2):
 
        L_Add = G_{qc,kc} + G_{qc,kp} + G_{qp,kc} + G_{qp,kp} + B,
        qc = C Q, qp = P Q, kc = C K, kp = P K.
@@ -37,13 +37,13 @@ matrix is G_{a,b} = a b^T, i.e. (G_{a,b})_ij = a_i . b_j.
    with o the Hadamard (entrywise) product. For p = 0..n-1 each E_theta is a Hermitian Toeplitz
    matrix of rank one: E_theta = u u^*, u_i = e^{i i theta}.
 
-3. MLA with decoupled RoPE (DeepSeek-V2/V3; notes §1.2, §4.3): the logit is the *sum* of a NoPE
-   content logit and a separately projected RoPE logit,
+3. MLA with decoupled RoPE (DeepSeek-V2/V3; docs/spectral.md §1.2, §4.3): the logit is the *sum*
+   of a NoPE content logit and a separately projected RoPE logit,
 
        L^MLA = ( G_{qC,kC} + Re sum_k G^(k)_{qR,kR} o E_{theta_k} ) / sqrt(d_C + d_R).
 
-The eigenvalue comparison (our reconstruction, notes §1.3 [I])
----------------------------------------------------------------
+The eigenvalue comparison (our reconstruction, docs/spectral.md §1.3 [I])
+-------------------------------------------------------------------------
 Take a Hermitian content Gram matrix A (n, n). Only the symmetric part of a real logit matrix
 matters for the quadratic form x^T L x, and a non-symmetric matrix has complex eigenvalues for
 which neither bound below applies, so we study symmetric A and symmetric biases (a T5 table
@@ -65,17 +65,18 @@ b_{j-i} is symmetrised to (b_{j-i} + b_{i-j}) / 2).
   spectrum is preserved *exactly*. Strict contraction comes only from mixing frequencies (or from
   taking the real part).
 
-`python spectral.py` sweeps sequence length n and frequency count K and writes a CSV table, a
-Markdown table and a figure (results/spectral/ by default).
+`python -m spectral.decomposition` (from the project root) sweeps sequence length n and frequency
+count K and writes a CSV table, a Markdown table and a figure (results/spectral/ by default).
 """
 import argparse
-import csv
 import json
 import math
 import os
 import sys
+from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 import rope
 import training
@@ -98,7 +99,7 @@ def gram(a, b):
     """G_{a,b} = a b^T, (G)_ij = a_i . b_j for row stacks a (..., n, d), b (..., m, d)."""
     if a.shape[-1] != b.shape[-1]:
         raise ValueError(f"gram needs the same feature size, got {a.shape[-1]} and {b.shape[-1]}")
-    # (G_{a,b})_ij = a_i^T b_j  (notes §1.2)
+    # (G_{a,b})_ij = a_i^T b_j  (docs/spectral.md §1.2)
     return a @ b.transpose(-1, -2)
 
 
@@ -134,7 +135,7 @@ def additive_logits(C, P, Q, K, bias=None):
              "position_content": gram(qp, kc),  # G_{qp,kc}
              "position": gram(qp, kp),          # G_{qp,kp}: Toeplitz when Q K^T = I and P sinusoidal
              "bias": torch.zeros_like(gram(qc, kc)) if bias is None else bias}
-    # L_Add = sum of the five terms (notes §1.2)
+    # L_Add = sum of the five terms (docs/spectral.md §1.2)
     terms["total"] = sum(terms[k] for k in ("content", "content_position", "position_content", "position", "bias"))
     return terms
 
@@ -157,12 +158,12 @@ def rope_kernel(positions, theta):
     """E_theta (n, n), (E_theta)_ij = e^{i (p_i - p_j) theta}: Hermitian, rank one (u u^*), unit diagonal."""
     p = positions.double()
     angle = (p[:, None] - p[None, :]) * float(theta)
-    # (E_theta)_ij = exp(i (p_i - p_j) theta)  (notes §1.2)
+    # (E_theta)_ij = exp(i (p_i - p_j) theta)  (docs/spectral.md §1.2)
     return torch.polar(torch.ones_like(angle), angle)
 
 
 def rope_logits_hadamard(q, k, positions, base=BASE, pairing="interleaved"):
-    """RoPE logits as a sum of per-frequency Hadamard products (notes §1.2).
+    """RoPE logits as a sum of per-frequency Hadamard products (docs/spectral.md §1.2).
 
     q, k: unrotated queries and keys (n, d); positions (n,). Returns (total (n, n), terms) with
     terms[k] = Re(G^(k)_{q,k} o E_{theta_k}) and total = sum_k terms[k], which equals
@@ -181,7 +182,8 @@ def rope_logits_hadamard(q, k, positions, base=BASE, pairing="interleaved"):
 
 
 def mla_logits(q_content, k_content, q_rope, k_rope, positions, base=BASE, pairing="interleaved"):
-    """MLA's decoupled-RoPE logit: an additive content term plus a RoPE Hadamard term (notes §1.2, §4.3).
+    """MLA's decoupled-RoPE logit: an additive content term plus a RoPE Hadamard term
+    (docs/spectral.md §1.2, §4.3).
 
     q_content, k_content (n, d_C); q_rope, k_rope (n, d_R) unrotated. Returns a dict with
     'content' = G_{qC,kC} / s, 'position' = Re sum_k G^(k)_{qR,kR} o E_k / s and 'total', where
@@ -214,8 +216,9 @@ def t5_matrix(n, std=T5_STD, generator=None):
 
 def rope_mixture_kernel(n, n_freqs, base=BASE, kind="complex", weights=None):
     """G_RoPE (n, n) = sum_k w_k E_{theta_k} (complex) or sum_k w_k cos((i-j) theta_k) (real),
-    theta_k = base^(-2k/(2K)), k = 0..K-1, weights uniform by default (the notes' 'average of K
-    RoPE frequencies'). PSD with unit diagonal when the weights are a convex combination."""
+    theta_k = base^(-2k/(2K)), k = 0..K-1, weights uniform by default ('average of K RoPE
+    frequencies', docs/spectral.md §1.3). PSD with unit diagonal when the weights are a convex
+    combination."""
     if n_freqs < 1:
         raise ValueError(f"the number of RoPE frequencies must be >= 1, got {n_freqs}")
     thetas = rope.rope_frequencies(2 * n_freqs, base).double()
@@ -292,7 +295,6 @@ def sweep(n_values=N_VALUES, freq_counts=FREQ_COUNTS, d=CONTENT_DIM, trials=TRIA
           t5_std=T5_STD, base=BASE, kernel="complex", seed=0, progress=True):
     """Rows (dicts) of the table: for each n, K, method, the mean lambda_min / lambda_max over trials,
     the bound interval and whether every trial stayed inside its bound."""
-    from tqdm import tqdm
     g = torch.Generator().manual_seed(seed)
     rows = []
     grid = [(n, K) for n in n_values for K in freq_counts]
@@ -331,36 +333,26 @@ def sweep(n_values=N_VALUES, freq_counts=FREQ_COUNTS, d=CONTENT_DIM, trials=TRIA
 # ============================================================================================
 # 4. Outputs: table and figure (atomic writes)
 # ============================================================================================
-def _atomic_write(path, write_fn, mode="w"):
-    """Write through training.atomic_write (a temporary file, then os.replace): never a half-written file."""
-    def _write(tmp):
-        with open(tmp, mode) as f:
-            write_fn(f)
-    training.atomic_write(path, _write)
-
-
 def write_table(rows, csv_path, md_path, md_n_freqs=FIG_K):
-    fields = list(rows[0].keys())
+    """The sweep as a CSV table (every row) and a Markdown table (the rows at K = md_n_freqs)."""
+    training.write_csv(csv_path, [{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()}
+                                  for r in rows], list(rows[0].keys()))
+    lines = [f"Spectra at K = {md_n_freqs} RoPE frequencies (mean over trials); bound = Weyl for "
+             "A + B, Schur for A o G. Ours, not the paper's theorem.", "",
+             "| n | method | lambda_min | lambda_max | spread | bound interval | holds |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if r["n_freqs"] != md_n_freqs:
+            continue
+        bound = "-" if r["bound"] == "-" else f"{r['bound']} [{r['bound_lo']:.4g}, {r['bound_hi']:.4g}]"
+        lines.append(f"| {r['n']} | {r['method']} | {r['lambda_min']:.4g} | {r['lambda_max']:.4g} | "
+                     f"{r['spread']:.4g} | {bound} | {'yes' if r['bound_holds'] else 'NO'} |")
+    _write_text(md_path, "\n".join(lines) + "\n")
 
-    def _csv(f):
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    _atomic_write(csv_path, _csv)
 
-    def _md(f):
-        f.write(f"Spectra at K = {md_n_freqs} RoPE frequencies (mean over trials); bound = Weyl for "
-                "A + B, Schur for A o G. Ours, not the paper's theorem.\n\n")
-        f.write("| n | method | lambda_min | lambda_max | spread | bound interval | holds |\n")
-        f.write("| --- | --- | --- | --- | --- | --- | --- |\n")
-        for r in rows:
-            if r["n_freqs"] != md_n_freqs:
-                continue
-            bound = "-" if r["bound"] == "-" else f"{r['bound']} [{r['bound_lo']:.4g}, {r['bound_hi']:.4g}]"
-            f.write(f"| {r['n']} | {r['method']} | {r['lambda_min']:.4g} | {r['lambda_max']:.4g} | "
-                    f"{r['spread']:.4g} | {bound} | {'yes' if r['bound_holds'] else 'NO'} |\n")
-    _atomic_write(md_path, _md)
+def _write_text(path, text):
+    """Atomic text write (training.atomic_write: a temporary file, then os.replace)."""
+    training.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def plot(rows, fig_path, d=CONTENT_DIM, alibi_slope=ALIBI_SLOPE, t5_std=T5_STD, base=BASE, kernel="complex",
@@ -409,7 +401,7 @@ def plot(rows, fig_path, d=CONTENT_DIM, alibi_slope=ALIBI_SLOPE, t5_std=T5_STD, 
     fig.suptitle("Spectral comparison (our Weyl/Schur reconstruction of the paper's 'spectral contraction', "
                  f"{kernel} RoPE kernel, ALiBi m = {alibi_slope}, T5 std = {t5_std})", fontsize=9)
     fig.tight_layout()
-    _atomic_write(fig_path, lambda f: fig.savefig(f, format="png", dpi=110), mode="wb")
+    training.atomic_write(fig_path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
 
 
@@ -424,8 +416,9 @@ def _int_list(text):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Eigenvalue comparison of additive (ALiBi, T5) and "
-                                "multiplicative (RoPE) content-position coupling; writes a table and a figure.")
+    p = argparse.ArgumentParser(prog="python -m spectral.decomposition",
+                                description="Eigenvalue comparison of additive (ALiBi, T5) and multiplicative "
+                                "(RoPE) content-position coupling; writes a table and a figure.")
     p.add_argument("--n", type=_int_list, default=list(N_VALUES), help="sequence lengths, e.g. 16,32,64")
     p.add_argument("--freqs", type=_int_list, default=list(FREQ_COUNTS), help="RoPE frequency counts K")
     p.add_argument("--dim", type=int, default=CONTENT_DIM, help="content features d (A = C C^T / d)")
@@ -453,9 +446,9 @@ def main(argv=None):
              args.kernel, args.seed, fig_n, fig_k)
         meta = {"args": vars(args), "torch": torch.__version__,
                 "all_bounds_hold": all(r["bound_holds"] for r in rows)}
-        _atomic_write(os.path.join(args.out, "spectral_config.json"), lambda f: json.dump(meta, f, indent=2))
+        _write_text(os.path.join(args.out, "spectral_config.json"), json.dumps(meta, indent=2))
     except (ValueError, OSError) as e:
-        print(f"spectral.py: {e}", file=sys.stderr)
+        print(f"spectral.decomposition: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}/spectral_table.csv, spectral_table.md, spectral.png "
           f"(all bounds hold: {meta['all_bounds_hold']})")

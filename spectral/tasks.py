@@ -1,29 +1,29 @@
 """The Spectral paper's synthetic tasks, an encoder classifier for every PE, and per-head ablation
-(arXiv 2505.13027; notes: spec/paper-spectral-notes.md §2-§4).
+(arXiv 2505.13027; reading notes: docs/spectral.md §2-§4).
 
-The two tasks (notes §3; the authors' data-gen scripts, re-derived, seeded)
---------------------------------------------------------------------------
-Vocabulary: a synthetic integer vocabulary of 574 ids (the models' hard-coded vocab size, notes
-§3.1): 0 [PAD], 1 [UNK], 2 [CLS], 3 [SEP], 4 [MASK], and 569 word ids 5..573. No tokenizer, no
-corpus.
+The two tasks (docs/spectral.md §3; the authors' data-gen scripts, re-derived, seeded)
+-------------------------------------------------------------------------------------
+Vocabulary: a synthetic integer vocabulary of 574 ids (the models' hard-coded vocab size,
+docs/spectral.md §3.1): 0 [PAD], 1 [UNK], 2 [CLS], 3 [SEP], 4 [MASK], and 569 word ids 5..573.
+No tokenizer, no corpus.
 
 Task 1, trigger distance (content-position DEPENDENT). One ordered pair of distinct trigger words
 (w1, w2) for the whole data set. Per sample draw g ~ U{1..G} (words between the triggers) and
 l, r ~ U{1..S} (left and right context); each segment is drawn without replacement from the word
 ids; the sentence is  left + [w1] + middle + [w2] + right,  truncated to `max_words` (this can only
 cut right context). Label: the distance  pos(w2) - pos(w1) = g + 1 in {2..G+1}, uniform, chance
-1/G. (The notes write "{1..71}"; with g >= 1 the smallest distance is 2.) Exact duplicates are
-dropped and redrawn. Deviation, on purpose: the paper's fillers may contain the trigger words
-themselves, which makes some labels ambiguous; our default draws fillers from the other 567
-words, and `fillers_include_triggers=True` restores the paper's draw.
+1/G. (docs/spectral.md §3.1 writes "{1..71}"; with g >= 1 the smallest distance is 2.) Exact
+duplicates are dropped and redrawn. Deviation, on purpose: the paper's fillers may contain the
+trigger words themselves, which makes some labels ambiguous; our default draws fillers from the
+other 567 words, and `fillers_include_triggers=True` restores the paper's draw.
 
 Task 2, trigger counting (content-position INDEPENDENT). 30 fixed trigger words. Per sample draw
 c ~ U{0..C}, c triggers with replacement from the 30, 120 - c fillers with replacement from the
 other words, shuffle. Label: c. As in the paper's code, samples with c = 0 are ignored by the loss
 and the accuracy (CrossEntropyLoss(ignore_index=0)): chance is about 1/C.
 
-The classifier (notes §3.3, with the deviations the notes recommend)
--------------------------------------------------------------------
+The classifier (docs/spectral.md §3.3, with the deviations §5 recommends)
+------------------------------------------------------------------------
 Token embedding (+ absolute PE) -> L pre-LN `ode_attention.Block`s (standard bidirectional SELF-
 attention; key padding mask) -> final LayerNorm -> mean over the real tokens -> Linear to the
 label space. (The authors' code lets every layer attend to the layer-0 embeddings, has no padding
@@ -31,7 +31,7 @@ mask and mean-pools over padding too; we use the standard wiring instead, and GE
 With no positional encoding, no causal mask and mean pooling, the model is a function of the
 token multiset: exactly permutation-invariant (tested), so NoPE cannot beat chance on Task 1.
 
-`--pe` chooses where position enters (notes §2):
+`--pe` chooses where position enters (docs/spectral.md §2):
     none            nowhere
     sin             sinusoidal table added to the embeddings (Vaswani, interleaved sin/cos)
     learned         a learned table added to the embeddings (N(0, 1) init, like nn.Embedding)
@@ -43,29 +43,31 @@ token multiset: exactly permutation-invariant (tested), so NoPE cannot beat chan
     mla             multi-head latent attention with decoupled RoPE (below), q_R per head
     mla-shared      the same with q_R shared by all heads too (the paper's mla.py; explicit variant)
 
-MLA (DeepSeek-V2/V3; notes §4.3). With x the block input after LayerNorm:
+MLA (DeepSeek-V2/V3; docs/spectral.md §4.3). With x the block input after LayerNorm:
     c_KV = x W_DKV,  c_Q = x W_DQ                             (latents, width d_c)
     k_C = c_KV W_UK,  v = c_KV W_UV,  q_C = c_Q W_UQ          (content parts, H heads of d_h)
     k_R = RoPE(x W_KR)               shared by all heads      (width d_R)
     q_R = RoPE(c_Q W_QR)             per head (DeepSeek; "mla") or shared ("mla-shared": the paper code)
     logit_h,ij = ([q_C; q_R]_h,i . [k_C; k_R]_j) / sqrt(d_h + d_R)
-               = (q_C . k_C + Re sum_k G^(k)_{qR,kR} o E_theta_k) / sqrt(d_h + d_R)   (spectral.mla_logits)
+               = (q_C . k_C + Re sum_k G^(k)_{qR,kR} o E_theta_k) / sqrt(d_h + d_R)
+                                                  (spectral.decomposition.mla_logits)
 Position enters as an ADDITIVE, separately projected RoPE logit on top of a NoPE content logit.
 Unlike the paper's mla.py the rotation is a true rotation (rope.apply_rope), and the MLA model
 differs from the others ONLY in its attention module (same embedding, padding mask, pooling,
-optimiser, epochs), so the comparison is not confounded (notes §4.3 caveat 3).
+optimiser, epochs), so the comparison is not confounded (docs/spectral.md §4.3 caveat 3).
 
-Training (notes §3.4): AdamW, lr 1e-4, weight decay 1e-5, betas (0.98, 0.9) exactly as the
-paper's code writes them -- beta1 > beta2 is unusual (`--betas standard` gives (0.9, 0.98));
+Training (docs/spectral.md §3.4): AdamW, lr 1e-4, weight decay 1e-5, betas (0.98, 0.9) exactly as
+the paper's code writes them -- beta1 > beta2 is unusual (`--betas standard` gives (0.9, 0.98));
 linear warmup over 6% of the steps then cosine to 0, per step; 70/30 train/test split; the
 reported accuracy is the LAST epoch's, as in the paper.
 
-Per-head ablation (notes §4.2): for every layer l and head h, zero head h's output (its d_h slice
-of the concatenated attention output, before the output projection: `head_mask`) and measure the
-test accuracy. The paper's code zeroes the rows of W_V instead (the same thing when V has no
-bias); its MLA ablation zeroed latent channels by mistake, which we do not repeat. "Single-head
-deposit" (our criterion; the paper's is not recoverable, notes "Open uncertainties" 5): in some
-layer one head's ablation costs >= 20 accuracy points and at least 4x the runner-up in that layer.
+Per-head ablation (docs/spectral.md §4.2): for every layer l and head h, zero head h's output
+(its d_h slice of the concatenated attention output, before the output projection: `head_mask`)
+and measure the test accuracy. The paper's code zeroes the rows of W_V instead (the same thing
+when V has no bias); its MLA ablation zeroed latent channels by mistake, which we do not repeat.
+"Single-head deposit" (our criterion; the paper's is not recoverable, docs/spectral.md, "Open
+uncertainties" 5): in some layer one head's ablation costs >= 20 accuracy points and at least 4x
+the runner-up in that layer.
 
 Presets: "paper" (the authors' sizes: 100k/50k samples, 6 layers x 16 heads, d 256, 100 epochs,
 batch 512, lr 1e-4), "medium" (the paper's model on mid-sized tasks, lr 5e-4, 20 epochs: one GPU,
@@ -73,32 +75,35 @@ batch 512, lr 1e-4), "medium" (the paper's model on mid-sized tasks, lr 5e-4, 20
 README table) and "tiny" (tests). The smaller presets raise the learning rate because they train
 for hundreds, not ten thousands, of steps.
 
-Usage:
-    python synthetic_tasks.py show --task 1                                   # a few samples
-    python synthetic_tasks.py train --task 1 --pe rope --preset small --seed 0
-    python synthetic_tasks.py table --preset small --seeds 0,1,2 --workers 2   # README table
-    python synthetic_tasks.py train --task 1 --pe rope --preset medium --device cuda
-    python synthetic_tasks.py report --runs results/spectral/runs --name mine  # table from run files
+Usage (from the project root):
+    python -m spectral.tasks show --task 1                                   # a few samples
+    python -m spectral.tasks train --task 1 --pe rope --preset small --seed 0
+    python -m spectral.tasks table --preset small --seeds 0,1,2 --workers 2   # README table
+    python -m spectral.tasks train --task 1 --pe rope --preset medium --device cuda
+    python -m spectral.tasks report --runs results/spectral/runs --name mine  # table from run files
 """
 import argparse
-import csv
 import json
 import math
+import multiprocessing as mp
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import rope
 import training
 from ode_attention import Block, attention_mask
 
-# ---- vocabulary (notes §3.1) ----
+# ---- vocabulary (docs/spectral.md §3.1) ----
 VOCAB_SIZE = 574
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
 FIRST_WORD = 5
@@ -109,7 +114,7 @@ TABLE_PES = ("none", "sin", "learned", "t5", "alibi", "rope", "rope-partial:1", 
 # ---- presets: the paper's sizes, and CPU-sized ones ----
 # task: data sizes; model: Classifier sizes; train: optimisation
 PRESETS = {
-    "paper": {  # notes §3.1-§3.4 (the authors' code)
+    "paper": {  # docs/spectral.md §3.1-§3.4 (the authors' code)
         "task1": dict(n_samples=100_000, max_gap=70, max_side=25, max_words=120),
         "task2": dict(n_samples=50_000, n_triggers=30, max_count=100, seq_words=120),
         "model": dict(d=256, n_heads=16, n_layers=6, mlp_ratio=2.0, dropout=0.1, mla_latent=128),
@@ -511,7 +516,6 @@ def train_run(task, pe, preset="small", seed=0, *, ablate=True, progress=True, r
     total = cfg["epochs"] * steps_per_epoch
     warmup = round(cfg["warmup_fraction"] * total)
     history, step = [], 0
-    from tqdm import tqdm
     bar = tqdm(total=total, desc=f"task {task} {pe} seed {seed}", disable=not progress, leave=False)
     for epoch in range(cfg["epochs"]):
         model.train()
@@ -568,10 +572,7 @@ def run_name(task, pe, preset, seed):
 
 def _write_text(path, text):
     """Atomic text write (training.atomic_write: a temporary file, then os.replace)."""
-    def _write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    training.atomic_write(path, _write)
+    training.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _write_json(path, obj):
@@ -589,9 +590,6 @@ def _worker(args):
 
 def run_all(tasks, pes, seeds, preset, cache, workers=1, overrides=None):
     """Train every (task, pe, seed) whose JSON is not in `cache` yet; returns all results."""
-    from concurrent.futures import ProcessPoolExecutor
-    import multiprocessing as mp
-    from tqdm import tqdm
     jobs = [(t, pe, preset, s, os.path.join(cache, run_name(t, pe, preset, s)), overrides or {})
             for t in tasks for pe in pes for s in seeds]
     todo = [j for j in jobs if not os.path.exists(j[4])]
@@ -651,15 +649,9 @@ def summarise(results):
 
 
 def write_tables(rows, out, name="synthetic_small"):
-    fields = list(rows[0].keys())
-
-    def _csv(tmp):
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()})
-    training.atomic_write(os.path.join(out, f"{name}_results.csv"), _csv)
+    training.write_csv(os.path.join(out, f"{name}_results.csv"),
+                       [{k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
+                       list(rows[0].keys()))
     pes = []
     for r in rows:
         if r["pe"] not in pes:
@@ -762,7 +754,8 @@ def _overrides(a):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="The Spectral paper's synthetic tasks: train encoder classifiers "
+    p = argparse.ArgumentParser(prog="python -m spectral.tasks",
+                                description="The Spectral paper's synthetic tasks: train encoder classifiers "
                                 "with each PE, ablate every head, write the results table and heat maps.")
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train one model and ablate its heads")
