@@ -129,6 +129,35 @@ def time_variants(runs: list, rt: Runtime, rounds: int, steps: int, raw: dict | 
 # ------------------------------------------------------------------------------------------------
 # 1. ODE integrator vs torchdiffeq
 # ------------------------------------------------------------------------------------------------
+def build_and_time(variants: list, make, rt: Runtime, args) -> tuple[list, dict, dict]:
+    """The training-step benchmarks' common part (analysis.bench_lm, analysis.bench_vit): build every
+    variant — make(over) -> (model, step) — then time them all in interleaved rounds.
+    Returns ([(name, model, step)], median seconds per step by name, every round's time by name)."""
+    runs = []
+    for name, over in variants:
+        model, step = make(over)
+        runs.append((name, model, step))
+        if rt.is_main:
+            print(f"built {name}", flush=True)
+    rounds: dict = {}
+    sec_per_step = time_variants([(n, s) for n, _, s in runs], rt, args.bench_rounds, args.bench_steps, raw=rounds)
+    return runs, sec_per_step, rounds
+
+
+def finish_report(rt: Runtime, out: Path, report: dict, title: str, rate: str, unit: str, width: int,
+                  rate_fmt: str) -> None:
+    """Write bench.json and print one row per variant: rate, ratio to plain, MFU."""
+    if rt.is_main:
+        training.RunDir(out).write_json("bench.json", report)
+        print(title)
+        print(f"{'variant':<{width}}{unit:>12}{'× plain':>9}{'MFU':>8}")
+        for r in report["rows"]:
+            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+            print(f"{r['variant']:<{width}}{r[rate]:>12{rate_fmt}}{r['ratio_to_plain']:>9.3f}{mfu:>8}")
+        print(f"(written to {out / 'bench.json'})")
+    training.teardown(rt)
+
+
 def bench_ode(device, n_inst: int, t_end: float, dt: float) -> list[dict]:
     try:
         import torchdiffeq

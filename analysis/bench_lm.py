@@ -28,7 +28,8 @@ import torch
 
 import train_lm
 import training
-from analysis.bench import add_bench_args, bench_step, flops_per_token, peak_tflops, select_variants, time_variants
+from analysis.bench import (add_bench_args, bench_step, build_and_time, finish_report, flops_per_token,
+                            peak_tflops, select_variants)
 
 ROOT = Path(__file__).resolve().parent.parent          # the project folder (analysis/ is inside it)
 
@@ -65,17 +66,13 @@ def bench(args) -> int:
     gen = torch.Generator().manual_seed(0)
     data = torch.randint(0, 256, (micro, cfg["seq_len"] + 1), generator=gen).to(rt.device)
     x, y = data[:, :-1], data[:, 1:]
-    runs = []
-    for name, over in variants:
+    def make(over):
         c = dict(cfg, lam=0.0, lam_mode="identity", regime="free") | over
         model = train_lm.build_lm(c).to(rt.device)
-        step = bench_step(model, train_lm.make_optimizer(model, c, rt.device), rt, lambda fwd: fwd(x, y),
-                          compile=False if args.no_compile else None)
-        runs.append((name, model, step))
-        if rt.is_main:
-            print(f"built {name}", flush=True)
-    rounds: dict = {}
-    sec_per_step = time_variants([(n, s) for n, _, s in runs], rt, args.bench_rounds, args.bench_steps, raw=rounds)
+        return model, bench_step(model, train_lm.make_optimizer(model, c, rt.device), rt, lambda fwd: fwd(x, y),
+                                 compile=False if args.no_compile else None)
+
+    runs, sec_per_step, rounds = build_and_time(variants, make, rt, args)
     tokens = micro * cfg["seq_len"]
     peak = peak_tflops(rt, args.peak_tflops)
     # F = 6 N + 12 L n d of the plain model, for every variant
@@ -94,16 +91,9 @@ def bench(args) -> int:
               "amp": str(rt.amp_dtype), "compile": gpu and not args.no_compile, "micro_batch": micro,
               "config": {k: cfg[k] for k in ("d_model", "n_layers", "n_heads", "seq_len", "pe")},
               "peak_tflops": peak, "rows": rows}
-    if rt.is_main:
-        training.RunDir(out).write_json("bench.json", report)
-        print(f"\n{report['device']}, {cfg['n_layers']}×{cfg['d_model']} ({cfg['n_heads']} heads), "
-              f"seq {cfg['seq_len']}, batch {micro}, pe {cfg['pe']}, amp {report['amp']}:")
-        print(f"{'variant':<26}{'tokens/s':>12}{'× plain':>9}{'MFU':>8}")
-        for r in rows:
-            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-            print(f"{r['variant']:<26}{r['tokens_per_s']:>12,.0f}{r['ratio_to_plain']:>9.3f}{mfu:>8}")
-        print(f"(written to {out / 'bench.json'})")
-    training.teardown(rt)
+    finish_report(rt, out, report, f"\n{report['device']}, {cfg['n_layers']}×{cfg['d_model']} ({cfg['n_heads']} heads), "
+                  f"seq {cfg['seq_len']}, batch {micro}, pe {cfg['pe']}, amp {report['amp']}:",
+                  "tokens_per_s", "tokens/s", 26, ",.0f")
     return 0
 
 

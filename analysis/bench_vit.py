@@ -29,7 +29,8 @@ import torch
 
 import train_vit
 import training
-from analysis.bench import add_bench_args, bench_step, flops_per_token, peak_tflops, select_variants, time_variants
+from analysis.bench import (add_bench_args, bench_step, build_and_time, finish_report, flops_per_token,
+                            peak_tflops, select_variants)
 from data import images
 
 ROOT = Path(__file__).resolve().parent.parent          # the project folder (analysis/ is inside it)
@@ -69,19 +70,14 @@ def bench(args) -> int:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(micro, 3, cfg["image_size"], cfg["image_size"], generator=gen).to(rt.device)
     t = images.soft_targets(torch.randint(0, 1000, (micro,), generator=gen), 1000, 0.1).to(rt.device)
-    runs = []
-    for name, over in variants:
+    def make(over):
         c = dict(cfg, **plain) | over
         model = train_vit.build_vit(c).to(rt.device)
-        step = bench_step(model, train_vit.make_optimizer(model, c, rt.device), rt,
-                          lambda fwd: train_vit.soft_cross_entropy(fwd(x), t),
-                          compile=False if args.no_compile else None)
-        runs.append((name, model, step))
-        if rt.is_main:
-            print(f"built {name}", flush=True)
-    rounds: dict = {}
-    sec_per_step = time_variants([(n, s) for n, _, s in runs], rt, args.bench_rounds,
-                                 args.bench_steps, raw=rounds)
+        return model, bench_step(model, train_vit.make_optimizer(model, c, rt.device), rt,
+                                 lambda fwd: train_vit.soft_cross_entropy(fwd(x), t),
+                                 compile=False if args.no_compile else None)
+
+    runs, sec_per_step, rounds = build_and_time(variants, make, rt, args)
     peak = peak_tflops(rt, args.peak_tflops)
     n_tok = (cfg["image_size"] // cfg["patch_size"]) ** 2 + (cfg["pool"] == "cls")
     rows, base = [], None
@@ -101,17 +97,9 @@ def bench(args) -> int:
               "config": {k: cfg[k] for k in ("d_model", "n_layers", "n_heads", "image_size", "patch_size",
                                              "mlp_ratio", "pool")},
               "tokens_per_image": n_tok, "peak_tflops": peak, "rows": rows}
-    if rt.is_main:
-        training.RunDir(out).write_json("bench.json", report)
-        print(f"\n{report['device']}, {cfg['n_layers']}×{cfg['d_model']} ({cfg['n_heads']} heads), "
-              f"{cfg['image_size']} px / patch {cfg['patch_size']} ({n_tok} tokens), batch {micro}, "
-              f"amp {report['amp']}:")
-        print(f"{'variant':<28}{'images/s':>12}{'× plain':>9}{'MFU':>8}")
-        for r in rows:
-            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-            print(f"{r['variant']:<28}{r['images_per_s']:>12,.1f}{r['ratio_to_plain']:>9.3f}{mfu:>8}")
-        print(f"(written to {out / 'bench.json'})")
-    training.teardown(rt)
+    finish_report(rt, out, report, f"\n{report['device']}, {cfg['n_layers']}×{cfg['d_model']} ({cfg['n_heads']} heads), "
+                  f"{cfg['image_size']} px / patch {cfg['patch_size']} ({n_tok} tokens), batch {micro}, "
+                  f"amp {report['amp']}:", "images_per_s", "images/s", 28, ",.1f")
     return 0
 
 
