@@ -198,7 +198,7 @@ def make_adamw(model: torch.nn.Module, *, lr: float, beta2: float, weight_decay:
                device: torch.device, no_decay=()) -> torch.optim.AdamW:
     """AdamW (β₁ = 0.9) with weight decay on weight matrices only: never on vectors (norms,
     biases), never on the λ-term or the LDL diagonal θ (ode_attention.no_decay_parameters), nor
-    on the parameters in `no_decay` (e.g. [model.cls_token, model.pos.weight])."""
+    on the parameters in `no_decay` (e.g. train_vit's [model.cls, model.pos.weight])."""
     skip = {id(p) for p in [*ode_attention.no_decay_parameters(model), *no_decay]}
     decay, rest = [], []
     for p in model.parameters():
