@@ -253,8 +253,13 @@ def alibi_slopes(n_heads: int, schedule: str = "geometric") -> torch.Tensor:
         raise ValueError(f"n_heads must be positive, got {n_heads}.")
     h = torch.arange(n_heads, dtype=torch.float64)
     if schedule == "geometric":
-        # Press et al.: m_h = 2^(−8(h+1)/H)   (h = 0 … H−1)
-        return 2.0 ** (-8.0 * (h + 1) / n_heads)
+        # Press et al.: for H = 2ᵏ the ladder m_h = 2^(−8(h+1)/H), h = 0 … H−1. Otherwise, with
+        # P = 2^⌊log₂ H⌋: P's ladder, then the odd rungs of the 2P ladder, 2^(−8(2j+1)/(2P)),
+        # for j = 0 … H−P−1 (as their released code and BLOOM's build_alibi_tensor do).
+        P = 1 << (n_heads.bit_length() - 1)
+        ladder = 2.0 ** (-8.0 * torch.arange(1, P + 1, dtype=torch.float64) / P)
+        odd_rungs = 2.0 ** (-8.0 * (2 * torch.arange(n_heads - P, dtype=torch.float64) + 1) / (2 * P))
+        return torch.cat([ladder, odd_rungs])
     if schedule == "exp":
         # Spectral paper's code (docs/spectral.md §2): m_h = e^(−h/H)
         return torch.exp(-h / n_heads)

@@ -155,3 +155,18 @@ def test_demo_draws_the_encodings(tmp_path):
     assert rope.main(["--dim", "8", "--n", "6", "--out", str(out)]) == 0
     assert out.stat().st_size > 0
     assert rope.main(["--dim", "6", "--out", str(out)]) == 2               # not a multiple of 4
+
+
+def test_alibi_slopes_follow_press_et_al_for_every_head_count():
+    # powers of two: the plain ladder 2^(−8(h+1)/H)
+    for H in (1, 2, 4, 8, 16):
+        assert torch.equal(rope.alibi_slopes(H), 2.0 ** (-8.0 * torch.arange(1, H + 1, dtype=f64) / H))
+    # H = 6: the ladder of 4 (2⁻², 2⁻⁴, 2⁻⁶, 2⁻⁸), then every other rung of the ladder of 8 (2⁻¹, 2⁻³)
+    assert rope.alibi_slopes(6).tolist() == [2.0 ** -2, 2.0 ** -4, 2.0 ** -6, 2.0 ** -8, 2.0 ** -1, 2.0 ** -3]
+    # H = 10 (the wikitext103 preset): ladder of 8, then 2^(−1/2), 2^(−3/2) from the ladder of 16
+    want = [2.0 ** -(k + 1) for k in range(8)] + [2.0 ** -0.5, 2.0 ** -1.5]
+    assert torch.allclose(rope.alibi_slopes(10), torch.tensor(want, dtype=f64), rtol=0, atol=1e-15)
+    # every head count: H distinct slopes in (0, 1)
+    for H in range(1, 41):
+        m = rope.alibi_slopes(H)
+        assert m.shape == (H,) and len(set(m.tolist())) == H and bool(((m > 0) & (m < 1)).all())
