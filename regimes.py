@@ -104,19 +104,33 @@ def interaction_matrices(Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor,
     if not math.isfinite(worst) or worst > cond_max:
         raise ValueError(f"V is singular or ill-conditioned (condition number {worst:.3g} > {cond_max:.0e}); "
                          "A = W (Vᵀ)⁻¹ is not defined.")
+    return W, value_form(W, V)
+
+
+def value_form(W: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """A = W (Vᵀ)⁻¹, the matrix of the identity xᵢᵀ A ẋᵢ = Σⱼ Pᵢⱼ xᵢᵀ W xⱼ for the value map V
+    (V invertible; interaction_matrices checks its condition number)."""
     # A Vᵀ = W  ⇔  V Aᵀ = Wᵀ  ⇔  Aᵀ = V⁻¹ Wᵀ
-    A = torch.linalg.solve(V, W.transpose(-1, -2)).transpose(-1, -2)
-    return W, A
+    return torch.linalg.solve(V, W.transpose(-1, -2)).transpose(-1, -2)
 
 
 def logit_form(W: torch.Tensor, lam: float = 0.0, M: torch.Tensor | None = None) -> torch.Tensor:
     """What the λ-term does to the logit matrix, written once: it adds λ xᵢᵀ M xⱼ to every logit
-    xᵢᵀ W xⱼ, so the realised logit form is  W_λ = W + λ M  (M = I when None). The regime the λ-term
-    aims at is read off W_λ (its symmetric part) with the same value map. (Per head of a trained
-    layer the same rule reads Wₕ + λ Eₕ Λₕ Eₕᵀ: analysis.reports.with_lam.)"""
+    xᵢᵀ W xⱼ, so the realised logit form is  W_λ = W + λ M  (M = I when None). Its regime is read
+    off (W_λ, A_λ) with A_λ = W_λ (Vᵀ)⁻¹ for the same value map V (lam_interaction): the identity
+    (I) holds for the logits the softmax really sees. (Per head of a trained layer the same rule
+    reads Wₕ + λ Eₕ Λₕ Eₕᵀ: analysis.reports.with_lam.)"""
     if lam == 0.0:
         return W
     return W + lam * (torch.eye(W.shape[-1], dtype=W.dtype, device=W.device) if M is None else M)
+
+
+def lam_interaction(W: torch.Tensor, V: torch.Tensor, lam: float = 0.0, M: torch.Tensor | None = None):
+    """(W_λ, A_λ) = (W + λM, (W + λM)(Vᵀ)⁻¹): the pair whose regime the λ-term realises. Reading it
+    off (W + λM, A) instead is wrong: W = diag(1, 10), A = −[[1, .95], [.95, 1]], λ = −0.9 looks
+    convergent that way, while sym(A_λ) has eigenvalues (−1.13, +0.12)."""
+    W_lam = logit_form(W, lam, M)
+    return W_lam, value_form(W_lam, V)
 
 
 def _regime_rule(ew: torch.Tensor, ea: torch.Tensor, tol: float) -> list[str]:

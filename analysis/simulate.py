@@ -6,7 +6,7 @@ Samples (Q, K, V) of the requested regime (regimes.sample_instance), integrates 
 dX/dt = softmax(X Q Kᵀ Xᵀ) X V (ode_attention.integrate) with the chosen positional encoding and
 λ-term, and writes trajectories.png (the tokens y(t); the plane itself for d = 2, else the top-3
 principal directions), probes.png, probes.csv (the token-geometry probes over time) and
-summary.json (the predicted regime of W + λM and the observed fate). See `--help` for the flags.
+summary.json (the predicted regime of (W + λM, (W + λM)(Vᵀ)⁻¹) and the observed fate). See `--help` for the flags.
 """
 
 from __future__ import annotations
@@ -52,9 +52,9 @@ def simulate(regime: str, pe: str = "none", lam: float = 0.0, lam_matrix: str = 
         opts["lam"] = lam
         if lam_matrix == "A":
             opts["lam_M"] = A
-    # the logit matrix the λ-term produces: W + λM — its regime is the one we predict
-    W_eff = regimes.logit_form(W, lam, A if lam_matrix == "A" else None)
-    predicted = regimes.classify_matrices(W_eff, A)
+    # the λ-term's realised pair (W + λM, (W + λM)(Vᵀ)⁻¹) — its regime is the one we predict
+    W_eff, A_eff = regimes.lam_interaction(W, V, lam, A if lam_matrix == "A" else None)
+    predicted = regimes.classify_matrices(W_eff, A_eff)
     bound = 1e6 * max(1.0, float(token_norm(X0 + shift)))
     tr = integrate(X0, Q, K, V, t_end=t_end, dt=dt, method=method, max_norm=bound, n_save=401, **opts)
     Y = tr.X + shift                                             # driving tokens y = x + p
@@ -65,7 +65,7 @@ def simulate(regime: str, pe: str = "none", lam: float = 0.0, lam_matrix: str = 
         per = regimes.rope_offset_regimes(Q, K, V, range(-(n - 1), n))
         kept = (sum(r["regime"] == predicted for r in per), len(per))
     return {"traj": tr, "Y": Y, "W": W, "A": A, "predicted": predicted, "fate": fate, "rope_kept": kept,
-            "probes": {k: fn(Y) for k, fn in PROBES.items()}, "regime_report": regimes.regime_of(W_eff, A)}
+            "probes": {k: fn(Y) for k, fn in PROBES.items()}, "regime_report": regimes.regime_of(W_eff, A_eff)}
 
 
 def main(argv=None) -> int:

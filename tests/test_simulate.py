@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+import torch
+
+import regimes
 from analysis import simulate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,3 +48,22 @@ def test_simulate_predicts_and_observes_the_convergent_regime():
     assert res["traj"].X.shape == (401, 6, 2) and set(res["probes"]) == {"norm", "pairwise_distance",
                                                                           "sharpness", "cosine"}
     assert float(res["probes"]["norm"][-1]) < float(res["probes"]["norm"][0])
+
+
+def test_lambda_regime_is_read_off_the_realised_pair():
+    """The λ-term changes the logits to W + λM, so the identity (I) needs A_λ = (W + λM)(Vᵀ)⁻¹, not A.
+    The issue's counterexample, then a sampled instance (seed 7, d = 2) where the two readings differ."""
+    W = torch.diag(torch.tensor([1.0, 10.0], dtype=torch.float64))
+    A = -torch.tensor([[1.0, 0.95], [0.95, 1.0]], dtype=torch.float64)
+    V = torch.linalg.solve(A, W).T                               # A Vᵀ = W
+    W_lam, A_lam = regimes.lam_interaction(W, V, -0.9)
+    assert torch.allclose(A_lam @ V.T, W_lam, atol=1e-12)        # A_λ Vᵀ = W + λI
+    ev = torch.linalg.eigvalsh((A_lam + A_lam.T) / 2)
+    assert torch.allclose(ev, torch.tensor([-1.1328, 0.1228], dtype=torch.float64), atol=1e-4)
+    assert regimes.classify_matrices(W_lam, A) == "convergent"   # the wrong reading
+    assert regimes.classify_matrices(W_lam, A_lam) == "intermediate"
+    res = simulate.simulate("convergent", lam=-0.9, d=2, n=4, t_end=1.0, dt=0.1, seed=7)
+    assert res["predicted"] == "intermediate"                    # (W + λI, A) would say convergent
+    assert regimes.classify_matrices(regimes.logit_form(res["W"], -0.9), res["A"]) == "convergent"
+    # λ = 0: the pair is exactly (W, A)
+    assert simulate.simulate("convergent", d=2, n=4, t_end=1.0, dt=0.1, seed=7)["predicted"] == "convergent"
