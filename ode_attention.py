@@ -447,7 +447,8 @@ class Attention(nn.Module):
     A = S_A + T_A, S = L D Lᵀ of fixed inertia (regimes.PrescribedInertia), T antisymmetric. Q (d × d)
     is free and regimes.keys_values solves K, V at every forward so that Q Kᵀ = W (the realised logit
     form Σₕ QₕKₕᵀ is exactly W) and A Vᵀ = W (the value map gives exactly A); no output projection (V
-    is the full d × d value map). W_sym ≻ 0 always; A_sym ≻ 0 (divergent, PD), ⌊d/2⌋ negative
+    is the full d × d value map) and no biases whatever `bias` says (a value bias would make
+    Attn(0) = b_v, an affine layer, not the field). W_sym ≻ 0 always; A_sym ≻ 0 (divergent, PD), ⌊d/2⌋ negative
     eigenvalues (intermediate, HD), ≺ 0 (convergent, ND). Unlike the authors' code the constraint is
     exact (docs/dynamics.md §3.1, the convention caveat).
     """
@@ -499,7 +500,6 @@ class Attention(nn.Module):
             self.Q = nn.Parameter(torch.nn.init.orthogonal_(torch.empty(d, d)))  # free query map
             self.W_form = regimes.PrescribedInertia(d, n_neg=0, init_scale=0.15)     # W_sym ≻ 0
             self.A_form = regimes.PrescribedInertia(d, n_neg=n_neg, init_scale=0.15)  # A_sym inertia
-            self.qkv_bias = nn.Parameter(torch.zeros(3 * d)) if bias else None
 
     def qkv_matrices(self):
         """(Q, K, V) in our row convention (queries = x Q etc.) and the output map O (None = identity)."""
@@ -570,9 +570,7 @@ class Attention(nn.Module):
         if self.regime == "free":
             qkv = self.qkv(x)
         else:
-            Wqkv = torch.cat((Q, K, V), dim=1).to(x.dtype)                       # (d, 3d)
-            qkv = x @ Wqkv if self.qkv_bias is None else torch.addmm(
-                self.qkv_bias.to(x.dtype), x.reshape(-1, d), Wqkv).view(B, n, 3 * d)
+            qkv = x @ torch.cat((Q, K, V), dim=1).to(x.dtype)                    # x [Q | K | V], no bias
         # (B, n, 3, H, d_h) → three (B, H, n, d_h)
         q, k, v = qkv.view(B, n, 3, H, dh).permute(2, 0, 3, 1, 4)
         q, k = self._rotate(q, positions), self._rotate(k, positions)

@@ -447,7 +447,7 @@ def test_block_takes_the_papers_knobs_by_name_and_passes_them_on():
     a = blk.attn
     assert (a.causal, a.pe, a.rope_base, a.rope_pairing, a.rope_heads, a.lam_mode, a.regime, a.dropout) == \
         (True, "rope", 500.0, "half", 1, "softplus-diag", "intermediate", 0.1)
-    assert a.qkv_bias is not None and torch.allclose(a.lam_values(), torch.full((2, 8), 0.05, dtype=f64))
+    assert torch.allclose(a.lam_values(), torch.full((2, 8), 0.05, dtype=f64))
     with pytest.raises(TypeError):
         oa.Block(16, 2, temperature=2.0)
     # the same random numbers as building the Attention directly: same weights, bit for bit
@@ -492,3 +492,17 @@ def test_agrees_with_torchdiffeq():
     e_tdq = (tdq.odeint(f, X0, t, method="rk4", options={"step_size": 0.05}) - ref).abs().max()
     assert 0.2 < float(e_ours / e_tdq) < 5.0, (e_ours, e_tdq)
     assert float(e_ours / ref.abs().max()) < 1e-3
+
+
+def test_constrained_attention_has_no_biases_so_zero_is_its_rest_point():
+    """The constrained field is linear in the tokens' values: Attn(0) = 0 even with bias=True (a
+    trainable value bias would make Attn(0) = b_v), and its parameters are Q, the two forms, nothing else."""
+    for regime in ("divergent", "intermediate", "convergent"):
+        a = oa.Attention(8, 2, regime=regime, bias=True).double()
+        with torch.no_grad():
+            for p in a.parameters():
+                p.add_(torch.randn_like(p) * 0.1)           # move every parameter off its init
+        assert torch.equal(a(torch.zeros(1, 5, 8, dtype=f64)), torch.zeros(1, 5, 8, dtype=f64))
+        assert not any("bias" in name for name, _ in a.named_parameters())
+    free = oa.Attention(8, 2, bias=True)                    # free attention keeps its biases
+    assert free.qkv.bias is not None and free.proj.bias is not None
