@@ -50,11 +50,13 @@ ROOT = Path(__file__).resolve().parent.parent          # the project folder (ana
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense
 
 
-def add_bench_args(p) -> None:
-    """The timing flags of the training-step benchmarks (analysis.bench_lm, analysis.bench_vit)."""
+def add_bench_args(p, variants: dict) -> None:
+    """The flags of the training-step benchmarks (analysis.bench_lm, analysis.bench_vit): timing,
+    the GPU's peak, and --bench-variants over the keys of `variants` (see select_variants)."""
     p.add_argument("--bench-steps", type=int, default=3, help="timed steps per variant and round")
     p.add_argument("--bench-rounds", type=int, default=3, help="rounds over all variants (median kept)")
     p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak for MFU (auto for A100/H100/H200)")
+    p.add_argument("--bench-variants", help=f"comma-separated subset (plain is always first): {', '.join(variants)}")
 
 
 def flops_per_token(model: torch.nn.Module, n_layers: int, n_ctx: int, d_model: int,

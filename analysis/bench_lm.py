@@ -44,9 +44,7 @@ def build_parser() -> training.ArgParser:
     p.description = ("Training tokens/s of every λ mode and regime of train_lm.py's GPT against the "
                      "plain model (--lam 0), on random bytes (was train_lm.py --bench).")
     p.epilog = None
-    add_bench_args(p)
-    p.add_argument("--bench-variants", help="comma-separated subset (plain is always first): plain, "
-                   "lam-identity, lam-softplus, divergent, intermediate, convergent")
+    add_bench_args(p, BENCH_VARIANTS)
     return p
 
 

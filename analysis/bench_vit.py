@@ -46,9 +46,7 @@ def build_parser() -> training.ArgParser:
     p = train_vit.build_parser()
     p.description = ("Training images/s of every PE, λ mode and regime of train_vit.py's ViT against "
                      "the plain model (learned PE, --lam 0), on synthetic images (was train_vit.py --bench).")
-    add_bench_args(p)
-    p.add_argument("--bench-variants", help="comma-separated subset (plain is always first): plain, none, "
-                   "sin2d, rope-axial, rope-mixed, lam-identity, lam-softplus, divergent, intermediate, convergent")
+    add_bench_args(p, BENCH_VARIANTS)
     return p
 
 

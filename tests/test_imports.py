@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -18,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # layer of each top-level project name; data/ and spectral/ share a layer but do not import each other
 LAYER = {"rope": 0, "regimes": 1, "ode_attention": 2, "training": 3, "data": 4, "spectral": 4,
          "train_lm": 5, "train_vit": 5, "analysis": 6}
+PACKAGES = ("data", "spectral", "analysis")
 
 
 def _sources() -> list[Path]:
@@ -45,7 +47,7 @@ def _project_imports(tree: ast.AST, module: str):
                 if child.level:                          # relative import: resolve against the package
                     base = ".".join(module.split(".")[:-child.level] + ([base] if base else []))
                 # `from data import text` imports the module data.text; `from rope import f`, rope
-                names = [f"{base}.{a.name}" for a in child.names] if base in ("data", "spectral", "analysis") else [base]
+                names = [f"{base}.{a.name}" for a in child.names] if base in PACKAGES else [base]
             for name in names:
                 if name.split(".")[0] in LAYER:
                     out.append((name, child.lineno, in_function))
@@ -55,14 +57,15 @@ def _project_imports(tree: ast.AST, module: str):
     return out
 
 
-def _all_imports():
+@functools.cache
+def _all_imports() -> tuple:
     rows = []
     for path in _sources():
         tree = ast.parse(path.read_text(), filename=str(path))
         module = _module(path)
         for name, line, local in _project_imports(tree, module):
             rows.append((path.relative_to(ROOT), module, name, line, local))
-    return rows
+    return tuple(rows)
 
 
 def test_the_layout_exists():
@@ -80,7 +83,7 @@ def test_imports_run_one_way():
         if top not in LAYER:
             bad.append(f"{rel}: {module} is not a place of the layout")
             continue
-        if top == imported_top and top in ("data", "spectral", "analysis"):
+        if top == imported_top and top in PACKAGES:
             if name != module:                           # within a package: fine (not itself)
                 continue
         if not LAYER[imported_top] < LAYER[top]:
@@ -103,7 +106,7 @@ def test_nothing_refers_outside_the_repository(pattern):
     assert not hits, f"{pattern!r} found (the repository must be readable on its own):\n" + "\n".join(hits)
 
 
-def test_the_checker_sees_a_violation(tmp_path):
+def test_the_checker_sees_a_violation():
     """The parser really finds a function-local and a backwards import (so the tests above can fail)."""
     src = "import training\n\ndef f():\n    import analysis.bench\n"
     rows = _project_imports(ast.parse(src), "regimes")
