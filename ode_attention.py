@@ -42,6 +42,7 @@ The simulation demo with its figures is `python -m analysis.simulate` (analysis/
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -56,11 +57,11 @@ import rope as rope_mod
 # ================================================================================================
 # 1. The vector field
 # ================================================================================================
-FIELD_OPTIONS = ("causal", "pos", "rope", "rope_base", "rope_pairing", "lam", "lam_M")
+FIELD_OPTIONS = ("causal", "pos", "rope", "rope_base", "rope_pairing", "rope_dim", "lam", "lam_M")
 
 
 def _check_inputs(X, Q, K, V, *, causal=False, pos=None, rope=False, rope_base=10000.0,
-                  rope_pairing="interleaved", lam=0.0, lam_M=None, **unknown) -> None:
+                  rope_pairing="interleaved", rope_dim=None, lam=0.0, lam_M=None, **unknown) -> None:
     """Every check velocity() makes, without computing the field (integrate() calls it once)."""
     if unknown:
         raise ValueError(f"unknown option(s) {sorted(unknown)}; the field accepts {list(FIELD_OPTIONS)}.")
@@ -92,29 +93,42 @@ def _check_inputs(X, Q, K, V, *, causal=False, pos=None, rope=False, rope_base=1
                          f"K {tuple(K.shape)}, V {tuple(V.shape)}.") from None
     if rope and Q.shape[-1] % 2:
         raise ValueError(f"RoPE needs an even d_k, got {Q.shape[-1]}.")
+    if rope_dim is not None and (isinstance(rope_dim, bool) or not isinstance(rope_dim, int)
+                                 or rope_dim <= 0 or rope_dim % 2 or rope_dim > Q.shape[-1]):
+        raise ValueError(f"rope_dim must be an even integer in [2, d_k = {Q.shape[-1]}], got {rope_dim!r}.")
+    if not (isinstance(rope_base, (int, float)) and math.isfinite(rope_base) and rope_base > 1):
+        raise ValueError(f"rope_base must be a finite number > 1, got {rope_base!r}.")
     if not math.isfinite(lam):
         raise ValueError(f"lam must be finite, got {lam}.")
 
 
 def velocity(X: torch.Tensor, Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, *,
              causal: bool = False, pos: torch.Tensor | None = None, rope: bool = False,
-             rope_base: float = 10000.0, rope_pairing: str = "interleaved",
+             rope_base: float = 10000.0, rope_pairing: str = "interleaved", rope_dim: int | None = None,
              lam: float = 0.0, lam_M: torch.Tensor | None = None) -> torch.Tensor:
     """dX/dt of the attention field (F), batched over any leading dimensions.
 
     X: (n, d) or (..., n, d). Q, K: (d, d_k) or (..., d, d_k); V: (d, d) or (..., d, d) — leading
     dimensions broadcast, so many instances (each with its own Q, K, V) integrate at once.
     causal: sum over j ≤ i only. pos: (n, d) absolute PE added to the driving token.
-    rope: rotate xQ and xK by token position (needs even d_k). lam, lam_M: add λ xᵢᵀ M xⱼ to the
+    rope: rotate xQ and xK by token position (needs even d_k); rope_dim: rotate only the first
+    rope_dim features of each (partial RoPE, GPT-NeoX style). lam, lam_M: add λ xᵢᵀ M xⱼ to the
     logits (M = I when lam_M is None). With no options this is exactly softmax(X Q Kᵀ Xᵀ) X V.
     """
-    _check_inputs(X, Q, K, V, pos=pos, rope=rope, lam=lam, lam_M=lam_M)
+    _check_inputs(X, Q, K, V, pos=pos, rope=rope, rope_base=rope_base, rope_dim=rope_dim, lam=lam, lam_M=lam_M)
     return _velocity(X, Q, K, V, causal=causal, pos=pos, rope=rope, rope_base=rope_base,
-                     rope_pairing=rope_pairing, lam=lam, lam_M=lam_M)
+                     rope_pairing=rope_pairing, rope_dim=rope_dim, lam=lam, lam_M=lam_M)
+
+
+@functools.lru_cache(maxsize=64)
+def _rope_table(n: int, rotary_dim: int, base: float, dtype, device):
+    """cos, sin of the angles i θ_k, i < n (rope.apply_rope's table), computed once per shape."""
+    ang = torch.arange(n, dtype=torch.float64).unsqueeze(-1) * rope_mod.rope_frequencies(rotary_dim, base)
+    return ang.cos().to(dtype=dtype, device=device), ang.sin().to(dtype=dtype, device=device)
 
 
 def _velocity(X, Q, K, V, *, causal=False, pos=None, rope=False, rope_base=10000.0,
-              rope_pairing="interleaved", lam=0.0, lam_M=None):
+              rope_pairing="interleaved", rope_dim=None, lam=0.0, lam_M=None):
     """The field itself, inputs already checked (integrate() calls this once per stage)."""
     n = X.shape[-2]
     # yᵢ = xᵢ + pᵢ: absolute PE shifts the token that drives the field (equilibrium at xᵢ = −pᵢ)
@@ -122,9 +136,9 @@ def _velocity(X, Q, K, V, *, causal=False, pos=None, rope=False, rope_base=10000
     q = Y @ Q                                                    # qᵢ = yᵢᵀ Q    (..., n, d_k)
     k = Y @ K                                                    # kⱼ = yⱼᵀ K
     if rope:
-        t = torch.arange(n, device=X.device)
-        q = rope_mod.apply_rope(q, t, rope_base, rope_pairing)  # qᵢ R(i)ᵀ
-        k = rope_mod.apply_rope(k, t, rope_base, rope_pairing)  # kⱼ R(j)ᵀ
+        cos, sin = _rope_table(n, rope_dim or q.shape[-1], float(rope_base), q.dtype, q.device)
+        q = rope_mod.rotate(q, cos, sin, rope_pairing)          # qᵢ R(i)ᵀ
+        k = rope_mod.rotate(k, cos, sin, rope_pairing)          # kⱼ R(j)ᵀ
     # sᵢⱼ = qᵢ · kⱼ = yᵢᵀ Q R(j−i) Kᵀ yⱼ  (= yᵢᵀ W yⱼ without RoPE)
     S = q @ k.transpose(-1, -2)
     if lam != 0.0:
@@ -358,6 +372,112 @@ def integrate(X0: torch.Tensor, Q: torch.Tensor, K: torch.Tensor, V: torch.Tenso
                       X=torch.stack(xs).reshape(len(xs), *bshape, *X0.shape[-2:]), status=status,
                       blown=blown.reshape(bshape), t_blow=t_blow.reshape(bshape), n_steps=n_steps,
                       n_rejected=n_rej, n_evals=n_evals, reasons=reasons)
+
+
+@dataclass
+class Fates:
+    """What integrate_each() returns. t: (T,) save times; X: (T, B, n, d) states there (an instance
+    that stopped early — blew up or spent its step budget — keeps its last state in later rows);
+    t_reached: (B,) how far each instance got (t_end unless it stopped); blown: (B,) bool; settled:
+    (B,) bool, every token norm fell below min_norm (it reached the rest point X = 0 to within the
+    solver's accuracy); n_steps: (B,) steps tried per instance (accepted + rejected)."""
+    t: torch.Tensor
+    X: torch.Tensor
+    t_reached: torch.Tensor
+    blown: torch.Tensor
+    settled: torch.Tensor
+    n_steps: torch.Tensor
+
+
+def integrate_each(X0: torch.Tensor, Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, t_save,
+                   *, dt: float = 0.05, rtol: float = 1e-6, atol: float = 1e-9, max_norm: float = 1e6,
+                   min_norm: float = 0.0, max_steps: int = 200_000, **options) -> Fates:
+    """Dormand–Prince 5(4) with a step size PER INSTANCE, for long horizons over many instances.
+
+    integrate(method="dopri5") moves the whole batch with one step size, the smallest any instance
+    needs; over t = 2000 one stiff instance (a hard-attention state: logits in the hundreds, the
+    softmax switching between two tokens) then costs every instance thousands of steps. Here each
+    instance b has its own time t_b and step h_b: all active instances take one step together (h is
+    a (B, 1, 1) tensor), each is accepted or rejected on its own error, h_b ← h_b·clip(0.9 err_b^(−1/5),
+    0.2, 5), and an instance leaves the working batch when it reaches the last save time, blows up
+    (non-finite, or a token norm > max_norm), settles (every token norm < min_norm: below the
+    solver's absolute tolerance an explicit method no longer tracks the decay, so stop there) or
+    has tried max_steps steps (its budget; t_reached says where it stopped). t_save: increasing save times (t_save[0] = 0 ↔ X0), each one landed on
+    exactly. X0, Q, K, V: (B, n, d), (B, d, d_k), (B, d, d_k), (B, d, d); options as for velocity().
+    """
+    _check_inputs(X0, Q, K, V, **options)
+    t_save = torch.as_tensor(t_save, dtype=torch.float64).flatten()
+    if t_save.numel() < 2 or float(t_save[0]) != 0.0 or not bool((t_save.diff() > 0).all()) \
+            or not math.isfinite(float(t_save[-1])):
+        raise ValueError("t_save must be increasing finite times starting at 0, at least two of them.")
+    for name, v in (("dt", dt), ("rtol", rtol), ("atol", atol), ("max_norm", max_norm)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{name} must be a positive finite number, got {v!r}.")
+    if isinstance(min_norm, bool) or not isinstance(min_norm, (int, float)) or not 0 <= min_norm < max_norm:
+        raise ValueError(f"min_norm must be a number in [0, max_norm), got {min_norm!r}.")
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps <= 0:
+        raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}.")
+    if X0.ndim != 3 or any(t.ndim != 3 or t.shape[0] != X0.shape[0] for t in (Q, K, V)):
+        raise ValueError("integrate_each takes one batch dimension: X0 (B, n, d) and Q, K, V (B, ·, ·).")
+    B, T, t_end = X0.shape[0], t_save.numel(), float(t_save[-1])
+    tensors = {"Q": Q, "K": K, "V": V}
+    tensors.update({k: v for k, v in options.items() if isinstance(v, torch.Tensor)})
+    scalars = {k: v for k, v in options.items() if not isinstance(v, torch.Tensor)}
+
+    def field_on(act):
+        p = {k: (t[act] if t.ndim == 3 else t) for k, t in tensors.items()}
+        q_, k_, v_ = p.pop("Q"), p.pop("K"), p.pop("V")
+        return lambda t, X: _velocity(X, q_, k_, v_, **p, **scalars)
+
+    out = X0.unsqueeze(0).repeat(T, 1, 1, 1)                  # row 0 = X0; later rows overwritten
+    t_reached = torch.full((B,), t_end, dtype=torch.float64)
+    blown = torch.zeros(B, dtype=torch.bool)
+    settled = torch.zeros(B, dtype=torch.bool)
+    steps = torch.zeros(B, dtype=torch.long)
+    # the compact working batch: instance indices and their state, time, step size, next save row
+    act = torch.arange(B)
+    x, tb = X0.clone(), torch.zeros(B, dtype=torch.float64)
+    hb = torch.full((B,), float(dt), dtype=torch.float64)
+    nxt = torch.ones(B, dtype=torch.long)
+    f = field_on(act)
+    k1 = f(0.0, x)
+    while act.numel():
+        target = t_save[nxt]
+        h = torch.minimum(hb, target - tb)                     # land exactly on the next save time
+        x5, err_vec, k7 = dopri5_step(f, 0.0, x, h.to(x.dtype)[:, None, None], k1)
+        # scaled RMS error per instance, as in integrate()
+        scale = atol + rtol * torch.maximum(x.abs(), torch.nan_to_num(x5.abs(), nan=0.0))
+        err = torch.nan_to_num((err_vec / scale).pow(2).flatten(-2).mean(-1).sqrt(), nan=math.inf)
+        ok = err <= 1.0
+        steps[act] += 1
+        sq = x5.pow(2).sum(-1).amax(-1)                        # largest squared token norm
+        bad = ok & ~(sq <= max_norm * max_norm)                 # accepted but blown up
+        ok = ok & ~bad
+        low = ok & (sq < min_norm * min_norm)                   # settled at X = 0
+        okm = ok[:, None, None]
+        x, k1 = torch.where(okm, x5, x), torch.where(okm, k7, k1)
+        tb = torch.where(ok, tb + h, tb)
+        landed = ok & ((tb - target).abs() <= 1e-12 * t_end)
+        if bool(landed.any()):
+            out[nxt[landed], act[landed]] = x[landed]
+            tb = torch.where(landed, target, tb)
+            nxt = nxt + landed.long()
+        # step-size control; a step shortened to land on a save time does not shrink the next one
+        fac = torch.where(err == 0, torch.full_like(err, 5.0), (0.9 * err.pow(-0.2)).clamp(0.2, 5.0))
+        hb = torch.where(landed & (h < hb), torch.maximum(hb, h * fac), h * fac)
+        spent = steps[act] >= max_steps
+        leave = (nxt >= T) | bad | spent | low
+        if bool(leave.any()):
+            for j in leave.nonzero().flatten().tolist():
+                i = int(act[j])
+                if nxt[j] < T:                                  # stopped early: freeze its last state
+                    out[int(nxt[j]):, i] = x[j]
+                    t_reached[i] = float(tb[j])
+                    blown[i], settled[i] = bool(bad[j]), bool(low[j])
+            keep = ~leave
+            act, x, tb, hb, nxt, k1 = act[keep], x[keep], tb[keep], hb[keep], nxt[keep], k1[keep]
+            f = field_on(act)
+    return Fates(t=t_save, X=out, t_reached=t_reached, blown=blown, settled=settled, n_steps=steps)
 
 
 # ================================================================================================

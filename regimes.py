@@ -151,13 +151,40 @@ def classify_batch(W: torch.Tensor, A: torch.Tensor, tol: float = 1e-6) -> list[
     return _regime_rule(ew, ea, tol)
 
 
+def value_abscissa(W: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """α(V) = max Re λ(V), the spectral abscissa of the value map, from (W, A) alone (batched).
+
+    A Vᵀ = W gives Vᵀ = A⁻¹ W, and V, Vᵀ share their eigenvalues. Why it matters: near X = 0 every
+    softmax row is uniform, so the mean token obeys x̄' = x̄ V (row form) and can only decay when V
+    is Hurwitz (α(V) < 0). For symmetric A ≺ 0 with W_sym ≻ 0 that is automatic — A⁻¹W v = λ v
+    gives λ = v*Wv / v*Av, whose real part is negative — but for a general A the sign conditions
+    on the symmetric parts do not imply it (docs/dynamics.md §1.2)."""
+    Vt = torch.linalg.solve(A.double(), W.double())
+    return torch.linalg.eigvals(Vt).real.amax(-1)
+
+
+def antisymmetry_ratio(M: torch.Tensor) -> torch.Tensor:
+    """ρ = ‖M_anti‖₂ / ‖M_sym‖₂ (spectral norms, batched): how far M is from symmetric."""
+    M = M.double()
+    anti = 0.5 * (M - M.transpose(-1, -2))
+    return torch.linalg.matrix_norm(anti, 2) / torch.linalg.matrix_norm(sym(M), 2)
+
+
 def regime_of(W: torch.Tensor, A: torch.Tensor, tol: float = 1e-6) -> dict:
-    """Eigenvalues and inertia of W_sym and A_sym, and the regime they imply."""
-    ew = torch.linalg.eigvalsh(sym(_as_float64("W", W, square=True)))
-    ea = torch.linalg.eigvalsh(sym(_as_float64("A", A, square=True)))
+    """Eigenvalues and inertia of W_sym and A_sym, the regime they imply, and V's spectral
+    abscissa α(V) = max Re λ(V) with Vᵀ = A⁻¹W (`value_abscissa`). "warning" is set when the sign
+    conditions say convergent but V is not Hurwitz (α(V) ≥ 0): then the mean token x̄' = x̄V does
+    not decay, and the prediction is not to be trusted (possible only for non-symmetric A)."""
+    W, A = _as_float64("W", W, square=True), _as_float64("A", A, square=True)
+    ew, ea = torch.linalg.eigvalsh(sym(W)), torch.linalg.eigvalsh(sym(A))
     iw, ia = (tuple(int(c) for c in inertia_counts(e, tol)) for e in (ew, ea))
-    return {"regime": _regime_rule(ew[None], ea[None], tol)[0], "inertia_W": iw, "inertia_A": ia,
-            "eig_W_sym": ew, "eig_A_sym": ea}
+    regime = _regime_rule(ew[None], ea[None], tol)[0]
+    alpha = float(value_abscissa(W, A))
+    warning = (f"the sign conditions hold but V is not Hurwitz (max Re λ(V) = {alpha:.3g} ≥ 0): "
+               "the mean token does not decay" if regime == "convergent" and alpha >= 0 else "")
+    return {"regime": regime, "inertia_W": iw, "inertia_A": ia, "eig_W_sym": ew, "eig_A_sym": ea,
+            "abscissa_V": alpha, "hurwitz_V": alpha < 0, "rho_A": float(antisymmetry_ratio(A)),
+            "warning": warning}
 
 
 def classify_matrices(W: torch.Tensor, A: torch.Tensor, tol: float = 1e-6) -> str:
@@ -247,8 +274,13 @@ def keys_values(Q: torch.Tensor, W: torch.Tensor, A: torch.Tensor):
     return Kt.transpose(-1, -2), Vt.transpose(-1, -2), (info_q != 0) | (info_a != 0)
 
 
-def sample_instances(regime: str, d: int, count: int, *, symmetric_A: bool = False, generator=None):
-    """`count` random instances at once: (Q, K, V), each (count, d, d), float64. See sample_instance."""
+def sample_instances(regime: str, d: int, count: int, *, symmetric_A: bool = False, rho: float | None = None,
+                     generator=None):
+    """`count` random instances at once: (Q, K, V), each (count, d, d), float64. See sample_instance.
+
+    rho: when given, A's antisymmetric part is rescaled so that ‖A_anti‖₂ = ρ ‖A_sym‖₂ exactly
+    (ρ = 0: symmetric A); the symmetric part, hence the regime, is unchanged. The default draw has
+    ρ ≈ 0.4–0.5 (`antisymmetry_ratio`)."""
     if regime not in REGIME_NAMES:
         raise ValueError(f"unknown regime {regime!r}; choose one of {REGIME_NAMES}.")
     for name, v in (("d", d), ("count", count)):
@@ -259,6 +291,15 @@ def sample_instances(regime: str, d: int, count: int, *, symmetric_A: bool = Fal
     n_neg = {"divergent": 0, "convergent": d, "intermediate": d // 2}[regime]
     W = _random_forms(count, d, 0, True, generator)             # W_sym ≻ 0
     A = _random_forms(count, d, n_neg, not symmetric_A, generator)
+    if rho is not None:
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not (math.isfinite(rho) and rho >= 0):
+            raise ValueError(f"rho must be a finite number >= 0, got {rho!r}.")
+        if symmetric_A:
+            raise ValueError("rho sets A's antisymmetric part; it cannot be combined with symmetric_A.")
+        # A = S + c T with S = A_sym, T = A_anti and c = ρ ‖S‖₂ / ‖T‖₂
+        S, T = sym(A), 0.5 * (A - A.transpose(-1, -2))
+        c = rho * torch.linalg.matrix_norm(S, 2) / torch.linalg.matrix_norm(T, 2).clamp_min(1e-300)
+        A = S + c[:, None, None] * T
     # Haar-orthogonal Q: QR of a Gaussian matrix with the signs of R's diagonal moved into Q
     Z = torch.randn(count, d, d, generator=generator, dtype=torch.float64)
     Qm, R = torch.linalg.qr(Z)

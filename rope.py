@@ -113,8 +113,15 @@ def apply_rope(x: torch.Tensor, positions, base: float = 10000.0, pairing: str =
         raise ValueError(f"positions of shape {tuple(pos.shape)} do not fit x of shape {tuple(x.shape)}.")
     # angle_{t,k} = t θ_k  (computed in float32/float64, then cast to x's dtype)
     ang = pos.to(adt).unsqueeze(-1) * theta
-    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
-    if rd == d:
+    return rotate(x, ang.cos().to(x.dtype), ang.sin().to(x.dtype), pairing)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairing: str = "interleaved") -> torch.Tensor:
+    """apply_rope with the angles' cos and sin given, (..., rotary_dim/2) each: the first rotary_dim
+    features of x are rotated, the rest pass through. For a caller that rotates the same positions
+    many times (the ODE field, evaluated thousands of times) and computes the table once."""
+    rd = 2 * cos.shape[-1]
+    if rd == x.shape[-1]:
         return _rotate_pairs(x, cos, sin, pairing)
     return torch.cat((_rotate_pairs(x[..., :rd], cos, sin, pairing), x[..., rd:]), dim=-1)
 
