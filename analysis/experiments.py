@@ -35,9 +35,13 @@ is remembered, so deleting a result folder reruns exactly that. A second runner 
 while the first is alive (results/.experiments.lock).
 
 Claims: results/README.md gets one line per claim of the two papers (docs/dynamics.md,
-docs/spectral.md), each "supported", "not supported" or "not resolved at this scale", with the
-numbers it rests on. The rule for two means: resolved when they differ by more than twice the
-standard error of the difference, √(s₁²/n₁ + s₂²/n₂), over seeds.
+docs/spectral.md) with the numbers it rests on, judged by analysis/verdicts.py: seed-matched arms
+by the paired t-test (95% CI for Δ, Holm within each family of claims, TOST against a smallest
+effect of interest, the minimum detectable effect), proportions by Wilson intervals; the words are
+supported / contradicted / no effect ≥ δ / unresolved (MDE = …), and theorem check / true by
+construction / not applicable for the checks of the code (VERDICT_RULE below). The phase-diagram
+claims read results/phase/phase.csv (python -m analysis.phase, not run by this runner: it takes
+hours; see its docstring).
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ from tqdm import tqdm
 import train_lm
 import train_vit
 import training
+from analysis import verdicts
 from spectral import tasks as stt
 
 ROOT = Path(__file__).resolve().parent.parent          # the project folder (analysis/ is inside it)
@@ -471,16 +476,12 @@ def combine_agreement(results: Path, seeds: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# 4. The claims: one verdict line each, from what is in results/
+# 4. The claims: one verdict line each, from what is in results/, by the rule of analysis/verdicts.py
 # ------------------------------------------------------------------------------------------------
-def compare(a: list, b: list, lower_is_better: bool = True) -> tuple[str, float, float]:
-    """('a better' / 'b better' / 'tie', Δ = mean(a) − mean(b), 2·SE): resolved when |Δ| > 2·SE."""
-    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
-    se = math.sqrt(sa ** 2 / len(a) + sb ** 2 / len(b))
-    d = ma - mb
-    if abs(d) <= 2 * se or d == 0:
-        return "tie", d, 2 * se
-    return ("a better" if (d < 0) == lower_is_better else "b better"), d, 2 * se
+# The smallest effect of interest δ of each metric (for the equivalence test, TOST): a claim that
+# an arm is better is "no effect ≥ δ" when the data exclude every difference of δ or more.
+DELTA = {"bpb": 0.01, "loss": 0.01, "top1": 1.0, "accuracy": 1.0, "cosine": 0.01, "epochs": 1.0}
+FAMILIES = ("regimes", "PE", "λ", "Spectral")          # Holm-adjusted within each
 
 
 def _load(results: Path, exp: str) -> dict | None:
@@ -488,96 +489,190 @@ def _load(results: Path, exp: str) -> dict | None:
     return json.loads(p.read_text()) if p.exists() else None
 
 
-def _verdict_pair(data: dict, a: str, b: str, claim_a_better: bool, key: str = "val", lower=True) -> tuple[str, str]:
-    outcome, d, two_se = compare(data[a][key], data[b][key], lower)
-    g = lambda v: f"{mean_std(v)[0]:.4g} ± {mean_std(v)[1]:.2g}"              # noqa: E731
-    nums = f"{a} {g(data[a][key])} vs {b} {g(data[b][key])} (Δ {d:+.3g}, 2·SE {two_se:.2g}, {len(data[a][key])} seeds)"
-    if outcome == "tie":
-        return "not resolved at this scale", nums
-    return ("supported" if (outcome == "a better") == claim_a_better else "not supported"), nums
+def _by_seed(d: dict, key: str) -> dict:
+    return {s: v for s, v in zip(d.get("seed", range(len(d[key]))), d[key]) if v is not None}
+
+
+def _test(data: dict, a: str, b: str, key: str, metric: str, claim_a_lower: bool) -> dict:
+    """verdicts.compare of arm a against arm b on metric `key`, PAIRED by seed (seed s of both arms
+    shares the data order and the initialisation of the shared parameters)."""
+    va, vb = _by_seed(data[a], key), _by_seed(data[b], key)
+    seeds = sorted(set(va) & set(vb))
+    res = verdicts.compare([va[s] for s in seeds], [vb[s] for s in seeds], paired=True, delta=DELTA[metric],
+                           direction="less" if claim_a_lower else "greater")
+    res["label"] = f"{metric} {a} {res['mean_a']:.4g} vs {b} {res['mean_b']:.4g}"
+    return res
+
+
+def _claim(out: list, paper: str, family: str | None, claim: str, verdict_or_test, numbers: str = "") -> None:
+    """A claim with a statistical test (a compare dict, judged with its family) or a fixed word."""
+    out.append({"paper": paper, "family": family, "claim": claim, "test": verdict_or_test, "numbers": numbers})
+
+
+def _proportion_verdict(k: int, n: int, threshold: float) -> str:
+    """A claim that a proportion reaches `threshold`: supported when the Wilson 95% interval lies
+    above it, contradicted when it lies below, unresolved when it straddles."""
+    lo, hi = verdicts.wilson(k, n)
+    return ("supported" if lo >= threshold else "contradicted" if hi < threshold
+            else f"unresolved (Wilson [{100 * lo:.0f}, {100 * hi:.0f}]%)")
 
 
 def claims(results: Path) -> list[tuple[str, str, str, str]]:
-    """(paper, claim, verdict, evidence) for every claim whose experiment has results."""
-    out = []
-    ag = results / "core" / "agreement.csv"
-    rows = {(r["regime"], r["A"], r["pe"]): r for r in csv.DictReader(open(ag))} if ag.exists() else {}
-    if rows and "agreement_mean" in next(iter(rows.values())):          # (written by combine_agreement)
-        pct = lambda k: float(rows[k]["agreement_mean"])            # noqa: E731
-        sym = [pct((r, "symmetric", "none")) for r in ("convergent", "divergent")]
-        gen = [pct((r, "general", "none")) for r in ("convergent", "divergent")]
-        n = rows[("convergent", "symmetric", "none")]
-        seeds = f"{n['N']} instances per cell × {n['seeds']} seeds"
-        out.append(("dynamics", "The definiteness conditions predict the fate: W_sym ≻ 0, A_sym ≺ 0 → tokens converge "
-                    "to 0; A_sym ≻ 0 → they diverge (symmetric A)",
-                    "supported" if min(sym) >= 95 else "not supported",
-                    f"agreement convergent {sym[0]:.1f}%, divergent {sym[1]:.1f}% ({seeds})"))
-        out.append(("dynamics", "The conditions also predict the fate for a non-symmetric A (the paper's open question)",
-                    "supported" if min(gen) >= 95 else "not supported",
-                    f"agreement convergent {gen[0]:.1f}%, divergent {gen[1]:.1f}%"))
-        ab = [pct((r, A, "abs")) - pct((r, A, "none")) for r in ("convergent", "divergent") for A in ("symmetric", "general")]
-        out.append(("dynamics", "Absolute PE only shifts the equilibrium: the regime is that of no PE",
-                    "supported" if max(map(abs, ab)) <= 2 else "not supported",
-                    f"agreement with absolute PE minus without: {', '.join(f'{x:+.1f}' for x in ab)} points"))
-        rc, rd = pct(("convergent", "symmetric", "rope")), pct(("divergent", "symmetric", "rope"))
-        out.append(("dynamics", "RoPE inhibits convergence (and keeps divergence)",
-                    "supported" if rc <= sym[0] - 10 and rd >= sym[1] - 1 else "not supported",
-                    f"symmetric A: convergent-predicted instances converge in {rc:.1f}% with RoPE ({sym[0]:.1f}% "
-                    f"without); divergent-predicted ones diverge in {rd:.1f}% ({sym[1]:.1f}% without)"))
+    """(paper, claim, verdict, evidence) for every claim whose experiment has results. Statistical
+    claims are judged by analysis.verdicts with Holm's adjustment within each family."""
+    out: list = []
+    _agreement_claims(results, out)
+    _phase_claims(results, out)
     reg = _load(results, "lm-regimes")
     if reg and {"convergent", "divergent"} <= set(reg):
-        v, nums = _verdict_pair(reg, "divergent", "convergent", True)
-        out.append(("dynamics", "The convergence regime (ND) degrades performance against the divergence regime (PD)", v,
-                    f"validation bpb {nums}"))
+        _claim(out, "dynamics", "regimes", "The convergence regime (ND) degrades performance against the divergence "
+               "regime (PD) (constrained A_sym; V's spectrum after training not checked)",
+               _test(reg, "divergent", "convergent", "val", "bpb", True))
         if "norm_ratio attention-only" in reg["convergent"]:
             ratio = reg["convergent"]["norm_ratio attention-only"]
-            cos = reg["convergent"]["cosine attention-only"]
-            out.append(("dynamics", "In a trained convergent-regime model the tokens collapse towards 0 through depth",
-                        "supported" if max(ratio) < 1 else "not supported",
-                        f"attention-only updates, after the last layer: token norm / input norm {fmt(ratio)}, "
-                        f"mean pairwise cosine {fmt(cos)}"))
+            res = verdicts.compare(ratio, [1.0] * len(ratio), paired=True, delta=0.05, direction="less")
+            res["label"] = (f"token norm / input norm after the last layer (attention-only updates) "
+                            f"{res['mean_a']:.3g}, against 1; mean pairwise cosine {fmt(reg['convergent']['cosine attention-only'])}")
+            _claim(out, "dynamics", "regimes", "In a trained convergent-regime model the tokens collapse towards 0 "
+                   "through depth", res)
     for exp, corpus in (("lm-pe", "embedded corpus"), ("lm-pe-enwiki", "enwiki sample")):
         pe = _load(results, exp)
         if not pe:
             continue
-        v, nums = _verdict_pair(pe, "rope", "learned", True)
-        out.append(("dynamics", f"RoPE beats absolute PE on a language model ({corpus})", v, f"bpb {nums}"))
+        _claim(out, "dynamics", "PE", f"RoPE beats absolute PE on a language model ({corpus})",
+               _test(pe, "rope", "learned", "val", "bpb", True))
         for lam, who in (("rope-lam-0.1", "λ = −0.1 (the seed's λI, negative)"),
                          ("rope-lam+0.05-softplus", "the authors' positive softplus diagonal, 0.05")):
-            v, nums = _verdict_pair(pe, lam, "rope", True)
-            out.append(("dynamics", f"The λ-term improves a RoPE language model: {who} ({corpus})", v, f"bpb {nums}"))
-        v, nums = _verdict_pair(pe, "learned-lam-0.1", "learned", True)
-        out.append(("dynamics", f"The λ-term (−0.1) improves an absolute-PE language model ({corpus})", v, f"bpb {nums}"))
+            _claim(out, "dynamics", "λ", f"The λ-term improves a RoPE language model: {who} ({corpus})",
+                   _test(pe, lam, "rope", "val", "bpb", True))
+        _claim(out, "dynamics", "λ", f"The λ-term (−0.1) improves an absolute-PE language model ({corpus})",
+               _test(pe, "learned-lam-0.1", "learned", "val", "bpb", True))
     vit = _load(results, "vit-pe")
     if vit:
         for lam in ("rope-axial-lam-0.1", "rope-axial-lam+0.05-softplus"):
-            v, nums = _verdict_pair(vit, lam, "rope-axial", True)
-            out.append(("dynamics", f"The λ-term improves a 2-D RoPE ViT ({lam}, embedded shapes)", v, f"validation loss {nums}"))
-        v, nums = _verdict_pair(vit, "learned-lam-0.1", "learned", True, key="top1", lower=False)
-        out.append(("dynamics", "The λ-term (−0.1) improves a learned-PE ViT (embedded shapes)", v, f"top-1 {nums}"))
-    out += _pretrained_claims(results)
-    out += _spectral_claims(results)
-    return out
+            _claim(out, "dynamics", "λ", f"The λ-term improves a 2-D RoPE ViT ({lam}, embedded shapes; top-1 saturated, "
+                   "so validation loss)", _test(vit, lam, "rope-axial", "val", "loss", True))
+        _claim(out, "dynamics", "λ", "The λ-term (−0.1) improves a learned-PE ViT (embedded shapes)",
+               _test(vit, "learned-lam-0.1", "learned", "top1", "top1", False))
+    _pretrained_claims(results, out)
+    _spectral_claims(results, out)
+    # judge each family's tests together (Holm), then one line per claim
+    for fam in FAMILIES:
+        tests = [c for c in out if c["family"] == fam and isinstance(c["test"], dict)]
+        if tests:
+            for c, word in zip(tests, verdicts.decide_family([c["test"] for c in tests])):
+                c["verdict"] = word
+    rows = []
+    for c in out:
+        if isinstance(c["test"], dict):
+            t = c["test"]
+            nums = f"{t['label']}: {verdicts.describe(t)}" + (f"; {c['numbers']}" if c["numbers"] else "")
+            rows.append((c["paper"], c["claim"], c["verdict"], nums))
+        else:
+            rows.append((c["paper"], c["claim"], c["test"], c["numbers"]))
+    return rows
 
 
-def _pretrained_claims(results: Path) -> list:
-    out = []
+def _agreement_claims(results: Path, out: list) -> None:
+    """The t = 20 agreement table: its symmetric-A cells are a theorem check (E = Σ xᵢᵀAxᵢ is monotone),
+    absolute PE is true by construction (y = x + p obeys the no-PE field)."""
+    ag = results / "core" / "agreement.csv"
+    rows = {(r["regime"], r["A"], r["pe"]): r for r in csv.DictReader(open(ag))} if ag.exists() else {}
+    if not (rows and "agreement_mean" in next(iter(rows.values()))):     # (written by combine_agreement)
+        return
+
+    def k_n(key):
+        r = rows[key]
+        n = int(r["N"]) * int(r["seeds"])
+        return round(float(r["agreement_mean"]) / 100 * n), n
+
+    sym = {r: k_n((r, "symmetric", "none")) for r in ("convergent", "divergent")}
+    ok = all(k == n for k, n in sym.values())
+    _claim(out, "dynamics", None, "The definiteness conditions predict the fate for symmetric A (W_sym ≻ 0: A_sym ≺ 0 "
+           "→ tokens converge to 0, A_sym ≻ 0 → they diverge)", verdicts.THEOREM if ok else "theorem check FAILED",
+           f"E = Σᵢ xᵢᵀAxᵢ is monotone (proved), so this checks the code: agreement by t = 20, convergent "
+           f"{verdicts.proportion(*sym['convergent'])}, divergent {verdicts.proportion(*sym['divergent'])}")
+    ab = [float(rows[(r, A, "abs")]["agreement_mean"]) - float(rows[(r, A, "none")]["agreement_mean"])
+          for r in ("convergent", "divergent") for A in ("symmetric", "general")]
+    _claim(out, "dynamics", None, "Absolute PE only shifts the equilibrium: the regime is that of no PE",
+           verdicts.CONSTRUCTION if max(map(abs, ab)) < 1e-9 else "construction check FAILED",
+           "y = x + p obeys the no-PE field exactly; agreement with absolute PE minus without: "
+           + ", ".join(f"{x:+.1f}" for x in ab) + " points")
+
+
+def _phase_claims(results: Path, out: list) -> None:
+    """The claims the phase diagrams decide (results/phase/phase.csv, python -m analysis.phase)."""
+    p = results / "phase" / "phase.csv"
+    if not p.exists():
+        return
+    rows = list(csv.DictReader(open(p)))
+    cell = {(r["grid"], int(r["d"]), int(r["n"]), r["pe"], r["mask"], r["rho"], float(r["scale"])): r for r in rows}
+    conv = lambda r: (int(r["converges"]), int(r["instances"]))            # noqa: E731
+    # non-symmetric A: the conditions predict convergence at every ρ? (n = 8, no PE)
+    rho = sorted((r for r in rows if r["grid"] == "rho"), key=lambda r: (r["mask"], float(r["rho"]), int(r["d"])))
+    if rho:
+        for mask in ("bidirectional", "causal"):
+            rs = [r for r in rho if r["mask"] == mask]
+            if not rs:
+                continue
+            small = [r for r in rs if float(r["rho"]) <= 0.5]
+            big = [r for r in rs if float(r["rho"]) >= 1]
+            k_s, n_s = sum(conv(r)[0] for r in small), sum(conv(r)[1] for r in small)
+            worst = min(rs, key=lambda r: float(r["share_converges"]))
+            verdict = _proportion_verdict(*conv(worst), 0.95)
+            _claim(out, "dynamics", None, f"The conditions also predict convergence for a non-symmetric A, whatever "
+                   f"ρ = ‖A_anti‖/‖A_sym‖ ({mask}, n = 8, no PE)", verdict,
+                   (f"ρ ≤ 0.5: {verdicts.proportion(k_s, n_s)} converge; " if n_s else "")
+                   + f"worst cell d = {worst['d']}, ρ = {worst['rho']}: {verdicts.proportion(*conv(worst))}, V not "
+                   f"Hurwitz in {100 * float(worst['share_not_hurwitz']):.0f}%; "
+                   + ", ".join(f"ρ={r['rho']}/d={r['d']}: {100 * float(r['share_converges']):.0f}% "
+                               f"(non-Hurwitz {100 * float(r['share_not_hurwitz']):.0f}%)" for r in big))
+    # RoPE inhibits convergence: per mask, the (d, n) cells where RoPE (base 10⁴) lowers the share
+    pe = [r for r in rows if r["grid"] == "pe" and r["pe"] == "rope1e4"]
+    for mask in ("bidirectional", "causal"):
+        # per (d, n) cell: Newcombe 95% interval of Δ = share(RoPE) − share(none); "equivalent" when
+        # it lies inside ±10 points (the smallest difference in share this claim cares about)
+        counts, parts = {"lower": 0, "higher": 0, "equivalent": 0, "unresolved": 0}, []
+        for r in sorted((r for r in pe if r["mask"] == mask), key=lambda r: (int(r["n"]), int(r["d"]))):
+            base = cell.get(("pe", int(r["d"]), int(r["n"]), "none", mask, r["rho"], float(r["scale"])))
+            if base is None:
+                continue
+            _, lo, hi = verdicts.newcombe_diff(*conv(r), *conv(base))
+            counts["lower" if hi < 0 else "higher" if lo > 0 else "equivalent" if -0.1 < lo and hi < 0.1
+                   else "unresolved"] += 1
+            parts.append(f"d={r['d']}/n={r['n']}: {100 * float(r['share_converges']):.0f}% vs "
+                         f"{100 * float(base['share_converges']):.0f}% (Δ [{100 * lo:+.0f}, {100 * hi:+.0f}])")
+        if not parts:
+            continue
+        total = sum(counts.values())
+        verdict = ("supported" if counts["lower"] == total else "contradicted" if counts["higher"] == total
+                   else "no effect ≥ 10 points" if counts["equivalent"] == total
+                   else f"supported in {counts['lower']} of {total} (d, n) cells" + "".join(
+                       f", {w} in {counts[k]}" for k, w in (("higher", "contradicted"), ("equivalent", "no effect ≥ 10 points"),
+                                                            ("unresolved", "unresolved")) if counts[k]))
+        _claim(out, "dynamics", None, f"RoPE (base 10⁴) inhibits convergence ({mask}; share of convergent-predicted "
+               f"instances converging by t = {rows[0]['t_end']}, RoPE vs none on the same instances)", verdict,
+               "; ".join(parts) + " (Newcombe 95% intervals)")
+
+
+def _pretrained_claims(results: Path, out: list) -> None:
     found = {}
     for name in ("minilm", "smollm2"):
         p = results / "pretrained" / name / "layers.csv"
         if p.exists():
-            rows = [r for r in csv.DictReader(open(p)) if r["form"] == "W" and r["head"] == "all"]
-            found[name] = rows
+            found[name] = [r for r in csv.DictReader(open(p)) if r["form"] == "W" and r["head"] == "all"]
     if found:
         conv = {n: sum(r["regime"] == "convergent" for r in rs) for n, rs in found.items()}
         definite = {n: sum(r["W_sym"] != "indefinite" for r in rs) for n, rs in found.items()}
-        out.append(("dynamics", "Pretrained models avoid the convergence regime",
-                    "supported" if not any(conv.values()) else "not supported",
-                    "; ".join(f"{n}: {conv[n]} of {len(found[n])} layers convergent, {definite[n]} with a semi-definite W_sym"
-                              for n in found) + " — no layer meets either sufficient condition"))
+        none_apply = not any(conv.values()) and not any(definite.values())
+        _claim(out, "dynamics", None, "Pretrained models avoid the convergence regime",
+               verdicts.NOT_APPLICABLE if none_apply else ("contradicted" if any(conv.values()) else "supported"),
+               "; ".join(f"{n}: {conv[n]} of {len(found[n])} layers convergent, {definite[n]} with a semi-definite W_sym"
+                         for n in found) + (" — no layer meets either sufficient condition, so the regimes say "
+                                            "nothing about these models" if none_apply else ""))
     probes = [f for f in [results / "pretrained" / "smollm2" / "probe.csv"]
               + sorted((results / "pretrained").glob("text*/smollm2/probe.csv")) if f.exists()]
-    if probes:
+    if len(probes) >= 2:
         grow, cos = {"True": [], "False": []}, {"True": [], "False": []}
         for f in probes:
             rows = [r for r in csv.DictReader(open(f)) if r["mode"] == "attention-only"]
@@ -586,23 +681,17 @@ def _pretrained_claims(results: Path) -> list:
                 # distances grow by up to ~1e70 without LayerNorm: compare orders of magnitude
                 grow[on].append(math.log10(float(rs[-1]["mean_sq_distance"]) / float(rs[0]["mean_sq_distance"])))
                 cos[on].append(float(rs[-1]["cosine"]))
-        # separation: distances grow more AND directions stay more apart (lower cosine) with RoPE
-        g = compare(grow["True"], grow["False"], lower_is_better=False)[0] if len(probes) > 1 else \
-            ("a better" if grow["True"] > grow["False"] else "b better")
-        c = compare(cos["True"], cos["False"])[0] if len(probes) > 1 else \
-            ("a better" if cos["True"] < cos["False"] else "b better")
-        verdict = ("supported" if g == c == "a better" else "not supported" if g == c == "b better"
-                   else "not resolved at this scale")
-        out.append(("dynamics", "RoPE keeps tokens more separated through depth (SmolLM2, attention-only updates, "
-                    "RoPE on vs removed)", verdict,
-                    f"log₁₀ of the mean squared distance's growth, first → last layer: {fmt(grow['True'], 1)} with "
-                    f"RoPE vs {fmt(grow['False'], 1)} without; mean pairwise cosine after the last layer "
-                    f"{fmt(cos['True'])} vs {fmt(cos['False'])} ({len(probes)} texts)"))
-    return out
+        # paired by text: the same text through the model with RoPE on and removed
+        res = verdicts.compare(cos["True"], cos["False"], paired=True, delta=DELTA["cosine"], direction="less")
+        res["label"] = (f"mean pairwise cosine after the last layer, RoPE on {res['mean_a']:.3g} vs removed "
+                        f"{res['mean_b']:.3g} ({len(probes)} texts, paired)")
+        _claim(out, "dynamics", "PE", "RoPE keeps tokens more separated through depth (SmolLM2, attention-only updates, "
+               "RoPE on vs removed: lower cosine)", res,
+               f"log₁₀ growth of the mean squared distance, first → last layer: {fmt(grow['True'], 1)} with RoPE vs "
+               f"{fmt(grow['False'], 1)} without")
 
 
-def _spectral_claims(results: Path) -> list:
-    out = []
+def _spectral_claims(results: Path, out: list) -> None:
     p = results / "spectral" / "spectral_table.csv"
     if p.exists():
         rows = list(csv.DictReader(open(p)))
@@ -612,55 +701,75 @@ def _spectral_claims(results: Path) -> list:
             spread.setdefault(r["method"], []).append(float(r["spread"]))
         rope = [k for k in spread if "RoPE" in k or "rope" in k]
         worst_rope = max(max(spread[k]) for k in rope) if rope else math.nan
-        out.append(("spectral", "Multiplicative (RoPE) coupling contracts the logit spectrum; additive biases spread it",
-                    "supported" if holds and rope and worst_rope <= max(spread["A"]) + 1e-9 else "not supported",
-                    f"largest spectral spread: A {max(spread['A']):.3g}, RoPE (A∘G) {worst_rope:.3g}, "
-                    + ", ".join(f"{k} {max(v):.3g}" for k, v in spread.items() if k not in rope and k != "A")
-                    + f"; every bound held: {holds} (our reconstruction of the bounds)"))
+        ok = holds and rope and worst_rope <= max(spread["A"]) + 1e-9
+        _claim(out, "spectral", None, "Multiplicative (RoPE) coupling contracts the logit spectrum; additive biases spread it",
+               verdicts.THEOREM if ok else "theorem check FAILED",
+               "the contraction of a Schur product with a PSD Gram matrix is a theorem; largest spectral spread: "
+               f"A {max(spread['A']):.3g}, RoPE (A∘G) {worst_rope:.3g}, "
+               + ", ".join(f"{k} {max(v):.3g}" for k, v in spread.items() if k not in rope and k != "A")
+               + f"; every bound held: {holds} (our reconstruction of the bounds)")
     tabs = sorted((results / "spectral").glob("synthetic_*_results.csv")) if (results / "spectral").exists() else []
     tab = next((t for t in tabs if "small" in t.name), tabs[0] if tabs else None)
-    if tab:
-        rows = {(int(r["task"]), r["pe"]): r for r in csv.DictReader(open(tab))}
-        runs = json.loads(tab.with_name(tab.name.replace("_results.csv", "_runs.json")).read_text())
-        acc = {}
-        for r in runs:
-            acc.setdefault((r["config"]["task"], r["config"]["pe"]), []).append(r["test_acc"])
-        if (1, "rope") in acc:
-            others = {pe: v for (t, pe), v in acc.items() if t == 1 and pe not in ("rope", "sin+rope")}
-            best = max(others, key=lambda k: st.mean(others[k]))
-            v, nums = _verdict_pair({"rope": {"a": acc[(1, "rope")]}, best: {"a": others[best]}}, "rope", best, True,
-                                    key="a", lower=False)
-            out.append(("spectral", "RoPE outperforms the other PEs on the position-sensitive task (Task 1)", v,
-                        f"test accuracy (%) {nums} ({tab.name})"))
-            dep = rows[(1, "rope")]
-            out.append(("spectral", "RoPE concentrates positional processing in one early head (single-head deposit)",
-                        "supported" if int(dep["deposit_runs"]) * 2 > int(dep["seeds"]) else "not supported",
-                        f"deposit (one head's ablation costs far more than any other's) in {dep['deposit_runs']} of "
-                        f"{dep['seeds']} RoPE runs; mean largest single-head drop {float(dep['top_drop_mean']):.1f} points"))
-            if (1, "mla") in rows:
-                m = rows[(1, "mla")]
-                out.append(("spectral", "MLA's decoupled RoPE mitigates that concentration",
-                            "not resolved at this scale" if int(dep["deposit_runs"]) == 0 else
-                            ("supported" if int(m["deposit_runs"]) < int(dep["deposit_runs"]) else "not supported"),
-                            f"deposits: MLA {m['deposit_runs']} of {m['seeds']}, RoPE {dep['deposit_runs']} of {dep['seeds']} "
-                            "(nothing to mitigate where RoPE shows none)"))
-            e = {pe: rows[(1, pe)] for pe in ("rope", "learned", "sin") if (1, pe) in rows}
-            fast = {pe: (float(r["epochs_to_90_mean"]) if r["epochs_to_90_mean"] else math.inf, r["reached_90"]) for pe, r in e.items()}
-            rope_ep = fast.get("rope", (math.inf,))[0]
-            out.append(("spectral", "RoPE optimises faster (spectral contraction → better conditioning)",
-                        "supported" if all(rope_ep < f[0] for k, f in fast.items() if k != "rope") else
-                        "not supported" if any(rope_ep > f[0] for k, f in fast.items() if k != "rope") else
-                        "not resolved at this scale",
-                        "epochs to 90% test accuracy on Task 1 (mean over the seeds that reached it): "
-                        + ", ".join(f"{k} {f[0]:.1f} ({f[1]} seeds)" for k, f in fast.items())))
-    return out
+    if not tab:
+        return
+    rows = {(int(r["task"]), r["pe"]): r for r in csv.DictReader(open(tab))}
+    runs = json.loads(tab.with_name(tab.name.replace("_results.csv", "_runs.json")).read_text())
+    acc, ep90 = {}, {}
+    for r in runs:
+        key = (r["config"]["task"], r["config"]["pe"])
+        acc.setdefault(key, {})[r["config"]["seed"]] = r["test_acc"]
+        hit = [h["epoch"] for h in r["history"] if h["test_acc"] >= 90.0]
+        ep90.setdefault(key, {})[r["config"]["seed"]] = min(hit) if hit else r["config"]["epochs"] + 1
+    if (1, "rope") not in acc:
+        return
+    others = {pe: v for (t, pe), v in acc.items() if t == 1 and pe not in ("rope", "sin+rope")}
+    best = max(others, key=lambda k: st.mean(others[k].values()))
+    data = {"rope": {"seed": list(acc[(1, "rope")]), "a": list(acc[(1, "rope")].values())},
+            best: {"seed": list(others[best]), "a": list(others[best].values())}}
+    _claim(out, "spectral", "Spectral", "RoPE outperforms the other PEs on the position-sensitive task (Task 1; "
+           "against the best other PE)", _test(data, "rope", best, "a", "accuracy", False), f"({tab.name})")
+    dep = rows[(1, "rope")]
+    k, n = int(dep["deposit_runs"]), int(dep["seeds"])
+    _claim(out, "spectral", None, "RoPE concentrates positional processing in one early head (single-head deposit; "
+           "claim: in most runs)", _proportion_verdict(k, n, 0.5),
+           f"deposit (one head's ablation costs far more than any other's) in {verdicts.proportion(k, n)} of RoPE runs; "
+           f"mean largest single-head drop {float(dep['top_drop_mean']):.1f} points")
+    if (1, "mla") in rows:
+        m = rows[(1, "mla")]
+        _claim(out, "spectral", None, "MLA's decoupled RoPE mitigates that concentration",
+               verdicts.NOT_APPLICABLE if k == 0 else _proportion_verdict(int(m["deposit_runs"]), int(m["seeds"]), 0.5),
+               f"deposits: MLA {m['deposit_runs']} of {m['seeds']}, RoPE {k} of {n}"
+               + (" (nothing to mitigate where RoPE shows none)" if k == 0 else ""))
+    for other in ("sin", "learned"):
+        if (1, other) in ep90:
+            a, b = ep90[(1, "rope")], ep90[(1, other)]
+            data = {"rope": {"seed": list(a), "e": list(a.values())}, other: {"seed": list(b), "e": list(b.values())}}
+            res = _test(data, "rope", other, "e", "epochs", True)
+            res["label"] = (f"epochs to 90% test accuracy on Task 1 (never: epochs + 1) rope {res['mean_a']:.3g} "
+                            f"vs {other} {res['mean_b']:.3g}")
+            _claim(out, "spectral", "Spectral", f"RoPE optimises faster than {other} PE (spectral contraction → "
+                   "better conditioning)", res)
+
+
+VERDICT_RULE = (
+    "**How a verdict is reached** (analysis/verdicts.py). Two arms are compared on seed-matched runs (seed s of "
+    "both shares data order and the initialisation of shared parameters) with the paired t-test; the line gives "
+    "Δ = mean(a) − mean(b) with its 95% confidence interval, the two-sided p and its Holm-adjusted value within "
+    "the claim's family (regimes, PE, λ, Spectral), the equivalence test (TOST) against the smallest effect of "
+    "interest δ (0.01 bpb, 0.01 nats, 1 accuracy point), the minimum detectable effect at 80% power, and the "
+    "floor of the exact sign-flip test (3 pairs: 0.25 — no exact test can reach 0.05 with 3 seeds). Words: "
+    "**supported** / **contradicted** (Holm p < 0.05, Δ in / against the claimed direction), **no effect ≥ δ** "
+    "(TOST p < 0.05), **unresolved (MDE = …)** otherwise. Proportions carry Wilson 95% intervals "
+    "(differences: Newcombe). A claim that holds because it is proved is a **theorem check**, one that holds "
+    "because of how the object is built is **true by construction**, and one whose premise no case meets is "
+    "**not applicable**: those check the code, they are not findings.")
 
 
 def write_report(results: Path, budget: str, state: dict) -> None:
     lines = ["# Results", "",
              f"Made by `python -m analysis.experiments --budget {budget}` (resumable; `--report` rebuilds this page). "
              "Every table has mean ± std over seeds; the commands and settings of each run are in its "
-             "`config.json`. Verdicts compare means against twice the standard error of their difference.", "",
+             "`config.json`.", "", VERDICT_RULE, "",
              "## The papers' claims", "", "| paper | claim | verdict | numbers |", "|---|---|---|---|"]
     for paper, claim, verdict, nums in claims(results):
         lines.append(f"| {paper} | {claim} | **{verdict}** | {nums} |")

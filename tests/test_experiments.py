@@ -10,19 +10,46 @@ import pytest
 
 import training
 from analysis import experiments as ex
+from analysis import verdicts
 from spectral import tasks as stt
 
 
-def test_compare_resolves_only_differences_beyond_two_standard_errors():
-    # means 1.0 vs 2.0, std 0.1 each, 3 seeds: 2·SE = 2·√(0.01/3 + 0.01/3) ≈ 0.163 ≪ 1
-    outcome, d, two_se = ex.compare([0.9, 1.0, 1.1], [1.9, 2.0, 2.1])
-    assert outcome == "a better" and d == pytest.approx(-1.0) and two_se == pytest.approx(2 * math.sqrt(0.02 / 3))
-    assert ex.compare([0.9, 1.0, 1.1], [1.9, 2.0, 2.1], lower_is_better=False)[0] == "b better"
-    # overlapping: means 1.0 vs 1.05, std 0.1: |Δ| = 0.05 < 0.163
-    assert ex.compare([0.9, 1.0, 1.1], [0.95, 1.05, 1.15])[0] == "tie"
-    verdict, nums = ex._verdict_pair({"a": {"val": [1.0, 1.1]}, "b": {"val": [3.0, 3.1]}}, "a", "b", True)
-    assert verdict == "supported" and "(Δ -2, 2·SE 0.14, 2 seeds)" in nums and "a 1.05 ± 0.071 vs b 3.05" in nums
-    assert ex._verdict_pair({"a": {"val": [1.0, 1.1]}, "b": {"val": [3.0, 3.1]}}, "a", "b", False)[0] == "not supported"
+def test_claims_pair_arms_by_seed_and_judge_them_by_the_verdict_rule():
+    # seed-matched arms: a shared per-seed offset cancels in the paired difference
+    data = {"a": {"seed": [2, 0, 1], "val": [3.02, 1.00, 2.01]}, "b": {"seed": [0, 1, 2], "val": [1.10, 2.11, 3.12]}}
+    res = ex._test(data, "a", "b", "val", "bpb", True)
+    assert res["test"] == "paired t" and res["diff"] == pytest.approx(-0.1, abs=1e-12)
+    assert verdicts.decide(res) == "supported" and res["delta"] == ex.DELTA["bpb"]
+    assert verdicts.decide(ex._test(data, "a", "b", "val", "bpb", False)) == "contradicted"
+    # the same numbers unpaired: the seed offsets swamp the 0.1 difference
+    welch = verdicts.compare(data["a"]["val"], data["b"]["val"], paired=False, delta=0.01)
+    assert welch["p"] > 0.5 > res["p"]
+    assert ex._proportion_verdict(100, 100, 0.95) == "supported"
+    assert ex._proportion_verdict(50, 100, 0.95) == "contradicted"
+    assert ex._proportion_verdict(0, 3, 0.5).startswith("unresolved (Wilson [0, 56]%)")
+
+
+def test_phase_claims_read_the_phase_table(tmp_path):
+    (tmp_path / "phase").mkdir()
+    rows = []
+    for pe, conv in (("none", 100), ("rope1e4", 40)):
+        for mask in ("bidirectional", "causal"):
+            k = conv if mask == "bidirectional" else 100
+            rows.append({"grid": "pe", "d": 4, "n": 8, "pe": pe, "mask": mask, "rho": "default", "scale": 1.0,
+                         "instances": 102 if k == 100 else 100, "converges": min(k, 100),
+                         "share_converges": min(k, 100) / 100, "share_not_hurwitz": 0.0, "t_end": 2000.0})
+    for rho, conv in ((0.5, 100), (2.0, 30)):
+        rows.append({"grid": "rho", "d": 16, "n": 8, "pe": "none", "mask": "bidirectional", "rho": rho, "scale": 1.0,
+                     "instances": 100, "converges": conv, "share_converges": conv / 100,
+                     "share_not_hurwitz": 0.6 if rho > 1 else 0.0, "t_end": 2000.0})
+    training.write_csv(tmp_path / "phase" / "phase.csv", rows)
+    got = {c[1]: c for c in ex.claims(tmp_path)}
+    bi = next(v for k, v in got.items() if "inhibits" in k and "bidirectional" in k)
+    ca = next(v for k, v in got.items() if "inhibits" in k and "causal" in k)
+    assert bi[2] == "supported" and "40% vs 100%" in bi[3]
+    assert ca[2] == "no effect ≥ 10 points"              # 100 vs 100: Δ's interval inside ±10 points
+    rho = next(v for k, v in got.items() if "non-symmetric" in k)
+    assert rho[2] == "contradicted" and "V not Hurwitz in 60%" in rho[3]
 
 
 @pytest.fixture
@@ -59,7 +86,8 @@ def test_runner_runs_tabulates_judges_and_resumes(tmp_path, two_variants, capsys
     assert "The definiteness conditions predict the fate" in readme
     for line in readme.splitlines():
         if line.startswith("| dynamics |"):
-            assert any(v in line for v in ("**supported**", "**not supported**", "**not resolved at this scale**"))
+            assert any(v in line for v in ("**supported**", "**contradicted**", "**no effect ≥ δ**", "**unresolved",
+                                            "**theorem check**", "**true by construction**", "**not applicable**"))
 
     # a second call runs nothing: every run is found in results/, the agreement step in the state file
     assert ex.main(args) == 0
