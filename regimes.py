@@ -14,8 +14,11 @@ Regimes (sufficient conditions, docs/conventions.md; docs/dynamics.md §1.2 deri
     intermediate   anything else (mixed inertia; the paper's HD scenario is A_sym with ⌊d/2⌋
                    negative eigenvalues)
 For symmetric A, E(t) = Σᵢ xᵢᵀ A xᵢ is non-decreasing whenever W_sym ⪰ 0 (non-causal), which is our
-theorem; for non-symmetric A the conditions are the paper's claim, and analysis/agreement.py
-(`python -m analysis.agreement --instances N`) measures how often simulation agrees with it.
+theorem; for non-symmetric A the conditions are the paper's claim, and they are not enough: near
+X = 0 the mean token obeys x̄' = x̄V, so convergence also needs V Hurwitz (α(V) = max Re λ(V) < 0,
+`value_abscissa`), automatic for symmetric A, not for a large antisymmetric part (docs/dynamics.md
+§1.2). `regime_of` reports α(V) and warns when the sign conditions hold without it; the phase
+diagrams (`python -m analysis.phase`) measure where simulation agrees.
 
 Inertia = (n₊, n₋, n₀), the numbers of positive, negative and zero eigenvalues of a symmetric
 matrix. An eigenvalue with |λ| ≤ tol · max|λ| counts as zero: a definiteness verdict that depends
@@ -421,7 +424,8 @@ def analyse_layer(Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, O: torch.Te
         A = torch.linalg.solve(M, W.T).T                            # A Mᵀ = W
         r = regime_of(W, A, tol)
         out.update(A=A, regime=r["regime"], inertia_A=r["inertia_A"],
-                   eig_W_sym=r["eig_W_sym"], eig_A_sym=r["eig_A_sym"])
+                   eig_W_sym=r["eig_W_sym"], eig_A_sym=r["eig_A_sym"],
+                   abscissa_M=r["abscissa_V"], warning=r["warning"])   # α of the value path M
     else:
         A_lsq = W @ torch.linalg.pinv(M.T)                          # least squares: A Mᵀ ≈ W
         resid = float(torch.linalg.norm(A_lsq @ M.T - W) / torch.linalg.norm(W).clamp_min(1e-300))

@@ -20,6 +20,9 @@ Run from the project folder. Experiments (each training run is its own process,
                    embedded `shapes` images                                    → results/vit/pe-lam*
     agreement      python -m analysis.agreement --instances N for each seed, then mean ± std
                                                                                → results/core/agreement*
+    phase          python -m analysis.phase: fates of convergent-predicted instances to t = 2000 over
+                   d × n × PE × mask, ρ and initial scale (CPU at every budget; resumable per cell)
+                                                                               → results/phase
     pretrained     python -m analysis.reports --model minilm,smollm2 (needs requirements-extra.txt)
                                                                                → results/pretrained
     spectral       python -m spectral.decomposition, and python -m spectral.tasks table (Task 1 /
@@ -40,8 +43,7 @@ by the paired t-test (95% CI for Δ, Holm within each family of claims, TOST aga
 effect of interest, the minimum detectable effect), proportions by Wilson intervals; the words are
 supported / contradicted / no effect ≥ δ / unresolved (MDE = …), and theorem check / true by
 construction / not applicable for the checks of the code (VERDICT_RULE below). The phase-diagram
-claims read results/phase/phase.csv (python -m analysis.phase, not run by this runner: it takes
-hours; see its docstring).
+claims read results/phase/phase.csv (the `phase` step: hours on two cores, resumable per cell).
 """
 
 from __future__ import annotations
@@ -106,17 +108,17 @@ BUDGETS = {
                                         "--n-layers", "2", "--n-heads", "2"],
                   vit=["--steps", "3", "--eval-images", "64", "--probe-batch", "2"], agreement=20,
                   spectral=["--preset", "tiny", "--seeds", "0,1", "--pes", "none,rope"], device="cpu",
-                  speed=None),
+                  speed=None, phase=None),
     # a laptop: ~3 CPU-hours in all, 400-step language models, 1,000-step ViTs (see README)
     "cpu-small": dict(seeds=3, jobs=None, lm=["--steps", "400", "--eval-every", "0"], vit=[],
                       agreement=1000, spectral=["--preset", "small", "--seeds", "0,1,2", "--pes", SPECTRAL_PES],
-                      device="cpu", speed=["--suite"]),
+                      device="cpu", speed=["--suite"], phase=["--instances", "102", "--t-end", "2000"]),
     # one GPU: a 6 × 256 language model for 3,000 steps, 4,000-step ViTs, the Spectral paper's model
     "gpu": dict(seeds=3, jobs=1, lm=["--d-model", "256", "--n-layers", "6", "--n-heads", "8", "--seq-len", "256",
                                      "--steps", "3000", "--eval-every", "0", "--device", "cuda"],
                 vit=["--steps", "4000", "--device", "cuda"], agreement=10000,
                 spectral=["--preset", "medium", "--seeds", "0,1,2", "--pes", SPECTRAL_PES, "--device", "cuda"],
-                device="cuda", speed=["--device", "cuda"]),
+                device="cuda", speed=["--device", "cuda"], phase=["--instances", "102", "--t-end", "2000"]),
 }
 TRAINING = {  # experiment → (script, variants, budget key, results sub-folder, corpus flags)
     "lm-regimes": ("train_lm.py", LM_REGIMES, "lm", "lm/regimes", []),
@@ -124,7 +126,7 @@ TRAINING = {  # experiment → (script, variants, budget key, results sub-folder
     "lm-pe-enwiki": ("train_lm.py", LM_PE, "lm", "lm/pe-enwiki", ["--data", "ENWIKI"]),
     "vit-pe": ("train_vit.py", VIT_PE, "vit", "vit/pe-lam", []),
 }
-ONE_SHOT = ("agreement", "pretrained", "spectral", "speed")
+ONE_SHOT = ("agreement", "phase", "pretrained", "spectral", "speed")
 EXPERIMENTS = tuple(TRAINING) + ONE_SHOT
 KEEP = ("config.json", "summary.json", "probe.csv", "metrics.csv")       # small files kept in results/
 
@@ -382,6 +384,9 @@ def one_shot_commands(step: str, budget: str, results: Path, runs: Path, n_jobs:
         return [[PY, "-m", "spectral.decomposition", "--out", str(results / "spectral")],
                 [PY, "-m", "spectral.tasks", "table", *spec, "--workers", str(n_jobs),
                  "--cache", str(runs / "spectral"), "--out", str(results / "spectral")]]
+    if step == "phase":
+        return [] if b["phase"] is None else [[PY, "-m", "analysis.phase", *b["phase"], "--jobs", str(n_jobs),
+                                              "--out", str(results / "phase")]]
     if step == "speed":
         return [] if b["speed"] is None else [[PY, "-m", "analysis.bench", *b["speed"], "--out", str(results / "speed")]]
     raise ValueError(step)
@@ -778,7 +783,9 @@ def write_report(results: Path, budget: str, state: dict) -> None:
                       ("lm/pe.md", "positional encoding × λ, language model, embedded corpus"),
                       ("lm/pe-enwiki.md", "positional encoding × λ, language model, enwiki sample"),
                       ("vit/pe-lam.md", "positional encoding × λ, ViT, embedded shapes"),
-                      ("core/agreement.md", "predicted vs simulated regime, random instances"),
+                      ("core/agreement.md", "predicted vs simulated regime, random instances (t = 20)"),
+                      ("phase/phase.csv", "phase diagrams: fates to t = 2000 over d × n × PE × mask, ρ, scale "
+                       "(figures phase/pe.png, phase/rho.png, phase/scale.png)"),
                       ("pretrained/compare.md", "pretrained models: regimes and token probe"),
                       ("spectral/README.md", "the Spectral paper: bounds, task table, ablations"),
                       ("speed/bench.md", "speed against peers")):

@@ -2,6 +2,7 @@
 
     python -m analysis.phase --out out/phase                  # every grid, resumable per cell
     python -m analysis.phase --grid pe --part 0/2 --out DIR   # half of one grid (run two at once)
+    python -m analysis.phase --jobs 2 --out DIR               # both halves, as two processes
     python -m analysis.phase --pilot                          # one cell per axis value, timed
     python -m analysis.phase --report --out DIR               # only rebuild the CSV and figures
 
@@ -39,6 +40,7 @@ import json
 import math
 import os
 import statistics as st
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -306,6 +308,8 @@ def main(argv=None) -> int:
     p.add_argument("--t-end", type=float, default=2000.0, help="integration horizon")
     p.add_argument("--max-steps", type=int, default=10_000, help="step budget per instance")
     p.add_argument("--part", default="0/1", help="i/k: run every k-th cell starting at i (parallel runs)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="run this many parts at once, each a single-thread process (--part i/jobs)")
     p.add_argument("--pilot", action="store_true", help="time one small cell per axis value and stop")
     p.add_argument("--report", action="store_true", help="only rebuild phase.csv and the figures")
     a = p.parse_args(argv)
@@ -329,6 +333,12 @@ def main(argv=None) -> int:
             return 0
         if a.pilot:
             return pilot(a)
+        if a.jobs < 1:
+            raise ValueError(f"--jobs must be >= 1, got {a.jobs}.")
+        if a.jobs > 1:
+            if k != 1:
+                raise ValueError("give either --jobs or --part, not both.")
+            return run_parts(argv if argv is not None else sys.argv[1:], a.jobs, out)
         mine = cells[i::k]
         (out / "cells").mkdir(parents=True, exist_ok=True)
         todo = [c for c in mine if not (out / "cells" / f"{cell_name(c)}.json").exists()]
@@ -347,6 +357,26 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as e:
         print(f"analysis.phase: {e}", file=sys.stderr)
         return 2
+
+
+def run_parts(argv: list, jobs: int, out: Path) -> int:
+    """`jobs` copies of this command, part i/jobs each, one thread each; then the report."""
+    rest, skip = [], False
+    for x in argv:                                           # drop --jobs N / --jobs=N
+        if skip:
+            skip = False
+        elif x == "--jobs":
+            skip = True
+        elif not x.startswith("--jobs="):
+            rest.append(x)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    procs = [subprocess.Popen([sys.executable, "-m", "analysis.phase", *rest, "--part", f"{i}/{jobs}"], env=env)
+             for i in range(jobs)]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise ValueError(f"a part failed (exit codes {codes}); the finished cells are kept in {out / 'cells'}.")
+    write_report(out)
+    return 0
 
 
 def pilot(a) -> int:

@@ -172,6 +172,8 @@ def test_one_shot_steps_are_keyed_on_their_settings_not_the_program():
     state = json.loads(state_path.read_text())
     workers = re.search(r"--workers (\d+)", " ".join(state["spectral"]["commands"]))
     for step in ex.ONE_SHOT:
+        if step == "phase" and step not in state:
+            continue                    # recorded when its grid has finished (resumable per cell)
         cmds = ex.one_shot_commands(step, "cpu-small", ex.ROOT / "results",
                                     ex.ROOT / "runs" / "experiments" / "cpu-small", int(workers.group(1)))
         assert state[step]["commands"] == ex.settings_key(cmds), step

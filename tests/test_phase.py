@@ -122,21 +122,19 @@ def test_causal_convergent_decays_exponentially_at_alpha_V_over_n():
     is uniform over j ≤ i, so ẋᵢ = (1/i) Σ_{j≤i} xⱼ V: block lower-triangular with diagonal blocks
     V/i, eigenvalues λ(V)/i. The slowest is the last token's: ‖X‖ ∝ exp(α(V) t / n), α(V) = max Re λ(V)."""
     g = gen(3)
-    d, n, N = 4, 6, 8
+    d, n, N = 4, 4, 8
     Q, K, V = regimes.sample_instances("convergent", d, N, generator=g)
     X0 = torch.randn(N, n, d, generator=g, dtype=f64)
     alpha = regimes.value_abscissa(Q @ K.transpose(-1, -2), regimes.value_form(Q @ K.transpose(-1, -2), V))
-    ts = torch.linspace(0, 400, 81, dtype=f64)
+    ts = torch.linspace(0, 200, 61, dtype=f64)
     fr = oa.integrate_each(X0, Q, K, V, ts, rtol=1e-9, atol=1e-30, causal=True)
     norms = oa.token_norm(fr.X)
-    ratios = []
-    for b in range(N):
-        sel = ts > 200
-        ratios.append(fit(ts[sel], norms[sel, b].log()) / float(alpha[b] / n))
-    ratios.sort()
-    # measured: median 1.001, 6 of 8 within 1%, worst 1.26 (a second mode not yet died out)
-    assert abs(ratios[N // 2] - 1) < 0.02
-    assert sum(abs(r - 1) < 0.05 for r in ratios) >= 6
+    sel = ts > 100
+    ratios = sorted(fit(ts[sel], norms[sel, b].log()) / float(alpha[b] / n) for b in range(N))
+    # measured: 0.9895 … 1.0053, median 0.9996 (n = 6 to t = 400: median 1.001, one at 1.26 — a
+    # second mode not yet died out)
+    assert abs(ratios[N // 2] - 1) < 0.005
+    assert min(ratios) > 0.98 and max(ratios) < 1.02
 
 
 def test_divergent_grows_exponentially_at_alpha_V():
