@@ -220,7 +220,9 @@ class Trajectory:
     """What integrate() returns. t: (T,) saved times. X: (T, *batch, n, d) saved states, batch =
     the broadcast leading dimensions of X0, Q, K, V and the options (a blown-up instance stays
     frozen at its last good state, so X never holds NaNs). status: "ok", or a message saying which
-    instances blew up, when and why. blown: (batch,) bool; t_blow: (batch,) blow-up time (inf: none)."""
+    instances blew up or stalled, when and why. blown: (batch,) bool; t_blow: (batch,) blow-up time
+    (inf: none); stalled / t_stall: the same for instances dopri5 froze because no step above
+    1e-10·t_end met the tolerance while the state stayed finite and bounded (stiff, not blown up)."""
     t: torch.Tensor
     X: torch.Tensor
     status: str
@@ -230,6 +232,8 @@ class Trajectory:
     n_rejected: int = 0
     n_evals: int = 0
     reasons: list = field(default_factory=list)
+    stalled: torch.Tensor | None = None      # (batch,) bool: dopri5 froze it, stiff (step < 1e-10·t_end)
+    t_stall: torch.Tensor | None = None      # (batch,) when (inf: never)
 
 
 def integrate(X0: torch.Tensor, Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, t_end: float,
@@ -272,6 +276,7 @@ def integrate(X0: torch.Tensor, Q: torch.Tensor, K: torch.Tensor, V: torch.Tenso
 
     x = flat(X0).clone()                                               # (B, n, d), all instances
     alive, t_blow = torch.ones(B, dtype=torch.bool), torch.full((B,), math.inf, dtype=torch.float64)
+    stalled, t_stall = torch.zeros(B, dtype=torch.bool), torch.full((B,), math.inf, dtype=torch.float64)
     reasons: list[str] = []
     act = torch.arange(B)                                              # the active instances
     f = field_on(act)
@@ -344,8 +349,26 @@ def integrate(X0: torch.Tensor, Q: torch.Tensor, K: torch.Tensor, V: torch.Tenso
             scale = atol + rtol * torch.maximum(xa.abs(), torch.nan_to_num(x5.abs(), nan=0.0))
             err = torch.nan_to_num((x5_minus_x4 / scale).pow(2).flatten(-2).mean(-1).sqrt(), nan=math.inf)
             err_max = float(err.max())
-            # accept within tolerance — or when the step has shrunk to nothing (an instance is
-            # blowing up: advance() then freezes and drops it instead of stalling everyone)
+            if err_max > 1.0 and h < 1e-10 * t_end:
+                # the step has shrunk to nothing. An instance whose trial state overflows or passes
+                # max_norm is blowing up: accepted below, advance() freezes it as blown. One that
+                # stays finite and bounded is stiff, not blown: freeze it as "stalled", say so, and
+                # let the others go on (they met the tolerance at this h).
+                over = ~(torch.linalg.vector_norm(torch.nan_to_num(x5, nan=math.inf), dim=-1).amax(-1) <= max_norm)
+                stall = (err > 1.0) & ~over
+                if bool(stall.any()):
+                    for j in stall.nonzero().flatten().tolist():
+                        i = int(act[j])
+                        stalled[i], t_stall[i] = True, t
+                        if len(reasons) < 3:
+                            reasons.append(f"instance {i} stalled at t={t:.4g} (step below {1e-10 * t_end:.2g}: "
+                                           "stiff; frozen, not counted as blown up)")
+                    keep = ~stall
+                    act, k1 = act[keep], k1[keep]
+                    f = field_on(act)
+                    continue
+            # accept within tolerance — or, once the step has shrunk to nothing, the instances that
+            # are blowing up (advance() freezes and drops them instead of stalling everyone)
             if err_max <= 1.0 or h < 1e-10 * t_end:
                 t += h
                 bad = advance(x5, t)
@@ -368,10 +391,13 @@ def integrate(X0: torch.Tensor, Q: torch.Tensor, K: torch.Tensor, V: torch.Tenso
     blown = ~alive
     status = (f"{int(blown.sum())} of {B} instance(s) blew up; first: " + "; ".join(reasons[:3])
               if blown.any() else "; ".join(reasons) if reasons else "ok")
+    if stalled.any():
+        status = f"{int(stalled.sum())} of {B} instance(s) stalled (stiff); " + status
     return Trajectory(t=torch.tensor(ts, dtype=torch.float64),
                       X=torch.stack(xs).reshape(len(xs), *bshape, *X0.shape[-2:]), status=status,
                       blown=blown.reshape(bshape), t_blow=t_blow.reshape(bshape), n_steps=n_steps,
-                      n_rejected=n_rej, n_evals=n_evals, reasons=reasons)
+                      n_rejected=n_rej, n_evals=n_evals, reasons=reasons, stalled=stalled.reshape(bshape),
+                      t_stall=t_stall.reshape(bshape))
 
 
 @dataclass

@@ -506,3 +506,26 @@ def test_constrained_attention_has_no_biases_so_zero_is_its_rest_point():
         assert not any("bias" in name for name, _ in a.named_parameters())
     free = oa.Attention(8, 2, bias=True)                    # free attention keeps its biases
     assert free.qkv.bias is not None and free.proj.bias is not None
+
+
+def test_dopri5_freezes_a_stiff_instance_as_stalled_instead_of_force_accepting_it():
+    """V = −10¹² I decays at rate 10¹²: explicit steps are stable only below ~3·10⁻¹², under the
+    1e-10·t_end floor. That instance used to be force-accepted there in silence (its trial state
+    grows by ~10⁸ per step); now it is frozen and reported as stalled — finite, bounded, not blown
+    up — and the other instance of the batch finishes exactly as it does alone."""
+    g = gen(9)
+    d, n = 3, 4
+    Q, K, V = regimes.sample_instances("convergent", d, 2, generator=g)
+    V = V.clone()
+    V[0] = -1e12 * torch.eye(d, dtype=f64)
+    X0 = torch.randn(2, n, d, generator=g, dtype=f64)
+    tr = oa.integrate(X0, Q, K, V, t_end=1.0, dt=0.1, method="dopri5", max_norm=1e20, n_save=3)
+    assert tr.stalled.tolist() == [True, False] and not tr.blown.any()
+    assert "stalled" in tr.status and "stiff" in tr.status
+    assert torch.isfinite(tr.X).all() and (tr.X[-1, 0].abs().max() <= X0[0].abs().max())
+    alone = oa.integrate(X0[1:], Q[1:], K[1:], V[1:], t_end=1.0, dt=0.1, method="dopri5", n_save=3)
+    assert (tr.X[-1, 1] - alone.X[-1, 0]).abs().max() < 1e-6
+    # a real overflow is still a blow-up, not a stall
+    Qd, Kd, Vd = regimes.sample_instance("divergent", d, generator=g)
+    tb = oa.integrate(X0[:1], Qd, Kd, 1e300 * Vd, t_end=1.0, dt=0.1, method="dopri5", max_norm=1e308)
+    assert tb.blown.all() and not tb.stalled.any()
