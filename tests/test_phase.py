@@ -157,8 +157,8 @@ def test_divergent_grows_exponentially_at_alpha_V():
 
 
 def test_bidirectional_convergent_follows_t_to_the_minus_half():
-    """Without a mask the differences δᵢ = xᵢ − x̄ decay only through the quadratic softmax
-    correction, d‖δ‖/dt ≈ −c‖δ‖³, so ‖X‖ ∝ t^(−1/2): the fate rule calls it "converges"."""
+    """Without a mask the differences δᵢ = xᵢ − x̄ decay only through the softmax's
+    first-order term in the (quadratic) logits, d‖δ‖/dt ≈ −c‖δ‖³, so ‖X‖ ∝ t^(−1/2): the fate rule calls it "converges"."""
     g = gen(6)
     Q, K, V = regimes.sample_instances("convergent", 4, 6, symmetric_A=True, generator=g)
     X0 = torch.randn(6, 8, 4, generator=g, dtype=f64)
