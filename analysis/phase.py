@@ -217,7 +217,8 @@ def plot_pe(rows: list, path: Path) -> None:
     if not rs:
         return
     plt = _plt()
-    fig, axes = plt.subplots(len(MASKS), len(PES), figsize=(3.0 * len(PES), 2.9 * len(MASKS)), squeeze=False)
+    fig, axes = plt.subplots(len(MASKS), len(PES), figsize=(3.0 * len(PES), 3.1 * len(MASKS)), squeeze=False,
+                             constrained_layout=True)
     for i, m in enumerate(MASKS):
         for j, pe in enumerate(PES):
             ax = axes[i][j]
@@ -244,13 +245,13 @@ def plot_pe(rows: list, path: Path) -> None:
     plt.close(fig)
 
 
-def _curve(ax, rs, key, x, label, style="-"):
+def _curve(ax, rs, key, x, label, style="-", color=None):
     rs = sorted(rs, key=lambda r: r[x])
     xs = [r[x] for r in rs]
     lo, hi = key + "_lo", key + "_hi"
     ys = [r["share_converges" if key == "converges" else "share_not_hurwitz"] for r in rs]
-    ax.plot(xs, ys, style, marker="o", ms=3, label=label)
-    ax.fill_between(xs, [r[lo] for r in rs], [r[hi] for r in rs], alpha=0.15)
+    line, = ax.plot(xs, ys, style, marker="o", ms=3, label=label, color=color)
+    ax.fill_between(xs, [r[lo] for r in rs], [r[hi] for r in rs], alpha=0.15, color=line.get_color())
 
 
 def plot_rho(rows: list, path: Path) -> None:
@@ -261,11 +262,11 @@ def plot_rho(rows: list, path: Path) -> None:
     fig, axes = plt.subplots(1, len(MASKS), figsize=(10, 3.6), squeeze=False)
     for i, m in enumerate(MASKS):
         ax = axes[0][i]
-        for d in DS:
+        for j, d in enumerate(DS):
             sel = [r for r in rs if r["mask"] == m and r["d"] == d]
-            if sel:
-                _curve(ax, sel, "converges", "rho", f"d={d} converges")
-                _curve(ax, sel, "not_hurwitz", "rho", f"d={d} V not Hurwitz", "--")
+            if sel:                                   # one colour per d: solid converges, dashed not Hurwitz
+                _curve(ax, sel, "converges", "rho", f"d={d} converges", color=f"C{j}")
+                _curve(ax, sel, "not_hurwitz", "rho", f"d={d} V not Hurwitz", "--", color=f"C{j}")
         ax.set_xlabel("ρ = ‖A_anti‖₂ / ‖A_sym‖₂")
         ax.set_ylabel("share (Wilson 95% band)")
         ax.set_title(f"{m}, n = 8, no PE")
