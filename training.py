@@ -53,7 +53,7 @@ import sys
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +76,7 @@ class Runtime:
     local_rank: int = 0
     world_size: int = 1
     amp_dtype: torch.dtype | None = None
+    locks: list = field(default_factory=list)       # run-folder locks, released by teardown()
 
     @property
     def is_main(self) -> bool:
@@ -126,6 +127,9 @@ def setup_runtime(device: str = "auto", amp: bool = True) -> Runtime:
 
 
 def teardown(rt: Runtime) -> None:
+    for lock in rt.locks:                           # the run is over: its folder is free again
+        lock.release()
+    rt.locks.clear()
     if rt.distributed and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -252,6 +256,71 @@ def atomic_write(path: str | os.PathLike, write) -> None:
             tmp.unlink()
 
 
+class FolderLock:
+    """An exclusive lock on a folder, held for the life of this object (or of the process).
+
+    fcntl.flock on DIR/<name>: taking it is one atomic system call (no check-then-write window), and
+    the kernel releases it when the holder exits in any way — kill -9 included — so a stale lock
+    can never block a later run. The holder's pid is written into the file for the refusal message.
+    Where fcntl is missing (Windows), O_CREAT | O_EXCL on the file is the atomic step and a file
+    whose pid is not alive counts as stale."""
+
+    def __init__(self, folder, name: str, what: str):
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / name
+        self._fd = None
+        try:
+            import fcntl
+        except ImportError:                                      # pragma: no cover (Windows)
+            fcntl = None
+        if fcntl is None:                                        # pragma: no cover
+            self._take_exclusive(what)
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ValueError(f"{folder} is in use by {what} (pid {holder}); wait for it to finish "
+                             "or choose another folder") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+
+    def _take_exclusive(self, what: str) -> None:               # pragma: no cover (Windows)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text().strip())
+                    os.kill(pid, 0)
+                except (ValueError, OSError):
+                    self.path.unlink(missing_ok=True)            # stale: its holder is gone
+                    continue
+                raise ValueError(f"{self.path.parent} is in use by {what} (pid {pid}); wait for it to "
+                                 "finish or choose another folder") from None
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            self._fd = -1
+            return
+        raise ValueError(f"could not take the lock {self.path}")
+
+    def __del__(self):
+        self.release()
+
+    def release(self) -> None:
+        if getattr(self, "_fd", None) is None:
+            return
+        if self._fd >= 0:
+            os.close(self._fd)                                   # drops the flock
+        else:                                                    # pragma: no cover (Windows)
+            self.path.unlink(missing_ok=True)
+        self._fd = None
+
+
 def save_checkpoint(path, *, model, optimizer, step: int, config: dict, extra: dict | None = None) -> None:
     """Atomic checkpoint: model, optimiser, step, RNG states, config (and anything in extra)."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": int(step),
@@ -321,6 +390,15 @@ class RunDir:
         self.active = active
         self.ckpt = self.path / "ckpt.pt"
         self.metrics = self.path / "metrics.csv"
+
+    def lock(self, rt: "Runtime | None" = None) -> None:
+        """Hold the folder's lock (.run.lock) for the life of the run (until teardown(rt), or the
+        process's exit): a second run, or a second resume, on the same folder is refused with one
+        sentence instead of mixing their files."""
+        if self.active:
+            self._lock = FolderLock(self.path, ".run.lock", "another training run")
+            if rt is not None:
+                rt.locks.append(self._lock)
 
     def write_json(self, name: str, obj) -> None:
         if self.active:
@@ -397,11 +475,13 @@ def open_run(*, resume, out, config: dict, model, optimizer, resume_keys, rt: Ru
     if resume:
         ck = Path(resume)
         run = RunDir(ck.parent if ck.suffix == ".pt" else ck, active=rt.is_main)
+        run.lock(rt)
         state = load_checkpoint(run.ckpt)
         check_config(state["config"], config, resume_keys, where=f"the checkpoint {run.ckpt}")
         start = restore(state, model, optimizer)
     else:
         run = RunDir(out, active=rt.is_main)
+        run.lock(rt)
         if run.ckpt.exists():
             raise ValueError(f"{run.path} already holds a run: continue it with --resume {run.path} "
                              f"or choose another --out")

@@ -847,22 +847,14 @@ def _write(path: Path, text: str) -> None:
     training.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def _take_lock(results: Path) -> Path:
-    """results/.experiments.lock with our pid: a second runner on the same results/ would clear
-    the first one's unfinished runs, so it is refused while the first is alive."""
-    lock = results / ".experiments.lock"
-    results.mkdir(parents=True, exist_ok=True)
-    if lock.exists():
-        try:
-            pid = int(lock.read_text().strip())
-            os.kill(pid, 0)                               # alive? (raises if not)
-        except (ValueError, OSError):
-            pass                                          # stale: its runner is gone
-        else:
-            raise ValueError(f"another analysis.experiments (pid {pid}) is running on {results}; wait for it, "
-                             f"or delete {lock} if that process is not this runner")
-    lock.write_text(str(os.getpid()))
-    return lock
+def _take_lock(results: Path) -> training.FolderLock:
+    """The lock on results/ (results/.experiments.lock, training.FolderLock): a second runner on
+    the same results/ would clear the first one's unfinished runs, so it is refused while the
+    first is alive; the kernel drops the lock when the runner exits, however it exits."""
+    try:
+        return training.FolderLock(results, ".experiments.lock", "another analysis.experiments")
+    except ValueError as e:
+        raise ValueError(f"{e} (results folder {results})") from None
 
 
 def main(argv=None) -> int:
@@ -923,7 +915,7 @@ def main(argv=None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 1
         finally:
-            lock.unlink(missing_ok=True)
+            lock.release()
         print(f"all done in {time.time() - t0:.0f} s")
     write_report(results, a.budget, state)
     print(f"claims and tables: {results / 'README.md'}")

@@ -181,11 +181,38 @@ def test_one_shot_steps_are_keyed_on_their_settings_not_the_program():
 
 def test_a_second_runner_on_the_same_results_is_refused(tmp_path, capsys):
     res = tmp_path / "results"
-    res.mkdir()
-    (res / ".experiments.lock").write_text(str(os.getpid()))        # a live process holds it
+    held = ex._take_lock(res)                                        # a live runner holds it
+    assert (res / ".experiments.lock").read_text() == str(os.getpid())
     args = ["--budget", "smoke", "--only", "agreement", "--results", str(res), "--runs", str(tmp_path / "w")]
     assert training.run_cli(ex.main, args) == 2
-    assert "another analysis.experiments" in capsys.readouterr().err
-    (res / ".experiments.lock").write_text("999999999")              # stale: no such process
-    lock = ex._take_lock(res)
-    assert lock.read_text() == str(os.getpid())
+    err = capsys.readouterr().err
+    assert "another analysis.experiments" in err and f"pid {os.getpid()}" in err
+    held.release()
+    # a lock file left by a runner that died (kill -9: the kernel dropped its flock) does not block
+    (res / ".experiments.lock").write_text("999999999")
+    ex._take_lock(res).release()
+
+
+def test_two_runners_started_at_the_same_instant_exactly_one_proceeds(tmp_path):
+    """The old lock was check-then-write (34 of 300 synchronised starts both got it). Four
+    processes start together on one folder (the runner's lock and the run folder's are both a
+    training.FolderLock): exactly one gets it."""
+    import subprocess
+    import sys
+    # each child imports, says it is ready, waits for all four, then tries; the winner holds the
+    # lock until the three others have failed (so a late starter cannot take a released lock)
+    code = ("import sys, time, pathlib, training\n"
+            "d, name, i = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]\n"
+            "(d / f'ready{i}').touch()\n"
+            "t0 = time.time()\n"
+            "while len(list(d.glob('ready*'))) < 4 and time.time() < t0 + 60: pass\n"
+            "try:\n    l = training.FolderLock(d / 'f', name, 'x')\n"
+            "except ValueError:\n    (d / f'lost{i}').touch(); sys.exit(3)\n"
+            "while len(list(d.glob('lost*'))) < 3 and time.time() < t0 + 60: time.sleep(0.01)\n")
+    for name in (".experiments.lock",):
+        sync = tmp_path / name.strip(".")
+        sync.mkdir()
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(sync), name, str(i)], cwd=ex.ROOT)
+                 for i in range(4)]
+        codes = sorted(p.wait() for p in procs)
+        assert codes == [0] + [3] * 3, codes

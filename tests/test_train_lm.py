@@ -337,6 +337,17 @@ def test_resume_with_another_config_or_a_corrupt_checkpoint_is_refused(text_file
     assert "corrupt or truncated" in capsys.readouterr().err
 
 
+def test_a_second_run_on_a_folder_in_use_is_refused_and_writes_nothing(text_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    held = training.FolderLock(run, ".run.lock", "another training run")   # a live run holds it
+    for argv in (["--out", run], ["--resume", run]):
+        assert cli(["--data", text_file, *argv, "--steps", 2, *TINY]) == 2
+        assert "is in use by another training run" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == [".run.lock"]
+    held.release()
+    assert cli(["--data", text_file, "--out", run, "--steps", 2, *TINY]) == 0   # free again
+
+
 def test_script_exit_code_and_message_without_traceback(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "train_lm.py"), "--pe", "xpos"], env=ENV,
                        capture_output=True, text=True)
