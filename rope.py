@@ -175,18 +175,25 @@ class RoPEMixed(nn.Module):
     Pair k of head h (interleaved pairing) at patch (r, c) is rotated by
         φ_{h,k}(r, c) = r θ^y_{h,k} + c θ^x_{h,k}.
     The logit between (r, c) and (r', c') depends only on (r' − r, c' − c) for any frequencies,
-    because φ is linear in the position. Initialisation follows the paper's idea: one magnitude
-    ladder |θ_k| = base^(−2k/d_h), each head pointed in a random direction (cos α_h, sin α_h).
+    because φ is linear in the position. Initialisation as Heo et al.'s: per head a random angle
+    α_h; the first half of the pairs points along (cos α_h, sin α_h), the second half along the
+    orthogonal direction α_h + π/2 (rank 2: the head sees both axes from the start), each half with
+    the magnitude ladder |θ_j| = base^(−4j/d_h), j = 0, 1, … (base 10: 10^(−4j/d_h)).
     """
 
     def __init__(self, head_dim: int, n_heads: int, base: float = 10.0, generator=None):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"RoPE-Mixed needs an even head dimension, got {head_dim}.")
-        mag = rope_frequencies(head_dim, base, dtype=torch.float32)            # (d_h/2,)
-        alpha = torch.rand(n_heads, 1, generator=generator) * 2 * math.pi      # per-head direction
-        # θ^y = |θ| sin α, θ^x = |θ| cos α ; learnable from there on
-        self.freqs = nn.Parameter(torch.stack((mag * torch.sin(alpha), mag * torch.cos(alpha)), 0))
+        P = head_dim // 2                                                      # pairs per head
+        first, second = (P + 1) // 2, P // 2                                   # pairs along α, α + π/2
+        ladder = lambda m: base ** (-4.0 * torch.arange(m, dtype=torch.float64) / head_dim)  # noqa: E731
+        mag = torch.cat((ladder(first), ladder(second))).float()               # (d_h/2,)
+        alpha = torch.rand(n_heads, 1, generator=generator) * 2 * math.pi      # per-head angle
+        turn = torch.cat((torch.zeros(first), torch.full((second,), math.pi / 2)))
+        direction = alpha + turn                                               # (n_heads, d_h/2)
+        # θ^y = |θ| sin(direction), θ^x = |θ| cos(direction); learnable from there on
+        self.freqs = nn.Parameter(torch.stack((mag * torch.sin(direction), mag * torch.cos(direction)), 0))
         # freqs: (2, n_heads, d_h/2)
 
     def forward(self, x: torch.Tensor, positions_yx) -> torch.Tensor:

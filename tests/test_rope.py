@@ -170,3 +170,21 @@ def test_alibi_slopes_follow_press_et_al_for_every_head_count():
     for H in range(1, 41):
         m = rope.alibi_slopes(H)
         assert m.shape == (H,) and len(set(m.tolist())) == H and bool(((m > 0) & (m < 1)).all())
+
+
+@pytest.mark.parametrize("head_dim", [8, 16, 64])
+def test_rope_mixed_starts_rank_2_with_heo_et_als_magnitudes(head_dim):
+    """Heo et al.'s initialisation: per head the first half of the pairs points along a random
+    angle α, the second along α + π/2 — two orthogonal directions (rank 2), each with the ladder
+    10^(−4j/d_h). (It used to be one direction per head: rank 1, one axis invisible at init.)"""
+    m = rope.RoPEMixed(head_dim, 3, generator=torch.Generator().manual_seed(0))
+    P = head_dim // 2
+    ladder = 10.0 ** (-4.0 * torch.arange(P // 2, dtype=torch.float64) / head_dim)
+    for h in range(3):
+        F = m.freqs[:, h, :].double().T                              # (pairs, 2): (θʸ, θˣ) per pair
+        assert torch.linalg.matrix_rank(F) == 2
+        a, b = F[: P // 2], F[P // 2:]
+        assert torch.allclose(a.norm(dim=1), ladder, rtol=1e-6) and torch.allclose(b.norm(dim=1), ladder, rtol=1e-6)
+        u, v = a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True)
+        assert torch.allclose(u, u[:1].expand_as(u), atol=1e-6)      # one direction per half
+        assert abs(float(u[0] @ v[0])) < 1e-6                        # the two are orthogonal
