@@ -67,6 +67,8 @@ def _as_float64(name: str, M, square: bool = False) -> torch.Tensor:
         raise ValueError(f"{name} must be a floating-point torch.Tensor.")
     if M.ndim < 2:
         raise ValueError(f"{name} must be a matrix, got shape {tuple(M.shape)}.")
+    if M.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(M.shape)}): there is no regime to read off.")
     if square and (M.ndim != 2 or M.shape[0] != M.shape[1]):
         raise ValueError(f"{name} must be one square matrix, got shape {tuple(M.shape)}.")
     if not torch.isfinite(M).all():
@@ -77,6 +79,8 @@ def _as_float64(name: str, M, square: bool = False) -> torch.Tensor:
 def inertia_counts(ev: torch.Tensor, tol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(n₊, n₋, n₀) per row of eigenvalues ev (..., d): |λ| ≤ tol·max|λ| counts as zero. The one
     inertia rule, batched; `inertia`, the regime rule and the reports all count with it."""
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < 1:
+        raise ValueError(f"tol must be a number in [0, 1), got {tol!r}.")
     thr = tol * ev.abs().amax(-1, keepdim=True)
     n_pos, n_neg = (ev > thr).sum(-1), (ev < -thr).sum(-1)
     return n_pos, n_neg, ev.shape[-1] - n_pos - n_neg

@@ -102,6 +102,9 @@ def apply_rope(x: torch.Tensor, positions, base: float = 10000.0, pairing: str =
     """
     if pairing not in PAIRINGS:
         raise ValueError(f"unknown RoPE pairing {pairing!r}; choose one of {PAIRINGS}.")
+    if not x.is_floating_point():
+        raise ValueError(f"apply_rope needs a floating-point x (a rotation of integers is not an integer), "
+                         f"got {x.dtype}.")
     d = x.shape[-1]
     rd = d if rotary_dim is None else rotary_dim
     if rd <= 0 or rd % 2 or rd > d:

@@ -185,3 +185,15 @@ def test_rope_rotations_and_batched_offset_matrices():
         torch.testing.assert_close(Wb[b], regimes.rope_offset_matrices(Q[b], K[b], offs), atol=1e-14, rtol=0)
     with pytest.raises(ValueError, match="even d_k"):
         regimes.rope_offset_matrices(torch.eye(3, dtype=f64), torch.eye(3, dtype=f64), offs)
+
+
+def test_empty_matrices_and_a_bad_tolerance_are_refused():
+    e = torch.zeros(0, 0, dtype=torch.float64)
+    for call in (lambda: regimes.classify(e, e, e), lambda: regimes.inertia(e),
+                 lambda: regimes.regime_of(e, e)):
+        with pytest.raises(ValueError, match="empty"):
+            call()
+    Q, K, V = regimes.sample_instance("convergent", 3, generator=torch.Generator().manual_seed(0))
+    for tol in (float("nan"), -1e-6, 1.0, True):
+        with pytest.raises(ValueError, match="tol must be"):
+            regimes.classify(Q, K, V, tol=tol)

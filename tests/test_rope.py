@@ -188,3 +188,8 @@ def test_rope_mixed_starts_rank_2_with_heo_et_als_magnitudes(head_dim):
         u, v = a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True)
         assert torch.allclose(u, u[:1].expand_as(u), atol=1e-6)      # one direction per half
         assert abs(float(u[0] @ v[0])) < 1e-6                        # the two are orthogonal
+
+
+def test_apply_rope_refuses_an_integer_tensor():
+    with pytest.raises(ValueError, match="floating-point"):
+        rope.apply_rope(torch.ones(4, 2, dtype=torch.long), torch.arange(4))
