@@ -632,6 +632,18 @@ def _phase_claims(results: Path, out: list) -> None:
                    f"Hurwitz in {100 * float(worst['share_not_hurwitz']):.0f}%; "
                    + ", ".join(f"ρ={r['rho']}/d={r['d']}: {100 * float(r['share_converges']):.0f}% "
                                f"(non-Hurwitz {100 * float(r['share_not_hurwitz']):.0f}%)" for r in big))
+        # this project's criterion (docs/dynamics.md §1.2): the sign conditions AND V Hurwitz
+        if "hurwitz" in rho[0]:
+            nh = sum(int(r["hurwitz"]) for r in rho)
+            kh = sum(int(r["hurwitz_converges"]) for r in rho)
+            nn = sum(int(r["instances"]) - int(r["hurwitz"]) for r in rho)
+            kn = sum(int(r["not_hurwitz_grows"]) for r in rho)
+            v1, v2 = _proportion_verdict(kh, nh, 0.95), _proportion_verdict(kn, nn, 0.95) if nn else "supported"
+            _claim(out, "dynamics", None, "(this project's criterion) With the sign conditions, V Hurwitz "
+                   "(max Re λ(V) < 0) predicts convergence and V not Hurwitz predicts growth, for any ρ "
+                   "(n = 8, no PE, both masks)", v1 if v1 == v2 else f"{v1} (Hurwitz) / {v2} (not Hurwitz)",
+                   f"V Hurwitz: {verdicts.proportion(kh, nh)} converge; V not Hurwitz: "
+                   + (verdicts.proportion(kn, nn) if nn else "none") + f" grow ({len(rho)} cells)")
     # RoPE inhibits convergence: per mask, the (d, n) cells where RoPE (base 10⁴) lowers the share
     pe = [r for r in rows if r["grid"] == "pe" and r["pe"] == "rope1e4"]
     for mask in ("bidirectional", "causal"):

@@ -180,10 +180,14 @@ def summarise(res: dict) -> dict:
     # stopped on the step budget (a stiff hard-attention state), neither settled nor blown up
     unfinished = sum(t < res["t_end"] * (1 - 1e-9) and not s and not b
                      for t, s, b in zip(r["t_reached"], r["settled"], r["blown"]))
+    hurwitz = [a < 0 for a in r["alpha_V"]]
+    conv_h = sum(h and f == "converges" for h, f in zip(hurwitz, r["fate"]))
+    grow_nh = sum(not h and f == "grows" for h, f in zip(hurwitz, r["fate"]))
     return {**{key: c[key] for key in ("grid", "d", "n", "pe", "mask")},
             "rho": "default" if c["rho"] is None else c["rho"], "scale": c["scale"], "instances": n,
             **k, "share_converges": k["converges"] / n, "converges_lo": lo, "converges_hi": hi,
             "share_not_hurwitz": nonh / n, "not_hurwitz_lo": nlo, "not_hurwitz_hi": nhi,
+            "hurwitz": sum(hurwitz), "hurwitz_converges": conv_h, "not_hurwitz_grows": grow_nh,
             "mean_rho": st.mean(r["rho"]), "median_slope": st.median(finite) if finite else math.nan,
             "median_rel_speed": st.median(r["rel_speed"]), "stopped_on_budget": unfinished,
             "t_end": res["t_end"], "seconds": res["seconds"]}
