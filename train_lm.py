@@ -281,7 +281,8 @@ def resolve_config(args) -> dict:
                seed=args.seed)
     check_sizes(**{k: cfg[k] for k in ("d_model", "n_layers", "n_heads", "seq_len", "mlp_ratio",
                                        "steps", "batch_size", "grad_accum")})
-    for k in ("warmup", "eval_every", "eval_tokens"):
+    training.check_finite(cfg)
+    for k in ("warmup", "eval_every", "eval_tokens", "seed"):
         if cfg[k] < 0:
             raise ValueError(f"--{k.replace('_', '-')} must be 0 or more, got {cfg[k]}")
     if not (cfg["lr"] > 0 and 0 <= cfg["min_lr"] <= cfg["lr"]):

@@ -356,6 +356,7 @@ def resolve_config(args) -> dict:
             raise ValueError(f"--{k.replace('_', '-')} must be 0 or more, got {cfg[k]}")
     if args.seed < 0:
         raise ValueError(f"--seed must be 0 or more, got {args.seed}")
+    training.check_finite(cfg)
     if cfg["image_size"] % cfg["patch_size"]:
         raise ValueError(f"--image-size {cfg['image_size']} is not a multiple of --patch-size {cfg['patch_size']}")
     if cfg["d_model"] % cfg["n_heads"]:

@@ -321,6 +321,14 @@ class FolderLock:
         self._fd = None
 
 
+def check_finite(cfg: dict) -> None:
+    """Every float setting of a run is a finite number: `--lr inf` or `--weight-decay nan` pass
+    every `x > 0` / `x < 0` test (NaN compares false), so they are refused here, by name."""
+    bad = [k for k, v in cfg.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"--{bad[0].replace('_', '-')} must be a finite number, got {cfg[bad[0]]}")
+
+
 def save_checkpoint(path, *, model, optimizer, step: int, config: dict, extra: dict | None = None) -> None:
     """Atomic checkpoint: model, optimiser, step, RNG states, config (and anything in extra)."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": int(step),

@@ -891,9 +891,9 @@ def main(argv=None) -> int:
     if a.budget == "smoke" and not a.results:
         results = ROOT / "runs" / "experiments" / "smoke" / "results"
     runs = Path(a.runs or ROOT / "runs" / "experiments" / a.budget).resolve()
+    if a.jobs is not None and a.jobs < 1:                 # (0 used to mean "the default" in silence)
+        raise ValueError(f"--jobs must be at least 1, got {a.jobs}")
     n_jobs = a.jobs or b["jobs"] or os.cpu_count() or 1
-    if n_jobs < 1:
-        raise ValueError("--jobs must be at least 1")
     state_path = results / "experiments-state.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
     enwiki = Path(a.enwiki) if a.enwiki else None

@@ -216,3 +216,10 @@ def test_two_runners_started_at_the_same_instant_exactly_one_proceeds(tmp_path):
                  for i in range(4)]
         codes = sorted(p.wait() for p in procs)
         assert codes == [0] + [3] * 3, codes
+
+
+def test_jobs_zero_is_refused_not_taken_as_the_default(tmp_path, capsys):
+    args = ["--budget", "smoke", "--only", "agreement", "--results", str(tmp_path / "r"), "--jobs", "0"]
+    assert training.run_cli(ex.main, args) == 2
+    assert "--jobs must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

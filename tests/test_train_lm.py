@@ -357,3 +357,16 @@ def test_script_exit_code_and_message_without_traceback(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "train_lm.py"), "--bench"], env=ENV, capture_output=True, text=True)
     assert p.returncode == 2 and "error:" in p.stderr and "--bench" in p.stderr and "Traceback" not in p.stderr
     assert "python -m analysis.bench_lm" in train_lm.build_parser().format_help()
+
+
+@pytest.mark.parametrize("flag,value,fragment", [
+    ("--weight-decay", "nan", "--weight-decay must be a finite number"),
+    ("--lr", "inf", "--lr must be a finite number"),
+    ("--clip", "nan", "--clip must be a finite number"),
+    ("--seed", "-1", "--seed must be 0 or more"),
+])
+def test_non_finite_and_negative_flags_are_refused_up_front(flag, value, fragment, text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli(["--data", text_file, "--out", out, "--steps", 2, *TINY, flag, value]) == 2
+    assert fragment in capsys.readouterr().err
+    assert not out.exists()                                         # nothing written

@@ -304,3 +304,12 @@ def test_script_exit_code_and_message_without_traceback():
                        capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "invalid choice" in p.stderr
     assert "--lam-mode" in train_vit.build_parser().format_help()
+
+
+@pytest.mark.parametrize("flag,value", [("--weight-decay", "nan"), ("--lr", "inf"), ("--clip", "nan"),
+                                        ("--rope-base", "inf")])
+def test_non_finite_flags_are_refused_up_front(flag, value, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli(["--out", out, "--steps", 2, *TINY, flag, value]) == 2
+    assert f"{flag} must be a finite number" in capsys.readouterr().err
+    assert not out.exists()
