@@ -12,7 +12,6 @@ offset (docs/dynamics.md §1.3). Writes DIR/agreement.md and DIR/agreement.csv a
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -121,7 +120,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
+    p = training.ArgParser(
         description="Regimes of attention: agreement of predicted vs simulated fates on random "
                     "instances (N per cell of regime × symmetric/general A × PE none/abs/RoPE).")
     p.add_argument("--instances", type=int, required=True, metavar="N", help="instances per cell")
@@ -151,4 +150,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(training.run_cli(main))

@@ -35,7 +35,6 @@ DIR/rho.png (share converging and share non-Hurwitz against ρ) and DIR/scale.pn
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -305,7 +304,7 @@ def plot_scale(rows: list, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Phase diagrams of the attention ODE (fates of convergent-"
+    p = training.ArgParser(description="Phase diagrams of the attention ODE (fates of convergent-"
                                             "predicted instances over d, n, PE, mask, ρ and initial scale).")
     p.add_argument("--grid", default="pe,rho,scale", help="comma-separated: pe, rho, scale")
     p.add_argument("--out", default="out/phase", help="output folder (cells/ inside it)")
@@ -399,4 +398,4 @@ def pilot(a) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(training.run_cli(main))

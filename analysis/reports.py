@@ -17,7 +17,6 @@ package) is one sentence on stderr and exit code 2.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
@@ -35,7 +34,7 @@ from analysis import pretrained
 # 1. The two reports and the command line
 # ================================================================================================
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
+    p = training.ArgParser(
         description="Regimes of attention: the regime of each layer of a training checkpoint "
                     "(--ckpt RUN/ckpt.pt), or of a pretrained model (--model NAME).")
     g = p.add_mutually_exclusive_group(required=True)
@@ -746,4 +745,4 @@ def format_layer_table(rep: dict, heads: bool = True) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(training.run_cli(main))

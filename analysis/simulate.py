@@ -11,7 +11,6 @@ summary.json (the predicted regime of (W + λM, (W + λM)(Vᵀ)⁻¹) and the ob
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -21,6 +20,7 @@ import torch
 
 import regimes
 import rope
+import training
 from analysis.agreement import observed_fate
 from ode_attention import PROBES, integrate, token_norm
 
@@ -69,7 +69,7 @@ def simulate(regime: str, pe: str = "none", lam: float = 0.0, lam_matrix: str = 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
+    p = training.ArgParser(
         description="Simulate the attention ODE dX/dt = softmax(X Q Kᵀ Xᵀ) X V for a random instance "
                     "of a regime and draw its tokens. Writes PNG figures, a CSV of the probes over "
                     "time and a JSON summary.")
@@ -175,4 +175,4 @@ def _write_outputs(a, res) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(training.run_cli(main))

@@ -416,7 +416,7 @@ def _int_list(text):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m spectral.decomposition",
+    p = training.ArgParser(prog="python -m spectral.decomposition",
                                 description="Eigenvalue comparison of additive (ALiBi, T5) and multiplicative "
                                 "(RoPE) content-position coupling; writes a table and a figure.")
     p.add_argument("--n", type=_int_list, default=list(N_VALUES), help="sequence lengths, e.g. 16,32,64")
@@ -456,4 +456,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(training.run_cli(main))

@@ -754,7 +754,7 @@ def _overrides(a):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m spectral.tasks",
+    p = training.ArgParser(prog="python -m spectral.tasks",
                                 description="The Spectral paper's synthetic tasks: train encoder classifiers "
                                 "with each PE, ablate every head, write the results table and heat maps.")
     sub = p.add_subparsers(dest="cmd", required=True)
