@@ -181,7 +181,7 @@ def test_rope_mixed_starts_rank_2_with_heo_et_als_magnitudes(head_dim):
     P = head_dim // 2
     ladder = 10.0 ** (-4.0 * torch.arange(P // 2, dtype=torch.float64) / head_dim)
     for h in range(3):
-        F = m.freqs[:, h, :].double().T                              # (pairs, 2): (θʸ, θˣ) per pair
+        F = m.freqs[:, h, :].detach().double().T                     # (pairs, 2): (θʸ, θˣ) per pair
         assert torch.linalg.matrix_rank(F) == 2
         a, b = F[: P // 2], F[P // 2:]
         assert torch.allclose(a.norm(dim=1), ladder, rtol=1e-6) and torch.allclose(b.norm(dim=1), ladder, rtol=1e-6)
