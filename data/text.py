@@ -245,7 +245,25 @@ def load_corpus(data: str, cache_dir: Path) -> Corpus:
         raise ValueError(f"--data {data} is a folder: pass a text file or an archive")
     if path.suffix == ".zip":
         return load_zip(path, cache_dir)
-    return byte_corpus(path.name, read_text_file(path))
+    raw = read_text_file(path)
+    warning = binary_warning(raw, str(path))
+    if warning:
+        print(warning, file=sys.stderr)
+    return byte_corpus(path.name, raw)
+
+
+def binary_warning(raw: bytes, name: str) -> str:
+    """A sentence when `raw` does not look like text — NUL bytes, or most of its first 64 KiB not
+    valid UTF-8 — since a byte-level LM trains on anything without a word; "" for text."""
+    head = raw[:65536]
+    if not head:
+        return ""
+    nul = head.count(0) / len(head)
+    bad = len(head) - len(head.decode("utf-8", errors="ignore").encode("utf-8"))
+    if nul > 0.001 or bad / len(head) > 0.05:
+        return (f"warning: {name} does not look like text ({100 * nul:.1f}% NUL bytes, {100 * bad / len(head):.1f}% "
+                "not UTF-8 in its first 64 KiB); training on its bytes anyway")
+    return ""
 
 
 def check_corpus(c: Corpus, seq_len: int) -> None:

@@ -370,3 +370,16 @@ def test_non_finite_and_negative_flags_are_refused_up_front(flag, value, fragmen
     assert cli(["--data", text_file, "--out", out, "--steps", 2, *TINY, flag, value]) == 2
     assert fragment in capsys.readouterr().err
     assert not out.exists()                                         # nothing written
+
+
+def test_a_binary_file_as_a_corpus_gets_a_warning(tmp_path, capsys):
+    from_text = "Plain prose, with accents: café, naïve — and a dash.\n".encode() * 200
+    assert text.binary_warning(from_text, "prose.txt") == ""
+    rng = np.random.default_rng(0)
+    blob = rng.integers(0, 256, 20000, dtype=np.uint8).tobytes()
+    msg = text.binary_warning(blob, "blob.bin")
+    assert msg.startswith("warning: blob.bin does not look like text") and "training on its bytes anyway" in msg
+    p = tmp_path / "blob.bin"
+    p.write_bytes(blob)
+    text.load_corpus(str(p), tmp_path / "cache")
+    assert capsys.readouterr().err.startswith("warning: ")
