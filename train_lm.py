@@ -116,6 +116,16 @@ def check_sizes(**sizes) -> None:
         raise ValueError(f"--mlp-ratio must be positive, got {sizes['mlp_ratio']}")
 
 
+def memory_lower_bound(cfg: dict, micro: int, vocab: int = 256) -> int:
+    """Bytes a training step needs at the very least (float32): weights, gradients and two AdamW
+    moments of the 12·L·d² block parameters, plus one micro-batch's output logits
+    (micro × seq × vocab) and one layer's attention scores (micro × heads × seq²). A bound from
+    below, so refusing on it never refuses a run that would fit."""
+    L, d, T = cfg["n_layers"], cfg["d_model"], cfg["seq_len"]
+    params = 12 * L * d * d
+    return 4 * (4 * params + micro * T * vocab + micro * cfg["n_heads"] * T * T)
+
+
 class GPT(nn.Module):
     """Token embedding (+ absolute PE) → L × ode_attention.Block (causal) → LN → output."""
 
@@ -320,6 +330,7 @@ def main(argv=None) -> int:
 def train(cfg: dict, args, rt: training.Runtime) -> int:
     training.seed_everything(cfg["seed"])
     micro = training.split_batch(cfg["batch_size"], rt, cfg["grad_accum"])
+    training.check_memory(memory_lower_bound(cfg, micro), rt.device, "this run")
     corpus = text.load_corpus(cfg["data"], Path(args.cache_dir))
     text.check_corpus(corpus, cfg["seq_len"])
     cfg.update(vocab_size=corpus.vocab_size, metric=corpus.metric,

@@ -321,6 +321,25 @@ class FolderLock:
         self._fd = None
 
 
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory on `device`: the GPU's total, or this machine's RAM (0: unknown)."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_memory(need: int, device: torch.device, what: str) -> None:
+    """Refuse up front a run whose LOWER BOUND of memory `need` (bytes) exceeds the device's, with
+    both numbers, instead of a crash in the allocator half-way through building the model."""
+    have = device_memory(device)
+    if have and need > have:
+        raise ValueError(f"{what} needs at least {need / 2 ** 30:,.1f} GiB but {device} has "
+                         f"{have / 2 ** 30:,.1f} GiB: lower the batch size, sequence length or width")
+
+
 def check_finite(cfg: dict) -> None:
     """Every float setting of a run is a finite number: `--lr inf` or `--weight-decay nan` pass
     every `x > 0` / `x < 0` test (NaN compares false), so they are refused here, by name."""

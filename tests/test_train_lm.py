@@ -383,3 +383,13 @@ def test_a_binary_file_as_a_corpus_gets_a_warning(tmp_path, capsys):
     p.write_bytes(blob)
     text.load_corpus(str(p), tmp_path / "cache")
     assert capsys.readouterr().err.startswith("warning: ")
+
+
+def test_an_absurd_size_is_refused_with_the_memory_it_would_need(text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli(["--data", text_file, "--out", out, "--steps", 2, *TINY, "--batch-size", 10 ** 10]) == 2
+    err = capsys.readouterr().err
+    assert "needs at least" in err and "GiB but cpu has" in err and err.count("\n") == 1
+    assert not out.exists()
+    # the bound is from below: the tiny configuration is far inside it
+    assert train_lm.memory_lower_bound({"n_layers": 1, "d_model": 16, "seq_len": 16, "n_heads": 2}, 4) < 2 ** 20
