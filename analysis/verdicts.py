@@ -119,6 +119,18 @@ def _check_count(k, n) -> tuple[int, int]:
 # ================================================================================================
 # 2. Distribution functions: the regularised incomplete beta, Student t, the normal
 # ================================================================================================
+def _lentz(aa: float, c: float, d: float) -> tuple[float, float]:
+    """One step of Lentz's method for the coefficient aa: d ← 1/(1 + aa·d), c ← 1 + aa/c, each
+    kept away from 0 by _TINY. Returns (c, d); the fraction's value is multiplied by c·d."""
+    d = 1.0 + aa * d
+    if -_TINY < d < _TINY:            # |d| < tiny
+        d = _TINY
+    c = 1.0 + aa / c
+    if -_TINY < c < _TINY:            # |c| < tiny
+        c = _TINY
+    return c, 1.0 / d
+
+
 def _betacf(a: float, b: float, x: float) -> float:
     """The continued fraction of the incomplete beta function, by the modified Lentz method
     (Numerical Recipes' betacf). It converges fast for x < (a + 1)/(a + b + 2)."""
@@ -135,23 +147,11 @@ def _betacf(a: float, b: float, x: float) -> float:
         m2 = 2 * m
         # even coefficient: d_{2m} = m(b − m)x / ((a + 2m − 1)(a + 2m))
         aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        if -_TINY < d < _TINY:        # |d| < tiny
-            d = _TINY
-        c = 1.0 + aa / c
-        if -_TINY < c < _TINY:        # |c| < tiny
-            c = _TINY
-        d = 1.0 / d
+        c, d = _lentz(aa, c, d)
         h *= d * c
         # odd coefficient: d_{2m+1} = −(a + m)(a + b + m)x / ((a + 2m)(a + 2m + 1))
         aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        if -_TINY < d < _TINY:        # |d| < tiny
-            d = _TINY
-        c = 1.0 + aa / c
-        if -_TINY < c < _TINY:        # |c| < tiny
-            c = _TINY
-        d = 1.0 / d
+        c, d = _lentz(aa, c, d)
         delta = d * c
         h *= delta
         if -_EPS < delta - 1.0 < _EPS:        # |Δ_m − 1| < ε: converged
