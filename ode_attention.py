@@ -156,6 +156,50 @@ def _velocity(X, Q, K, V, *, causal=False, pos=None, rope=False, rope_base=10000
     return P @ (Y @ V)                                            # ẋᵢ = Σⱼ Pᵢⱼ yⱼᵀ V  (row form)
 
 
+@functools.lru_cache(maxsize=16)
+def _causal_mask(n: int, device) -> torch.Tensor:
+    """(n, n) bool, True above the diagonal (the keys j > i a causal query i may not see)."""
+    return torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
+
+
+def _prepared_field(Q, K, V, **options):
+    """f(t, X) = _velocity(X, Q, K, V, **options), with what does not depend on X computed once:
+    the integrators evaluate one field thousands of times. Equal to _velocity to round-off (tested).
+
+    Without RoPE the logits need only W = Q Kᵀ: sᵢⱼ = (yᵢᵀ W) yⱼ, so one product Y [W | V] gives
+    both Y W and Y V (two d-wide products instead of three). With RoPE q and k must be rotated
+    separately, and one product Y [Q | K | V] gives all three. Absolute PE and the λ-term (never on
+    the integrators' hot path) take the plain field."""
+    if options.get("pos") is not None or options.get("lam", 0.0) != 0.0:
+        return lambda t, X: _velocity(X, Q, K, V, **options)
+    causal, rope = options.get("causal", False), options.get("rope", False)
+    lead = torch.broadcast_shapes(Q.shape[:-2], K.shape[:-2], V.shape[:-2])
+    Q, K, V = (m.expand(*lead, *m.shape[-2:]) for m in (Q, K, V))
+    dk, d = Q.shape[-1], V.shape[-1]
+    if rope:
+        M = torch.cat((Q, K, V), dim=-1)                           # (..., d, 2 d_k + d)
+        rd, base = options.get("rope_dim") or dk, float(options.get("rope_base", 10000.0))
+        pairing = options.get("rope_pairing", "interleaved")
+    else:
+        M = torch.cat((Q @ K.transpose(-1, -2), V), dim=-1)        # [W | V], (..., d, 2d)
+
+    def f(t, X):
+        n = X.shape[-2]
+        Z = X @ M
+        if rope:
+            cos, sin = _rope_table(n, rd, base, X.dtype, X.device)
+            q = rope_mod.rotate(Z[..., :dk], cos, sin, pairing)    # qᵢ R(i)ᵀ
+            k = rope_mod.rotate(Z[..., dk:2 * dk], cos, sin, pairing)
+            S = q @ k.transpose(-1, -2)                           # yᵢᵀ Q R(j−i) Kᵀ yⱼ
+        else:
+            S = Z[..., :d] @ X.transpose(-1, -2)                  # (yᵢᵀ W) yⱼ
+        if causal:
+            S = S.masked_fill(_causal_mask(n, X.device), float("-inf"))
+        return torch.softmax(S, dim=-1) @ Z[..., -d:]             # Σⱼ Pᵢⱼ yⱼᵀ V
+
+    return f
+
+
 # ================================================================================================
 # 2. Integrators: pure steppers step(f, t, x, dt) for Euler, RK4 and Dormand–Prince 5(4), then the
 #    batched, blow-up-aware driver. f(t, x) is the field (autonomous here: t is passed, unused).
@@ -205,14 +249,28 @@ _DP_A = ((), (1 / 5,), (3 / 40, 9 / 40), (44 / 45, -56 / 15, 32 / 9),
          (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656), _DP_B5[:6])
 
 
+_DP_E = tuple(b5 - b4 for b5, b4 in zip(_DP_B5, _DP_B4))      # x⁵ − x⁴ = h Σᵢ (b⁵ᵢ − b⁴ᵢ) kᵢ
+
+
+def _combine(coefs, ks):
+    """Σⱼ cⱼ kⱼ over the nonzero cⱼ, accumulated in place (one buffer, no temporaries per term)."""
+    acc = None
+    for c, k in zip(coefs, ks):
+        if c != 0.0:
+            acc = k * c if acc is None else acc.add_(k, alpha=c)
+    return acc
+
+
 def dopri5_step(f, t, x, dt, k1=None):
-    """One Dormand–Prince step: (x⁵, x⁵ − x⁴, k₇). k1 = f(t, x) if already known (FSAL)."""
+    """One Dormand–Prince step: (x⁵, x⁵ − x⁴, k₇). k1 = f(t, x) if already known (FSAL).
+
+    The seventh stage is evaluated at x + h Σⱼ a₇ⱼ kⱼ, and a₇ = b⁵: that point IS x⁵, so it is
+    taken as the result; the error x⁵ − x⁴ is formed directly as h Σᵢ (b⁵ᵢ − b⁴ᵢ) kᵢ."""
     ks = [f(t, x) if k1 is None else k1]
     for i in range(1, 7):
-        ks.append(f(t + _DP_C[i] * dt, x + dt * sum(a * kj for a, kj in zip(_DP_A[i], ks))))
-    x5 = x + dt * sum(b * kj for b, kj in zip(_DP_B5, ks))
-    x4 = x + dt * sum(b * kj for b, kj in zip(_DP_B4, ks))
-    return x5, x5 - x4, ks[6]
+        xi = x + dt * _combine(_DP_A[i], ks)
+        ks.append(f(t + _DP_C[i] * dt, xi))
+    return xi, dt * _combine(_DP_E, ks), ks[6]
 
 
 @dataclass
@@ -272,7 +330,7 @@ def integrate(X0: torch.Tensor, Q: torch.Tensor, K: torch.Tensor, V: torch.Tenso
         """The field f(t, X) restricted to the active instances `act` (indices into the flat batch)."""
         p = {**shared, **{k: t[act] for k, t in batched.items()}}
         q_, k_, v_ = p.pop("Q"), p.pop("K"), p.pop("V")
-        return lambda t, X: _velocity(X, q_, k_, v_, **p, **scalars)
+        return _prepared_field(q_, k_, v_, **p, **scalars)
 
     x = flat(X0).clone()                                               # (B, n, d), all instances
     alive, t_blow = torch.ones(B, dtype=torch.bool), torch.full((B,), math.inf, dtype=torch.float64)
@@ -453,7 +511,7 @@ def integrate_each(X0: torch.Tensor, Q: torch.Tensor, K: torch.Tensor, V: torch.
     def field_on(act):
         p = {k: (t[act] if t.ndim == 3 else t) for k, t in tensors.items()}
         q_, k_, v_ = p.pop("Q"), p.pop("K"), p.pop("V")
-        return lambda t, X: _velocity(X, q_, k_, v_, **p, **scalars)
+        return _prepared_field(q_, k_, v_, **p, **scalars)
 
     out = X0.unsqueeze(0).repeat(T, 1, 1, 1)                  # row 0 = X0; later rows overwritten
     t_reached = torch.full((B,), t_end, dtype=torch.float64)

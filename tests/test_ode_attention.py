@@ -136,6 +136,48 @@ def test_steppers_are_pure_functions_with_their_formulas():
     assert torch.equal(x, x_copy)                                   # pure: the input is untouched
 
 
+def test_dopri5_step_matches_the_tableau_written_out():
+    """x⁵ = x + h Σ b⁵ᵢ kᵢ and x⁵ − x⁴ = h Σ (b⁵ᵢ − b⁴ᵢ) kᵢ, with every stage computed from the
+    Butcher tableau term by term (the stepper reuses stage 7's input as x⁵ and forms the error
+    directly), on a nonlinear field: the attention field itself, with a (B, 1, 1) step per instance."""
+    X0, Q, K, V, _ = uniform_attention_case(44)
+    X0 = X0 + 0.3 * torch.randn(X0.shape, generator=gen(45), dtype=f64)
+    f = lambda t, X: oa.velocity(X, Q, K, V)                        # noqa: E731
+    h = torch.tensor([0.05, 0.2], dtype=f64)[:, None, None].expand(2, 1, 1)
+    x = X0.expand(2, *X0.shape[-2:]).clone()
+    ks = [f(0.0, x)]
+    for i in range(1, 7):
+        acc = torch.zeros_like(x)
+        for a, k in zip(oa._DP_A[i], ks):
+            acc = acc + a * k
+        ks.append(f(0.0, x + h * acc))
+    x5 = x + h * sum(b * k for b, k in zip(oa._DP_B5, ks))
+    x4 = x + h * sum(b * k for b, k in zip(oa._DP_B4, ks))
+    got5, got_err, got7 = oa.dopri5_step(f, 0.0, x, h)
+    assert (got5 - x5).abs().max() < 1e-15 and (got_err - (x5 - x4)).abs().max() < 1e-15
+    assert torch.allclose(got7, f(0.0, got5), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("options", [{}, {"causal": True}, {"rope": True}, {"rope": True, "causal": True},
+                                     {"rope": True, "rope_dim": 2, "rope_base": 100.0},
+                                     {"rope": True, "rope_pairing": "half"}, {"lam": -0.1}])
+def test_prepared_field_is_the_field(options):
+    """The integrators' field (W = QKᵀ or [Q | K | V] multiplied once, the causal mask cached)
+    equals velocity() to round-off, for shared and batched Q, K, V and X."""
+    g = gen(46)
+    for lead_qk, lead_v, lead_x in (((), (), ()), ((5,), (5,), (5,)), ((), (5,), (5,)), ((5,), (), ()),
+                                    ((), (), (3,))):
+        d, dk, n = 6, (6 if "lam" in options else 4), 7
+        Q = torch.randn(*lead_qk, d, dk, generator=g, dtype=f64)
+        K = torch.randn(*lead_qk, d, dk, generator=g, dtype=f64)
+        V = torch.randn(*lead_v, d, d, generator=g, dtype=f64)
+        X = torch.randn(*lead_x, n, d, generator=g, dtype=f64)
+        want = oa.velocity(X, Q, K, V, **options)
+        got = oa._prepared_field(Q, K, V, **options)(0.0, X)
+        assert got.shape == want.shape
+        assert (got - want).abs().max() <= 1e-13 * want.abs().max()
+
+
 def test_integrate_is_the_steppers_repeated():
     """One fixed step of integrate is exactly one stepper call (same floating-point operations)."""
     X0, Q, K, V, _ = uniform_attention_case(43)
