@@ -10,7 +10,10 @@ and only their symmetric parts matter for quadratic forms: M_sym = (M + Mᵀ)/2,
 
 Regimes (sufficient conditions, docs/conventions.md; docs/dynamics.md §1.2 derives them for symmetric A):
     convergent     W_sym ≻ 0 and A_sym ≺ 0   — all tokens go to zero (paper's ND scenario)
-    divergent      W_sym ≻ 0 and A_sym ≻ 0   — norms and pairwise distances grow (PD scenario)
+    divergent      W_sym ≻ 0 and A_sym ≻ 0   — norms grow without bound (PD scenario; the energy
+                                                argument bounds norms, not distances: pairwise
+                                                distances need not grow, README "Divergence does
+                                                not always mean spreading")
     intermediate   anything else (mixed inertia; the paper's HD scenario is A_sym with ⌊d/2⌋
                    negative eigenvalues)
 For symmetric A, E(t) = Σᵢ xᵢᵀ A xᵢ is non-decreasing whenever W_sym ⪰ 0 (non-causal), which is our
@@ -21,8 +24,13 @@ X = 0 the mean token obeys x̄' = x̄V, so convergence also needs V Hurwitz (α(
 diagrams (`python -m analysis.phase`) measure where simulation agrees.
 
 Inertia = (n₊, n₋, n₀), the numbers of positive, negative and zero eigenvalues of a symmetric
-matrix. An eigenvalue with |λ| ≤ tol · max|λ| counts as zero: a definiteness verdict that depends
-on round-off is reported as "zero", i.e. not definite.
+matrix. An eigenvalue with |λ| ≤ τ · max|λ| counts as zero: a definiteness verdict that depends
+on round-off is reported as "zero", i.e. not definite. τ is the round-off of the computation, not
+a guess (`roundoff_tol`): τ = d·ε (ε = 2.2e-16, float64; the rule of numpy.linalg.matrix_rank) for
+a matrix given exactly (W = Q Kᵀ, a sampled A), and τ = d·ε·κ(V) for A = W (Vᵀ)⁻¹ solved from a
+value map with condition number κ(V), the forward-error bound of that solve. (It used to be a
+flat 1e-6, ~10¹⁰ × round-off: a positive-definite W_sym with condition number ≥ 10⁶ was called
+semi-definite.) Pass tol= to impose a threshold of your own.
 
 Matrices with prescribed inertia (Sylvester's law of inertia): S = L D Lᵀ with L unit lower-
 triangular (hence invertible) has exactly the inertia of the diagonal D. With D = σ ⊙ softplus(θ),
@@ -76,18 +84,40 @@ def _as_float64(name: str, M, square: bool = False) -> torch.Tensor:
     return M.detach().double()
 
 
-def inertia_counts(ev: torch.Tensor, tol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(n₊, n₋, n₀) per row of eigenvalues ev (..., d): |λ| ≤ tol·max|λ| counts as zero. The one
-    inertia rule, batched; `inertia`, the regime rule and the reports all count with it."""
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < 1:
-        raise ValueError(f"tol must be a number in [0, 1), got {tol!r}.")
-    thr = tol * ev.abs().amax(-1, keepdim=True)
+EPS = torch.finfo(torch.float64).eps                            # 2.2e-16
+
+
+def roundoff_tol(d: int, cond=1.0):
+    """τ = d · ε · max(1, κ): the relative size below which an eigenvalue of a d × d symmetric
+    matrix computed in float64 is round-off. κ = 1 for a matrix known exactly (eigvalsh is
+    backward stable: each computed eigenvalue is within ~d·ε·max|λ| of the true one); κ = cond(V)
+    for A = W (Vᵀ)⁻¹ from a linear solve, whose relative forward error is ≲ κ(V)·d·ε. cond may be
+    a float or a tensor (one κ per matrix of a batch)."""
+    c = torch.as_tensor(cond, dtype=torch.float64).clamp_min(1.0)
+    return d * EPS * c if c.ndim else d * EPS * float(c)
+
+
+def _check_tol(tol) -> None:
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < 1):
+        raise ValueError(f"tol must be None (round-off) or a number in [0, 1), got {tol!r}.")
+
+
+def inertia_counts(ev: torch.Tensor, tol: float | None = None,
+                   cond=1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(n₊, n₋, n₀) per row of eigenvalues ev (..., d): |λ| ≤ τ·max|λ| counts as zero, with
+    τ = tol when given, else the round-off roundoff_tol(d, cond) (cond: κ(V) when the matrix was
+    solved from V; a float, or one per row). The one inertia rule, batched; `inertia`, the regime
+    rule and the reports all count with it."""
+    _check_tol(tol)
+    tau = torch.as_tensor(roundoff_tol(ev.shape[-1], cond) if tol is None else tol, dtype=ev.dtype)
+    thr = (tau[..., None] if tau.ndim else tau) * ev.abs().amax(-1, keepdim=True)
     n_pos, n_neg = (ev > thr).sum(-1), (ev < -thr).sum(-1)
     return n_pos, n_neg, ev.shape[-1] - n_pos - n_neg
 
 
-def inertia(S: torch.Tensor, tol: float = 1e-6) -> tuple[int, int, int]:
-    """(n₊, n₋, n₀) of the symmetric matrix S; |λ| ≤ tol·max|λ| counts as zero."""
+def inertia(S: torch.Tensor, tol: float | None = None) -> tuple[int, int, int]:
+    """(n₊, n₋, n₀) of the symmetric matrix S (known exactly); |λ| ≤ τ·max|λ| counts as zero,
+    τ = tol or the round-off d·ε (inertia_counts)."""
     ev = torch.linalg.eigvalsh(sym(_as_float64("S", S, square=True)))
     return tuple(int(c) for c in inertia_counts(ev, tol))
 
@@ -140,22 +170,26 @@ def lam_interaction(W: torch.Tensor, V: torch.Tensor, lam: float = 0.0, M: torch
     return W_lam, value_form(W_lam, V)
 
 
-def _regime_rule(ew: torch.Tensor, ea: torch.Tensor, tol: float) -> list[str]:
+def _regime_rule(ew: torch.Tensor, ea: torch.Tensor, tol: float | None, cond_V=1.0) -> list[str]:
     """THE regime rule, on eigenvalues (B, d) of W_sym and A_sym: one name per row. classify_batch
-    and regime_of apply it; classify_matrices and classify go through regime_of."""
+    and regime_of apply it; classify_matrices and classify go through regime_of. A's zero threshold
+    carries κ(V) when A was solved from V (cond_V: a float or one per row)."""
     d = ew.shape[-1]
-    (w_pos, _, _), (a_pos, a_neg, _) = inertia_counts(ew, tol), inertia_counts(ea, tol)
+    (w_pos, _, _), (a_pos, a_neg, _) = inertia_counts(ew, tol), inertia_counts(ea, tol, cond_V)
     return ["convergent" if w == d and an == d                  # W_sym ≻ 0, A_sym ≺ 0
             else "divergent" if w == d and ap == d              # W_sym ≻ 0, A_sym ≻ 0
             else "intermediate"
             for w, ap, an in zip(w_pos.tolist(), a_pos.tolist(), a_neg.tolist())]
 
 
-def classify_batch(W: torch.Tensor, A: torch.Tensor, tol: float = 1e-6) -> list[str]:
-    """The regime of every (W, A) of a batch (..., d, d) at once (vectorised eigvalsh): flat list."""
+def classify_batch(W: torch.Tensor, A: torch.Tensor, tol: float | None = None, cond_V=1.0) -> list[str]:
+    """The regime of every (W, A) of a batch (..., d, d) at once (vectorised eigvalsh): flat list.
+    cond_V: κ(V) when A was solved from V — a float, or a tensor broadcastable to the batch shape."""
     ew = torch.linalg.eigvalsh(sym(W.double())).flatten(0, -2)
     ea = torch.linalg.eigvalsh(sym(A.double())).flatten(0, -2)
-    return _regime_rule(ew, ea, tol)
+    if torch.is_tensor(cond_V) and cond_V.ndim:
+        cond_V = cond_V.double().broadcast_to(W.shape[:-2]).flatten()
+    return _regime_rule(ew, ea, tol, cond_V)
 
 
 def value_abscissa(W: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
@@ -177,15 +211,17 @@ def antisymmetry_ratio(M: torch.Tensor) -> torch.Tensor:
     return torch.linalg.matrix_norm(anti, 2) / torch.linalg.matrix_norm(sym(M), 2)
 
 
-def regime_of(W: torch.Tensor, A: torch.Tensor, tol: float = 1e-6) -> dict:
+def regime_of(W: torch.Tensor, A: torch.Tensor, tol: float | None = None, cond_V: float = 1.0) -> dict:
     """Eigenvalues and inertia of W_sym and A_sym, the regime they imply, and V's spectral
     abscissa α(V) = max Re λ(V) with Vᵀ = A⁻¹W (`value_abscissa`). "warning" is set when the sign
     conditions say convergent but V is not Hurwitz (α(V) ≥ 0): then the mean token x̄' = x̄V does
-    not decay, and the prediction is not to be trusted (possible only for non-symmetric A)."""
+    not decay, and the prediction is not to be trusted (possible only for non-symmetric A).
+    cond_V: κ(V) when A was solved from V (its zero threshold is then d·ε·κ, `roundoff_tol`)."""
     W, A = _as_float64("W", W, square=True), _as_float64("A", A, square=True)
     ew, ea = torch.linalg.eigvalsh(sym(W)), torch.linalg.eigvalsh(sym(A))
-    iw, ia = (tuple(int(c) for c in inertia_counts(e, tol)) for e in (ew, ea))
-    regime = _regime_rule(ew[None], ea[None], tol)[0]
+    iw = tuple(int(c) for c in inertia_counts(ew, tol))
+    ia = tuple(int(c) for c in inertia_counts(ea, tol, cond_V))
+    regime = _regime_rule(ew[None], ea[None], tol, cond_V)[0]
     alpha = float(value_abscissa(W, A))
     warning = (f"the sign conditions hold but V is not Hurwitz (max Re λ(V) = {alpha:.3g} ≥ 0): "
                "the mean token does not decay" if regime == "convergent" and alpha >= 0 else "")
@@ -194,14 +230,17 @@ def regime_of(W: torch.Tensor, A: torch.Tensor, tol: float = 1e-6) -> dict:
             "warning": warning}
 
 
-def classify_matrices(W: torch.Tensor, A: torch.Tensor, tol: float = 1e-6) -> str:
-    """"convergent" | "divergent" | "intermediate" from W and A."""
-    return regime_of(W, A, tol)["regime"]
+def classify_matrices(W: torch.Tensor, A: torch.Tensor, tol: float | None = None, cond_V: float = 1.0) -> str:
+    """"convergent" | "divergent" | "intermediate" from W and A (cond_V: as for regime_of)."""
+    return regime_of(W, A, tol, cond_V)["regime"]
 
 
-def classify(Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, tol: float = 1e-6) -> str:
-    """"convergent" | "divergent" | "intermediate" for the single-head field with Q, K, V."""
-    return classify_matrices(*interaction_matrices(Q, K, V), tol=tol)
+def classify(Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, tol: float | None = None) -> str:
+    """"convergent" | "divergent" | "intermediate" for the single-head field with Q, K, V
+    (A = W (Vᵀ)⁻¹ is solved from V, so its zero threshold carries κ(V))."""
+    _check_tol(tol)
+    W, A = interaction_matrices(Q, K, V)
+    return classify_matrices(W, A, tol=tol, cond_V=float(torch.linalg.cond(V.double())))
 
 
 # ================================================================================================
@@ -242,6 +281,29 @@ class PrescribedInertia(nn.Module):
 
     def forward(self) -> torch.Tensor:
         return ldl_form(self.L_free, self.sigma * F.softplus(self.theta), self.T_free)
+
+
+def realised_inertia(m: PrescribedInertia) -> dict:
+    """Did the forward pass really get the inertia it was built for? Sylvester's law fixes the
+    inertia of L D Lᵀ in EXACT arithmetic; training evaluates the product in the parameters' dtype
+    (float32 / bf16), and once κ = cond(L |D|^½) is large the smallest eigenvalue, ~ ‖S‖/κ², falls
+    below the product's round-off (~ d·ε₃₂·‖S‖) and its sign is arbitrary: in float32 with D ≺ 0
+    a positive eigenvalue appears in about half of the draws once κ ≳ 3·10⁴ (tested).
+
+    S is computed exactly as forward() does, then its eigenvalues are read in float64 (whose own
+    round-off, d·ε₆₄·‖S‖, is 10⁹ × smaller). Returns {"prescribed": (d − n_neg, n_neg, 0),
+    "realised": (n₊, n₋, n₀), "kept": bool, "min_rel_eig": min|λ|/max|λ|, "kappa": κ,
+    "dtype": str}. The training scripts record it per layer (summary.json) and warn when lost."""
+    with torch.no_grad():
+        S = m.symmetric_part()                                  # in the parameters' own dtype
+        ev = torch.linalg.eigvalsh(sym(S.double()))
+        got = tuple(int(c) for c in inertia_counts(ev))
+        L = torch.eye(m.d, dtype=torch.float64, device=S.device) + m.L_free.double().tril(-1)
+        kappa = float(torch.linalg.cond(L * F.softplus(m.theta.double()).sqrt()))
+    want = (m.d - m.n_neg, m.n_neg, 0)
+    return {"prescribed": want, "realised": got, "kept": got == want,
+            "min_rel_eig": float(ev.abs().min() / ev.abs().max().clamp_min(1e-300)), "kappa": kappa,
+            "dtype": str(S.dtype).replace("torch.", "")}
 
 
 def ldl_form(L_free: torch.Tensor, D: torch.Tensor, T_free: torch.Tensor | None = None) -> torch.Tensor:
@@ -360,14 +422,15 @@ def rope_offset_matrices(Q: torch.Tensor, K: torch.Tensor, offsets, base: float 
 
 
 def rope_offset_regimes(Q, K, V, offsets, base: float = 10000.0, pairing: str = "interleaved",
-                        tol: float = 1e-6) -> list[dict]:
+                        tol: float | None = None) -> list[dict]:
     """Classification of (W(m), A(m) = W(m)(Vᵀ)⁻¹) for every offset m: [{offset, regime, inertia}]."""
     interaction_matrices(Q, K, V)                               # validates Q, K and V (invertible)
     Vd = V.double()
+    kappa = float(torch.linalg.cond(Vd))
     out = []
     for m, Wm in zip(offsets, rope_offset_matrices(Q, K, offsets, base, pairing)):
         Am = torch.linalg.solve(Vd, Wm.T).T                     # A(m) Vᵀ = W(m)
-        r = regime_of(Wm, Am, tol)
+        r = regime_of(Wm, Am, tol, cond_V=kappa)
         out.append({"offset": int(m), "regime": r["regime"], "inertia_W": r["inertia_W"],
                     "inertia_A": r["inertia_A"]})
     return out
@@ -383,7 +446,7 @@ def shifted_equilibrium(pos: torch.Tensor) -> torch.Tensor:
 # 4. Multi-head layers of trained / pretrained models
 # ================================================================================================
 def analyse_layer(Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, O: torch.Tensor | None = None,
-                  n_heads: int = 1, scale: float = 1.0, tol: float = 1e-6,
+                  n_heads: int = 1, scale: float = 1.0, tol: float | None = None,
                   cond_max: float = 1e10) -> dict:
     """Regime report for one multi-head attention layer (row convention: queries = x Q).
 
@@ -426,7 +489,7 @@ def analyse_layer(Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, O: torch.Te
     out = {"heads": heads, "W": W, "M": M, "cond_M": cond, "inertia_W": inertia(W, tol)}
     if math.isfinite(cond) and cond <= cond_max:
         A = torch.linalg.solve(M, W.T).T                            # A Mᵀ = W
-        r = regime_of(W, A, tol)
+        r = regime_of(W, A, tol, cond_V=cond)                      # A's round-off carries κ(M)
         out.update(A=A, regime=r["regime"], inertia_A=r["inertia_A"],
                    eig_W_sym=r["eig_W_sym"], eig_A_sym=r["eig_A_sym"],
                    abscissa_M=r["abscissa_V"], warning=r["warning"])   # α of the value path M

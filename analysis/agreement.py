@@ -49,12 +49,13 @@ def observed_fate(norms: torch.Tensor, blown: torch.Tensor, grow: float = 10.0,
 
 
 def rope_predictions(Q, K, V, offsets, base: float = 10000.0, pairing: str = "interleaved",
-                     tol: float = 1e-6) -> list:
+                     tol: float | None = None) -> list:
     """For a batch of instances (B, d, d): the regime shared by every offset's (W(m), A(m)), or None
     when the offsets disagree (no uniform sufficient condition holds)."""
     Wm = regimes.rope_offset_matrices(Q, K, offsets, base, pairing)     # W(m) = Q R(m) Kᵀ, (B, M, d, d)
     Am = torch.linalg.solve(V[:, None], Wm.transpose(-1, -2)).transpose(-1, -2)  # A(m) Vᵀ = W(m)
-    names = regimes.classify_batch(Wm, Am, tol)
+    kappa = torch.linalg.cond(V.double())[:, None]                      # κ(V) per instance, every offset
+    names = regimes.classify_batch(Wm, Am, tol, cond_V=kappa)
     M = len(offsets)
     out = []
     for b in range(Q.shape[0]):

@@ -211,7 +211,7 @@ def with_lam(spec: dict) -> dict:
     return dict(spec, Q=torch.cat(Qs, 1), K=torch.cat(Ks, 1), form="W+λ")
 
 
-def layer_report(spec: dict, offsets=(), tol: float = 1e-6) -> dict:
+def layer_report(spec: dict, offsets=(), tol: float | None = None) -> dict:
     """Everything reported for one layer. spec: Q, K (d, H·d_q), V (d, d_v·H), O (or None),
     n_heads, scale, rot (None or {base, pairing, rotary_dim, rope_heads}), layer, form.
     Returns {"layer": row, "heads": [rows], "offsets": [rows]} (rows of LAYER_/OFFSET_FIELDS)."""
@@ -277,7 +277,7 @@ def layer_report(spec: dict, offsets=(), tol: float = 1e-6) -> dict:
         regimes_m = [""] * len(offs)
         if r["A"] is not None:   # A(m) Mᵀ = W(m)
             Am = torch.linalg.solve(M, Wm.transpose(1, 2)).transpose(1, 2)
-            regimes_m = regimes.classify_batch(Wm, Am, tol)
+            regimes_m = regimes.classify_batch(Wm, Am, tol, cond_V=r["cond_M"])
         hb = torch.stack(head_bal).mean(0)
         for i, m in enumerate(offs):
             offset_rows.append(dict(base, offset=m, n_pos_W=int(n_pos[i]), n_neg_W=int(n_neg[i]),

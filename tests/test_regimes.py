@@ -2,6 +2,7 @@
 
 (The agreement experiment built on these is tested in test_agreement.py.)"""
 
+import copy
 import math
 
 import pytest
@@ -42,13 +43,40 @@ def test_singular_or_ill_conditioned_V_is_refused_with_its_condition_number():
 
 
 def test_inertia_and_tolerance():
-    S = torch.diag(torch.tensor([3.0, -2.0, 1e-12, 0.5], dtype=f64))
     U = torch.linalg.qr(torch.randn(4, 4, generator=gen(1), dtype=f64))[0]
-    assert regimes.inertia(U @ S @ U.T) == (2, 1, 1)                 # 1e−12 counts as zero
-    assert regimes.inertia(U @ S @ U.T, tol=1e-14) == (3, 1, 0)
+    S = U @ torch.diag(torch.tensor([3.0, -2.0, 0.0, 0.5], dtype=f64)) @ U.T
+    assert regimes.inertia(S) == (2, 1, 1)                          # an exact 0 is round-off: zero
+    S12 = U @ torch.diag(torch.tensor([3.0, -2.0, 1e-12, 0.5], dtype=f64)) @ U.T
+    assert regimes.inertia(S12) == (3, 1, 0)                        # 1e−12 is 10³ × round-off: real
+    assert regimes.inertia(S12, tol=1e-6) == (2, 1, 1)              # a threshold of one's own
     # only the symmetric part matters: adding an antisymmetric part changes nothing
     T = torch.randn(4, 4, generator=gen(2), dtype=f64)
-    assert regimes.inertia(U @ S @ U.T + (T - T.T)) == (2, 1, 1)
+    assert regimes.inertia(S + (T - T.T)) == (2, 1, 1)
+
+
+def test_the_zero_threshold_is_round_off_not_a_flat_1e_6():
+    """τ = d·ε for a matrix known exactly (was a flat 1e-6, 10¹⁰ × round-off): a positive-definite
+    matrix with condition number 10⁷ is definite, while the round-off zeros of a rank-deficient
+    W = Q Kᵀ (float32 weights, d up to 384) stay zero; A solved from V carries κ(V)."""
+    assert regimes.roundoff_tol(8) == 8 * torch.finfo(f64).eps
+    assert regimes.roundoff_tol(8, cond=1e6) == 8e6 * torch.finfo(f64).eps
+    assert regimes.roundoff_tol(8, cond=0.5) == regimes.roundoff_tol(8)      # κ ≥ 1 always
+    U = torch.linalg.qr(torch.randn(4, 4, generator=gen(3), dtype=f64))[0]
+    P = U @ torch.diag(torch.tensor([2.0, 1.0, 3.0, 2e-7], dtype=f64)) @ U.T   # cond 1.5e7
+    assert regimes.inertia(P) == (4, 0, 0)                          # the old rule said (3, 0, 1)
+    g = gen(4)
+    for d, dk in ((8, 2), (64, 8), (384, 32)):
+        Q = torch.randn(d, dk, generator=g).float().double()
+        K = torch.randn(d, dk, generator=g).float().double()
+        assert regimes.inertia(Q @ K.T) == (dk, dk, d - 2 * dk)     # rank 2 d_k: the rest is zero
+    # A's threshold carries κ(V): A_sym = diag(−1, −1e−10) is negative definite when A is known
+    # exactly, but not when it came out of a solve with κ(V) = 1e8 (τ = 2·ε·1e8 ≈ 4e−8 > 1e−10)
+    W, A = torch.eye(2, dtype=f64), torch.diag(torch.tensor([-1.0, -1e-10], dtype=f64))
+    assert regimes.regime_of(W, A)["regime"] == "convergent"
+    r = regimes.regime_of(W, A, cond_V=1e8)
+    assert r["regime"] == "intermediate" and r["inertia_A"] == (0, 1, 1)
+    assert regimes.classify_batch(W.expand(2, 2, 2), A.expand(2, 2, 2),
+                                  cond_V=torch.tensor([1.0, 1e8])) == ["convergent", "intermediate"]
 
 
 @pytest.mark.parametrize("symmetric_A", [True, False])
@@ -166,7 +194,7 @@ def test_one_regime_rule_batched_and_single_agree():
         assert names[b] == r["regime"] == regimes.classify_matrices(W[b], A[b])
         assert r["inertia_W"] == regimes.inertia(W[b]) and r["inertia_A"] == regimes.inertia(A[b])
     assert regimes.classify_batch(W.view(4, 10, 3, 3), A.view(4, 10, 3, 3)) == names
-    counts = regimes.inertia_counts(torch.tensor([[3.0, -1.0, 1e-9], [0.0, 0.0, 0.0]], dtype=f64))
+    counts = regimes.inertia_counts(torch.tensor([[3.0, -1.0, 1e-17], [0.0, 0.0, 0.0]], dtype=f64))
     assert [c.tolist() for c in counts] == [[1, 0], [1, 0], [1, 3]]
     with pytest.raises(ValueError, match="one square matrix"):
         regimes.regime_of(W, A)
@@ -197,3 +225,24 @@ def test_empty_matrices_and_a_bad_tolerance_are_refused():
     for tol in (float("nan"), -1e-6, 1.0, True):
         with pytest.raises(ValueError, match="tol must be"):
             regimes.classify(Q, K, V, tol=tol)
+
+
+def test_realised_inertia_sees_float32_lose_what_sylvester_promises():
+    """L D Lᵀ with D ≺ 0 keeps its inertia in float64 (while κ² ≪ 1/(d ε₆₄)), but not in float32
+    once κ = cond(L|D|^½) is large: realised_inertia reports it (kept False, κ > 3·10⁴), and never
+    claims a loss for a well-conditioned form."""
+    lost = []
+    for s in range(40):
+        m = regimes.PrescribedInertia(8, n_neg=8, antisymmetric=False, l_std=8.0, generator=gen(500 + s))
+        r32 = regimes.realised_inertia(m)
+        assert r32["prescribed"] == (0, 8, 0) and r32["dtype"] == "float32"
+        r64 = regimes.realised_inertia(copy.deepcopy(m).double())
+        assert r64["dtype"] == "float64"
+        if r64["kappa"] < 1e6:                   # κ² ≪ 1/(d ε₆₄): float64 resolves the smallest λ
+            assert r64["kept"]
+        if not r32["kept"]:
+            lost.append(r32["kappa"])
+            assert r32["realised"] != (0, 8, 0)
+    assert len(lost) >= 5 and min(lost) > 3e4                   # it happens, and only when κ is large
+    ok = regimes.realised_inertia(regimes.PrescribedInertia(8, n_neg=3, generator=gen(7)))
+    assert ok["kept"] and ok["realised"] == (5, 3, 0) and ok["kappa"] < 1e2
