@@ -7,6 +7,15 @@
     python -m analysis.experiments --list          # what each experiment runs, and what is done
     python -m analysis.experiments --report        # only rebuild results/README.md from results/
 
+Exit codes: 0 done; 1 a run or step failed (the sentence names its log); 2 bad input or an
+environment fault, in one sentence (an unknown experiment, a --results / --runs that is a file,
+lies under one or is read-only, a disk that filled up, a run folder that a live process owns);
+130 after Ctrl-C (SIGINT), 143 after SIGTERM, 129 after SIGHUP, 131 after SIGQUIT (128 + the
+signal). On those signals the runner stops its children (SIGTERM to each: a training run saves a
+checkpoint; SIGKILL to what is left after STOP_TIMEOUT_S seconds, or at once on a second Ctrl-C),
+waits for them, and only then frees its lock; finished runs are kept, and the same command
+continues the rest.
+
 Run from the project folder. Experiments (each training run is its own process,
 `python train_lm.py …` etc., with one thread):
 
@@ -48,14 +57,18 @@ claims read results/phase/phase.csv (the `phase` step: hours on two cores, resum
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import json
 import math
 import os
 import shutil
+import signal
 import statistics as st
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -209,19 +222,74 @@ def run_training(exp: str, budget: str, results: Path, runs: Path, n_jobs: int, 
         return
     rows, jobs = plan_training(exp, budget, results, runs, enwiki)
     todo = [(argv, log) for argv, log, _, _ in jobs if argv is not None]
-    for argv, _, run, _ in jobs:                     # (planning never deletes: --list must be harmless)
-        if argv is not None and "--resume" not in argv and run.exists():
-            shutil.rmtree(run)                       # an unfinished run without a checkpoint, or other settings
+    _clear_unfinished(jobs)                          # (planning never deletes: --list must be harmless)
     print(f"{exp}: {len(rows)} runs, {len(rows) - len(jobs)} already in {results}, {len(todo)} to run", flush=True)
     failed = run_processes(todo, n_jobs, desc=exp)
     if failed:
         raise RuntimeError(f"{exp}: {len(failed)} run(s) failed; the first: {failed[0]}")
     for _, _, run, kept in jobs:                                      # keep the small files in results/
-        kept.mkdir(parents=True, exist_ok=True)
-        for f in KEEP:
-            if (run / f).exists():
-                shutil.copy2(run / f, kept / f)
+        _keep(run, kept)
     tabulate(exp, rows, results)
+
+
+def _run_lock(folder: Path) -> training.FolderLock | None:
+    """folder's .run.lock (the lock every training run holds on its folder for its whole life,
+    training.RunDir.lock), taken without waiting; None where no training run ever started there
+    (no lock file: nothing to take, and nothing is created). Held by a live process: a ValueError,
+    one sentence naming the folder and that process."""
+    if not (folder / ".run.lock").exists():
+        return None
+    try:
+        return training.FolderLock(folder, ".run.lock", "a live training run")
+    except ValueError:
+        try:
+            pid = (folder / ".run.lock").read_text().strip() or "unknown"     # the holder wrote its pid
+        except OSError:
+            pid = "unknown"
+        raise ValueError(f"{folder} belongs to a live process (pid {pid} holds its .run.lock), so it is "
+                         "left as it is: wait for that process to finish, or stop it, then re-run the same "
+                         "command") from None
+
+
+def _clear_unfinished(jobs: list) -> None:
+    """Before any run of `jobs` starts, delete each run folder planned afresh (an unfinished run
+    without a checkpoint, or one made with other settings).
+
+    No folder that the runner is about to delete, to continue (a new process on it, its log
+    rewritten) or to copy into may belong to a live process — a run started by hand, or the child
+    of an earlier runner killed with -9. So the .run.lock of every one of them is taken first,
+    without waiting; a lock held by a live process stops the runner with one sentence naming the
+    folder BEFORE anything is deleted. The locks are held while deleting (no run can start in a
+    folder meanwhile) and freed before the runs start (each takes its own)."""
+    taken = []
+    try:
+        for argv, _, run, kept in jobs:
+            for folder in ((run, kept) if argv is not None else (kept,)):
+                lock = _run_lock(folder)
+                if lock is not None:
+                    taken.append(lock)
+        for argv, _, run, _ in jobs:
+            if argv is not None and "--resume" not in argv and run.exists():
+                shutil.rmtree(run)
+    finally:
+        for lock in taken:
+            lock.release()
+
+
+def _keep(run: Path, kept: Path) -> None:
+    """Copy a finished run's small files (KEEP) from its run folder into results/.
+
+    summary.json is what marks a kept run as done (_matches), hence the order: the old summary.json
+    goes first, every file is written atomically (training.atomic_write: a copy cut short by a kill
+    or a full disk leaves no half-written file), and the new summary.json comes last. A copy cut
+    short therefore leaves a folder that is planned again, never one taken for finished with a
+    file missing or left from another run."""
+    kept.mkdir(parents=True, exist_ok=True)
+    (kept / "summary.json").unlink(missing_ok=True)
+    for f in sorted(KEEP, key=lambda f: f == "summary.json"):
+        if (run / f).exists():
+            data = (run / f).read_bytes()
+            training.atomic_write(kept / f, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def _probe_last(kept: Path) -> dict:
@@ -349,9 +417,10 @@ def plot(exp: str, data: dict, path: Path, lm: bool, metric: str) -> None:
     b.set_title(f"token probe ({mode})")
     b.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:                                  # atomic: a full disk leaves the old figure, not half a new one
+        training.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -417,7 +486,7 @@ def _seed_spectral_cache(spec: list, results: Path, cache: Path) -> int:
         path = cache / stt.run_name(c["task"], c["pe"], c["preset"], c["seed"])
         # only runs made with exactly the settings this code would use (else they are run again)
         if not path.exists() and c == stt.run_config(c["task"], c["pe"], c["preset"], c["seed"], **_overrides(spec)):
-            path.write_text(json.dumps(r))
+            _write(path, json.dumps(r))                # atomic: a half-written cache file would be read back
             n += 1
     return n
 
@@ -444,16 +513,22 @@ def run_one_shot(step: str, budget: str, results: Path, runs: Path, n_jobs: int,
         if n:
             print(f"spectral: {n} finished runs taken from {results / 'spectral'}", flush=True)
     t0 = time.time()
+    log = results / "logs" / f"{step}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
     for c in cmds:
         print(f"{step}: python {' '.join(c[1:])}", flush=True)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        r = subprocess.run(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        log = results / "logs" / f"{step}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
+        # the command's output goes straight into its log (what an interrupted step said is kept);
+        # _start records the process, so that a stop signal stops it with the training runs
         with open(log, "a") as fh:
-            fh.write(f"$ {' '.join(c)}\n{r.stdout}\n")
-        if r.returncode != 0:
-            raise RuntimeError(f"{step} failed (exit {r.returncode}); its output is in {log}")
+            fh.write(f"$ {' '.join(c)}\n")
+            fh.flush()
+            proc = _start(c, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+            proc.wait()
+            _forget(proc)
+            fh.write("\n")
+        if proc.returncode != 0:
+            raise RuntimeError(f"{step} failed (exit {proc.returncode}); its output is in {log}")
     if step == "agreement":
         combine_agreement(results, BUDGETS[budget]["seeds"])
     state[step] = {"commands": key, "finished": time.strftime("%Y-%m-%d %H:%M"), "seconds": round(time.time() - t0, 1)}
@@ -829,28 +904,176 @@ def write_report(results: Path, budget: str, state: dict) -> None:
 # ------------------------------------------------------------------------------------------------
 # 5. The command line
 # ------------------------------------------------------------------------------------------------
+# Child processes and stop signals.
+#
+# Every child this runner starts (a training run, a one-shot command) goes through _start, which
+# records it in _CHILDREN until it is reaped. main() turns SIGINT, SIGTERM and SIGHUP into the
+# exception Interrupted; then, and on any other way out of main (an error sentence, a failed run),
+# _stop_children stops every recorded child BEFORE the results lock is released: a runner started
+# next can never meet the old one's children still writing into runs/.
+#
+# Each child runs in its own session, hence its own process group. (1) A Ctrl-C at a terminal is
+# sent to the whole foreground process group: with the children in it, a training run would get
+# SIGINT from the terminal AND SIGTERM from the runner, and training.GracefulExit takes a second
+# signal as "stop at once, no checkpoint". In their own groups they get one signal, the runner's,
+# and stop at a checkpoint. (2) The final SIGKILL goes to the child's whole group, so the workers
+# of a tool (analysis.phase --jobs, spectral.tasks --workers) are not left behind either. (The
+# price: the terminal no longer signals the children itself, so the runner handles a closed
+# terminal, SIGHUP, and Ctrl-\, SIGQUIT, the same way.)
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")   # stop the runner (exit 128 + signal)
+STOP_TIMEOUT_S = 30.0                           # how long stopped children get before SIGKILL
+_CHILDREN: list = []                            # subprocess.Popen of every child not yet reaped
+# defer: depth of _deferred sections; pending: a signal that arrived inside one; stopping: the
+# children are being stopped (a signal now only cuts the wait short: force)
+_SIGNALS = {"defer": 0, "pending": None, "stopping": False, "force": False}
+
+
+class Interrupted(BaseException):
+    """A stop signal reached the runner. A BaseException, like KeyboardInterrupt, so that no
+    `except Exception` on the way can swallow it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum, frame) -> None:
+    if _SIGNALS["stopping"]:          # a second Ctrl-C while the children stop: kill them now
+        _SIGNALS["force"] = True
+        return
+    if _SIGNALS["defer"]:             # inside a step that must not be cut in two: raised at its end
+        _SIGNALS["pending"] = signum
+        return
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def _deferred():
+    """A few statements no stop signal may cut in two (start a child AND record it; take the lock
+    AND keep it): a signal that arrives inside is raised as Interrupted when the section ends."""
+    _SIGNALS["defer"] += 1
+    try:
+        yield
+    finally:
+        _SIGNALS["defer"] -= 1
+        pending = _SIGNALS["pending"]
+        if pending is not None and not _SIGNALS["defer"] and not _SIGNALS["stopping"]:
+            _SIGNALS["pending"] = None
+            raise Interrupted(pending)
+
+
+def _catch_stop_signals() -> dict:
+    """Route STOP_SIGNALS to _on_signal; returns the handlers they had. A signal this process was
+    started ignoring stays ignored (nohup ignores SIGHUP; `cmd &` in a script ignores SIGINT and
+    SIGQUIT), and
+    outside the main thread (where Python cannot set handlers) nothing changes."""
+    old = {}
+    for name in STOP_SIGNALS:
+        signum = getattr(signal, name, None)          # (Windows has no SIGHUP, no SIGQUIT)
+        if signum is None or signal.getsignal(signum) is signal.SIG_IGN:
+            continue
+        try:
+            old[signum] = signal.signal(signum, _on_signal)
+        except ValueError:                            # not the main thread
+            break
+    return old
+
+
+def _start(argv: list, **kw) -> subprocess.Popen:
+    """subprocess.Popen(argv, **kw) as a recorded child in its own session (see above), with stdin
+    from /dev/null (nothing it runs reads the terminal)."""
+    with _deferred():
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True, **kw)
+        _CHILDREN.append(proc)
+    return proc
+
+
+def _forget(proc: subprocess.Popen) -> None:
+    """proc has been reaped: no longer a child to stop."""
+    if proc in _CHILDREN:
+        _CHILDREN.remove(proc)
+
+
+def _has_exited(proc: subprocess.Popen) -> bool:
+    """proc has exited — asked with WNOWAIT, so it is NOT reaped yet: until it is, its pid (which is
+    also its process group's id) cannot go to another process, so the killpg in _stop_children
+    cannot reach an unrelated group that happened to get the same number."""
+    if proc.returncode is not None:
+        return True
+    if not hasattr(os, "waitid"):                     # pragma: no cover (Windows)
+        return proc.poll() is not None
+    try:
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:                         # reaped already
+        return True
+
+
+def _stop_children(timeout: float | None = None) -> int:
+    """Stop every recorded child: SIGTERM to each one still running (a training run saves a
+    checkpoint and exits; a tool stops its own workers), wait up to `timeout` seconds (default
+    STOP_TIMEOUT_S; a second Ctrl-C ends the wait), then SIGKILL to each child's process group
+    (whatever is left of it, its own children included) and reap them all. Returns how many were
+    still running."""
+    timeout = STOP_TIMEOUT_S if timeout is None else timeout
+    was, _SIGNALS["stopping"] = _SIGNALS["stopping"], True
+    try:
+        running = [p for p in _CHILDREN if not _has_exited(p)]
+        for p in running:
+            try:
+                os.kill(p.pid, signal.SIGTERM)        # (not p.terminate(): it would reap p first)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout
+        while (time.monotonic() < deadline and not _SIGNALS["force"]
+               and not all(_has_exited(p) for p in running)):
+            time.sleep(0.05)
+        for p in list(_CHILDREN):
+            if p.returncode is None and not hasattr(os, "killpg"):   # pragma: no cover (Windows)
+                p.kill()
+            elif p.returncode is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):     # the group is empty already
+                    pass
+            p.wait()
+            _forget(p)
+        return len(running)
+    finally:
+        _SIGNALS["stopping"], _SIGNALS["force"] = was, False
+
+
 def run_processes(jobs: list, n_jobs: int, desc: str = "runs") -> list[str]:
     """Run each (argv, log_path) as its own process with one thread (OMP_NUM_THREADS=1), at most
-    `n_jobs` at once, stdout and stderr to log_path. Returns one line per failed job."""
+    `n_jobs` at once, stdout and stderr to log_path. Returns one line per failed job. (Left early,
+    by a stop signal or an error, it leaves the children still running to main's _stop_children.)"""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     todo, running, failed = list(jobs), [], []
     bar = tqdm(total=len(jobs), desc=desc, unit="run")
-    while todo or running:
-        while todo and len(running) < max(1, n_jobs):
-            argv, log_path = todo.pop(0)
-            Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-            log = open(log_path, "w")
-            running.append((argv, log_path, subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-        time.sleep(0.2)
-        for item in list(running):
-            argv, log_path, proc, log = item
-            if proc.poll() is not None:
-                log.close()
-                running.remove(item)
-                bar.update(1)
-                if proc.returncode != 0:
-                    failed.append(f"exit {proc.returncode}: {' '.join(map(str, argv[1:]))} (see {log_path})")
-    bar.close()
+    try:
+        while todo or running:
+            while todo and len(running) < max(1, n_jobs):
+                argv, log_path = todo.pop(0)
+                Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+                log = open(log_path, "w")
+                try:
+                    running.append((argv, log_path, _start(argv, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+                except BaseException:
+                    log.close()
+                    raise
+            time.sleep(0.2)
+            for item in list(running):
+                argv, log_path, proc, log = item
+                if proc.poll() is not None:
+                    _forget(proc)
+                    log.close()
+                    running.remove(item)
+                    bar.update(1)
+                    if proc.returncode != 0:
+                        failed.append(f"exit {proc.returncode}: {' '.join(map(str, argv[1:]))} (see {log_path})")
+    finally:
+        bar.close()                                   # (its line ends before any sentence that follows)
+        for *_, log in running:
+            log.close()                               # the child keeps its own copy of the file
     return failed
 
 
@@ -869,7 +1092,93 @@ def _take_lock(results: Path) -> training.FolderLock:
         raise ValueError(f"{e} (results folder {results})") from None
 
 
+def _check_folder(path: Path, flag: str) -> None:
+    """Refuse up front, in one sentence, a --results / --runs folder the runner could not write —
+    a file, a path under a file, or a read-only place — before it takes its lock or trains for
+    hours. Writable is tried, not guessed from permissions (root passes those on a read-only
+    mount): a temporary file is made and removed in the nearest folder that exists."""
+    probe = path
+    while not os.path.lexists(probe) and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "is a file, not a folder" if probe == path else f"lies under {probe}, which is a file, not a folder"
+        raise ValueError(f"{flag} {path} {where}: choose another {flag}")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".write-check-", dir=probe)
+    except OSError as e:
+        raise ValueError(f"{flag} {path} cannot be written ({e.strerror or e} in {probe}): "
+                         f"choose a writable {flag} folder") from None
+    os.close(fd)
+    os.unlink(tmp)
+
+
+def _fault_sentence(e: OSError, results: Path | None = None, runs: Path | None = None) -> str:
+    """One sentence for an OSError met half-way (the folders passed _check_folder: a disk that
+    filled up, a folder made read-only meanwhile, ...): which file, what, and what to do. Every
+    file the runner writes is written atomically, so what it leaves is the old file or none."""
+    name = Path(e.filename) if e.filename else None
+    # the flag of the folder the file is in; the innermost one where both hold it (smoke's results
+    # folder lies inside its runs folder)
+    holding = [(len(folder.parts), f) for f, folder in (("--results", results), ("--runs", runs))
+               if folder is not None and name is not None and (name == folder or folder in name.parents)]
+    flag = max(holding)[1] if holding else "--results"
+    what = str(name) if name else f"a file under {results or 'the results folder'}"
+    reason = e.strerror or str(e) or type(e).__name__
+    if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return (f"the disk is full: cannot write {what} ({reason}); free some space and re-run the same "
+                "command (finished runs are kept)")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write {what} ({reason}): choose a writable {flag} folder"
+    return f"cannot use {what} ({reason}): check {flag} and re-run the same command"
+
+
+def _read_state(path: Path) -> dict:
+    """results/experiments-state.json ({} when absent); one that is not a JSON object — edited by
+    hand, say — is one sentence, not a traceback."""
+    if not path.exists():
+        return {}
+    try:
+        state = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        state = None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} is corrupt (not the JSON object of finished one-shot steps that this runner "
+                         "writes): repair it, or delete it to run those steps again")
+    return state
+
+
 def main(argv=None) -> int:
+    """The command line (see the module's docstring); the work is _main's. Around it: a stop signal
+    (Interrupted) stops the children, then frees the lock, then is one sentence and exit 128 +
+    signal; an OSError (an environment fault met half-way) becomes one sentence (ValueError, exit
+    2 through training.run_cli); and whatever way main is left, no child outlives it."""
+    old = _catch_stop_signals()
+    held: list = []          # the results lock, once _main has taken it: freed here, after the children
+    where: dict = {}         # results and runs, once _main knows them (for _fault_sentence)
+    try:
+        return _main(argv, held, where)
+    except Interrupted as sig:
+        _SIGNALS["stopping"] = True                   # from here on a signal only cuts the wait short
+        n = _stop_children()
+        for lock in held:
+            lock.release()
+        print(f"interrupted by {signal.Signals(sig.signum).name}: stopped {n} running "
+              f"{'child' if n == 1 else 'children'}; finished runs are kept, re-run the same command to continue",
+              file=sys.stderr)
+        return 128 + sig.signum
+    except OSError as e:
+        raise ValueError(_fault_sentence(e, **where)) from None
+    finally:
+        _SIGNALS["stopping"] = True
+        _stop_children()                              # (an error, a failed run: nothing left running)
+        for lock in held:
+            lock.release()
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
+        _SIGNALS.update(pending=None, stopping=False, force=False)
+
+
+def _main(argv, held: list, where: dict) -> int:
     p = training.ArgParser(prog="python -m analysis.experiments",
                            description="Run every experiment at one budget (resumable) and write results/.")
     p.add_argument("--budget", choices=tuple(BUDGETS), default="cpu-small")
@@ -891,11 +1200,12 @@ def main(argv=None) -> int:
     if a.budget == "smoke" and not a.results:
         results = ROOT / "runs" / "experiments" / "smoke" / "results"
     runs = Path(a.runs or ROOT / "runs" / "experiments" / a.budget).resolve()
+    where.update(results=results, runs=runs)
     if a.jobs is not None and a.jobs < 1:                 # (0 used to mean "the default" in silence)
         raise ValueError(f"--jobs must be at least 1, got {a.jobs}")
     n_jobs = a.jobs or b["jobs"] or os.cpu_count() or 1
     state_path = results / "experiments-state.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    state = _read_state(state_path)
     enwiki = Path(a.enwiki) if a.enwiki else None
     if a.list:
         for e in exps:
@@ -913,9 +1223,12 @@ def main(argv=None) -> int:
                 done = state.get(e, {}).get("commands") == settings_key(cmds)
                 print(f"{e}: " + ("not part of this budget" if not cmds else "done" if done else f"{len(cmds)} command(s) to run"))
         return 0
+    _check_folder(results, "--results")
     if not a.report:
+        _check_folder(runs, "--runs")
         t0 = time.time()
-        lock = _take_lock(results)
+        with _deferred():                # taken and recorded as one step: a signal cannot strand it
+            held.append(_take_lock(results))
         try:
             for e in exps:
                 if e in TRAINING:
@@ -926,8 +1239,6 @@ def main(argv=None) -> int:
         except RuntimeError as err:                       # a run failed: say which, keep what is done
             print(f"error: {err}", file=sys.stderr)
             return 1
-        finally:
-            lock.release()
         print(f"all done in {time.time() - t0:.0f} s")
     write_report(results, a.budget, state)
     print(f"claims and tables: {results / 'README.md'}")

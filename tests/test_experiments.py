@@ -1,10 +1,18 @@
 """analysis.experiments: the runner plans, runs, resumes, tabulates and judges (smoke budget, tiny runs)."""
+import builtins
 import csv
+import errno
+import io
 import json
 import math
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
+import traceback
 
 import pytest
 
@@ -197,8 +205,6 @@ def test_two_runners_started_at_the_same_instant_exactly_one_proceeds(tmp_path):
     """The old lock was check-then-write (34 of 300 synchronised starts both got it). Four
     processes start together on one folder (the runner's lock and the run folder's are both a
     training.FolderLock): exactly one gets it."""
-    import subprocess
-    import sys
     # each child imports, says it is ready, waits for all four, then tries; the winner holds the
     # lock until the three others have failed (so a late starter cannot take a released lock)
     code = ("import sys, time, pathlib, training\n"
@@ -223,3 +229,368 @@ def test_jobs_zero_is_refused_not_taken_as_the_default(tmp_path, capsys):
     assert training.run_cli(ex.main, args) == 2
     assert "--jobs must be at least 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Signals: SIGINT / SIGTERM stop the children, wait for them, and only then free the lock
+# ------------------------------------------------------------------------------------------------
+def _alive(pid: int) -> bool:
+    """pid is a running process; a zombie (exited, not yet reaped) counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:                                   # no /proc (macOS): ask the kernel
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+
+def _messages(err: str) -> list[str]:
+    """stderr's lines less the progress bar's (tqdm redraws `lm-regimes:  50%|█   | 1/2 [...]` or
+    `lm-regimes: 0run [...]` with carriage returns): what the runner SAID."""
+    return [line for line in re.split(r"[\r\n]+", err)
+            if line.strip() and not re.match(r"[\w-]+: +(\d+%\||\d+run )", line)]
+
+
+def _wait_for(cond, seconds: float = 30.0, what: str = "") -> None:
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() < t0 + seconds, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def sleeping_plan(tmp_path, monkeypatch):
+    """lm-regimes planned as two `sh` children instead of training runs: real processes that start
+    in milliseconds. Each records its pid, the pid of a grandchild `sleep` (a stand-in for a
+    tool's worker pool) and every signal it gets, then waits; on SIGTERM it exits 143, leaving the
+    grandchild behind unless somebody stops the child's whole process group."""
+    d = tmp_path / "pids"
+    d.mkdir()
+    sh = ('echo $$ > {d}/child{i}.pid; '
+          'trap "echo TERM >> {d}/child{i}.sig; exit 143" TERM; trap "echo INT >> {d}/child{i}.sig; exit 130" INT; '
+          'sleep 60 & echo $! > {d}/grandchild{i}.pid; wait $!')
+
+    def plan(exp, budget, results, runs, enwiki):
+        rows, jobs = [], []
+        for i in range(2):
+            run, kept = runs / exp / f"sleep-s{i}", results / "lm" / f"sleep-s{i}"
+            rows.append(("sleep", i, kept))
+            jobs.append((["/bin/sh", "-c", sh.format(d=d, i=i)], run.with_suffix(".log"), run, kept))
+        return rows, jobs
+    monkeypatch.setattr(ex, "plan_training", plan)
+    return d
+
+
+def _fork_runner(args: list, err_path) -> int:
+    """`python -m analysis.experiments ARGS` as a separate process, started in milliseconds: a
+    fork of this (already imported) interpreter, in its own process group like a shell job, with
+    a fresh interpreter's signal handlers, stdout to /dev/null and stderr to err_path. It never
+    returns into pytest: an uncaught exception prints its traceback, as Python would, and exits 1."""
+    pid = os.fork()
+    if pid:
+        return pid
+    rc = 1
+    try:
+        os.setpgid(0, 0)
+        os.dup2(os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        sys.stdout, sys.stderr = open(1, "w", closefd=False), open(2, "w", closefd=False)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+            signal.signal(s, signal.SIG_DFL)
+        rc = training.run_cli(ex.main, args)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stderr.flush()
+        os._exit(rc)
+
+
+def _reap(pid: int, seconds: float = 60.0):
+    """Wait for our forked runner; its exit code (128 + n when a signal n killed it)."""
+    t0 = time.monotonic()
+    while True:
+        got, status = os.waitpid(pid, os.WNOHANG)
+        if got:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > t0 + seconds:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the runner did not exit after the signal")
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT],
+                         ids=["SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT"])
+def test_a_stop_signal_stops_the_children_then_frees_the_lock(tmp_path, sleeping_plan, signum):
+    """While two children run, the runner gets SIGINT as a terminal's Ctrl-C sends it (to the
+    whole foreground process group) or SIGTERM as `kill` sends it (to the runner alone); SIGHUP
+    (a closed terminal) and SIGQUIT (Ctrl-\\) the same as SIGTERM. It
+    stops its children (each gets exactly ONE signal, the runner's SIGTERM: the Ctrl-C does not
+    reach them directly, so a training run saves its checkpoint instead of dying at a second
+    signal), leaves no grandchild behind, frees results/.experiments.lock only after that, says
+    so in one sentence and exits with 128 + the signal."""
+    d, res = sleeping_plan, tmp_path / "results"
+    args = ["--budget", "smoke", "--only", "lm-regimes", "--results", str(res), "--runs", str(tmp_path / "w"),
+            "--jobs", "2"]
+    pid = _fork_runner(args, tmp_path / "stderr")
+    pids: list = []
+    try:
+        _wait_for(lambda: all((d / f"{w}{i}.pid").exists() and (d / f"{w}{i}.pid").read_text().strip()
+                              for w in ("child", "grandchild") for i in (0, 1)), what="the children to start")
+        pids = [int((d / f"{w}{i}.pid").read_text()) for w in ("child", "grandchild") for i in (0, 1)]
+        with pytest.raises(ValueError, match="in use by"):            # the runner holds its lock
+            training.FolderLock(res, ".experiments.lock", "x")
+        if signum == signal.SIGINT:
+            os.killpg(pid, signum)                                      # Ctrl-C: the whole foreground group
+        else:
+            os.kill(pid, signum)                                        # kill -TERM: the runner alone
+        rc = _reap(pid)
+        err = (tmp_path / "stderr").read_text()
+        assert rc == 128 + signum, (rc, err)
+        assert "Traceback" not in err
+        assert _messages(err) == [f"interrupted by {signal.Signals(signum).name}: stopped 2 running children; "
+                                  "finished runs are kept, re-run the same command to continue"], err
+        # no child, no grandchild left (a SIGKILLed grandchild, nobody's to wait for, dies within moments)
+        _wait_for(lambda: not any(_alive(p) for p in pids), 5, "the children and grandchildren to be gone")
+        assert [(d / f"child{i}.sig").read_text() for i in (0, 1)] == ["TERM\n"] * 2
+        training.FolderLock(res, ".experiments.lock", "x").release()    # the lock is free
+    finally:                                    # whatever happened: nothing this test started survives
+        for p in pids:
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+
+def test_a_child_that_ignores_sigterm_is_killed_after_the_timeout(tmp_path):
+    """_stop_children: SIGTERM, wait up to the timeout, then SIGKILL to the child's whole process
+    group (a worker it started included); everything is reaped."""
+    ready = tmp_path / "ready"
+    proc = ex._start(["/bin/sh", "-c", f'trap "" TERM; sleep 60 & echo $! > {ready}.tmp; mv {ready}.tmp {ready}; wait'])
+    try:
+        _wait_for(ready.exists, what="the child to start")
+        worker = int(ready.read_text())
+        assert ex._stop_children(timeout=0.3) == 1
+        assert proc.returncode == -signal.SIGKILL and not _alive(proc.pid)
+        _wait_for(lambda: not _alive(worker), 5, "the worker to be gone")    # (SIGKILL lands within moments)
+        assert proc not in ex._CHILDREN
+    finally:
+        if proc.returncode is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+# ------------------------------------------------------------------------------------------------
+# A run folder owned by a live process is never deleted (nor continued, nor its log truncated)
+# ------------------------------------------------------------------------------------------------
+HOLD = ("import fcntl, os, sys, time\n"            # a live training run's lock, as training.FolderLock takes it
+        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "os.write(fd, str(os.getpid()).encode())\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(120)\n")
+
+
+@pytest.mark.parametrize("state", ["other-settings", "half-finished"])
+def test_a_run_folder_owned_by_a_live_process_is_left_alone(tmp_path, two_variants, monkeypatch, capsys, state):
+    """runs/lm-regimes/divergent-s0 is planned again — to be deleted (other settings) or continued
+    (a checkpoint with this budget's settings) — but a live process holds its .run.lock: the
+    runner refuses with one sentence naming the folder, exit 2, and deletes, starts and
+    truncates nothing. Once that process is gone, the same command proceeds."""
+    monkeypatch.setitem(ex.BUDGETS["smoke"], "seeds", 1)
+    res, runs = tmp_path / "results", tmp_path / "runs"
+    run = runs / "lm-regimes" / "divergent-s0"
+    run.mkdir(parents=True)
+    if state == "half-finished":
+        argv = [*two_variants["divergent"], *ex.BUDGETS["smoke"]["lm"], "--seed", "0"]
+        (run / "config.json").write_text(json.dumps(ex._expected_config("train_lm.py", argv), default=str))
+        (run / "ckpt.pt").write_bytes(b"a checkpoint")
+    else:
+        (run / "config.json").write_text(json.dumps({"steps": 999}))
+    (run / "precious.txt").write_text("the live run's work")
+    log = run.with_suffix(".log")
+    log.write_text("the live run's log\n")
+    started = []
+    monkeypatch.setattr(ex, "run_processes", lambda todo, n, desc="": started.append(todo) or [])
+    monkeypatch.setattr(ex, "tabulate", lambda *a: None)
+    args = ["--budget", "smoke", "--only", "lm-regimes", "--results", str(res), "--runs", str(runs)]
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run / ".run.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert training.run_cli(ex.main, args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and str(run) in err and f"pid {holder.pid}" in err
+        assert (run / "precious.txt").read_text() == "the live run's work" and log.read_text() == "the live run's log\n"
+        assert started == []
+        training.FolderLock(res, ".experiments.lock", "x").release()      # the runner freed its lock
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is gone (its lock file stays, unlocked): the same command goes on
+    assert training.run_cli(ex.main, args) == 0
+    assert len(started) == 1 and len(started[0]) == 2
+    if state == "half-finished":
+        assert (run / "precious.txt").exists() and any("--resume" in argv for argv, _ in started[0])
+    else:
+        assert not run.exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Environment faults: one sentence, exit 2, no half-written file
+# ------------------------------------------------------------------------------------------------
+class _FullDisk:
+    """A file on a disk that fills up while it is written: half of the first write lands, then
+    ENOSPC (no file name, as a real failed write() gives)."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def write(self, data):
+        self._f.write(data[: len(data) // 2])
+        self._f.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+        return False
+
+
+def _simulate(monkeypatch, root, code: int) -> None:
+    """Make the folder `root` fail as a read-only folder (EACCES: no entry can be created,
+    renamed or removed in it), a read-only file system (EROFS: nor can a file be opened for
+    writing) or a full disk (ENOSPC: writes fail half-way) — for the root user too, whom chmod
+    does not stop. Patches os.open, io.open / open, os.mkdir, os.replace, os.rename, os.unlink."""
+    root = os.path.abspath(root)
+    real = {"io.open": io.open, "os.open": os.open, "mkdir": os.mkdir, "replace": os.replace,
+            "rename": os.rename, "unlink": os.unlink}
+
+    def inside(p) -> bool:
+        if isinstance(p, int):
+            return False
+        p = os.path.abspath(os.fspath(p))
+        return p == root or p.startswith(root + os.sep)
+
+    def fail(p):
+        raise OSError(code, os.strerror(code), os.fspath(p))
+
+    def fake_io_open(file, mode="r", *a, **k):
+        writing = bool(set(mode) & set("wax+"))
+        if inside(file) and writing and code != errno.ENOSPC and (code == errno.EROFS or not os.path.exists(file)):
+            fail(file)
+        f = real["io.open"](file, mode, *a, **k)
+        return _FullDisk(f) if inside(file) and writing and code == errno.ENOSPC else f
+
+    def fake_os_open(path, flags, *a, **k):
+        writing = flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+        if inside(path) and writing and code != errno.ENOSPC and (code == errno.EROFS or not os.path.exists(path)):
+            fail(path)
+        return real["os.open"](path, flags, *a, **k)
+
+    def fake_mkdir(path, *a, **k):
+        if inside(path) and code != errno.ENOSPC and not os.path.exists(path):
+            fail(path)
+        return real["mkdir"](path, *a, **k)
+
+    def entry_change(name):
+        def fake(*paths, **k):
+            if code != errno.ENOSPC and any(inside(p) for p in paths):
+                fail(paths[-1])
+            return real[name](*paths, **k)
+        return fake
+
+    monkeypatch.setattr(io, "open", fake_io_open)
+    monkeypatch.setattr(builtins, "open", fake_io_open)
+    monkeypatch.setattr(os, "open", fake_os_open)
+    monkeypatch.setattr(os, "mkdir", fake_mkdir)
+    for name in ("replace", "rename", "unlink"):
+        monkeypatch.setattr(os, name, entry_change(name))
+
+
+def _files(root) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()} \
+        if root.is_dir() else {}
+
+
+# name: (what is wrong, the runner's flags beyond --budget smoke, words the sentence must hold).
+# The sentence must also name the folder at fault (--results, or --runs for the two "runs" rows).
+FAULTS = {
+    "results read-only": ("EACCES results", ["--only", "agreement"],
+                          ["--results", "cannot be written", "choose a writable --results folder"]),
+    "results on a read-only file system": ("EROFS results", ["--only", "agreement"],
+                                           ["--results", "cannot be written", "choose a writable --results folder"]),
+    "results lies under a regular file": ("file/results", ["--only", "agreement"],
+                                          ["lies under", "which is a file, not a folder", "choose another --results"]),
+    "results is a regular file": ("file", ["--only", "agreement"], ["is a file, not a folder", "choose another --results"]),
+    "runs lies under a regular file": ("runs file/runs", ["--only", "lm-regimes"],
+                                       ["--runs", "lies under", "which is a file, not a folder", "choose another --runs"]),
+    "runs read-only": ("EACCES runs", ["--only", "lm-regimes"], ["--runs", "cannot be written", "choose a writable --runs"]),
+    "report: read-only results": ("EACCES results", ["--report"], ["--results", "cannot be written"]),
+    "disk full writing the report": ("ENOSPC results", ["--report"], ["the disk is full", "README.md", "re-run"]),
+    "disk full keeping a finished run": ("ENOSPC results keep", ["--only", "lm-regimes"],
+                                         ["the disk is full", "lm/regimes/done-s0/config.json", "re-run"]),
+    "results' state file is corrupt": ("state", ["--only", "agreement"], ["experiments-state.json is corrupt", "delete it"]),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_an_environment_fault_is_one_sentence_and_leaves_no_half_written_file(tmp_path, two_variants, monkeypatch,
+                                                                            capsys, fault):
+    how, flags, words = FAULTS[fault]
+    res, runs = tmp_path / "results", tmp_path / "runs"
+    res.mkdir()
+    runs.mkdir()
+    (res / "notes.txt").write_text("kept as it is")
+    if how.startswith("runs file"):
+        (tmp_path / "file").write_text("a regular file")
+        runs = tmp_path / "file" / "runs"
+    elif how.startswith("file"):
+        (tmp_path / "file").write_text("a regular file")
+        res = tmp_path / how
+    elif how == "state":
+        (res / "experiments-state.json").write_text('{"agreement": ')
+    if how.endswith("keep"):                       # one finished run under runs/, to be copied into results/
+        run, kept = runs / "lm-regimes" / "done-s0", res / "lm" / "regimes" / "done-s0"
+        run.mkdir(parents=True)
+        for f in ex.KEEP:
+            (run / f).write_text(json.dumps({"file": f, "padding": "x" * 1000}))
+        monkeypatch.setattr(ex, "plan_training", lambda *a: ([("done", 0, kept)], [(None, None, run, kept)]))
+    before = _files(tmp_path)
+    code, _, where = how.partition(" ")
+    folder = res if where.startswith("results") else runs
+    with pytest.MonkeyPatch.context() as fs:          # the fault lasts for this one command only
+        if code == "EACCES" and os.geteuid() != 0:    # a real read-only folder (chmod does not stop root)
+            folder.chmod(0o555)
+        elif code in ("EACCES", "EROFS", "ENOSPC"):
+            _simulate(fs, folder, getattr(errno, code))
+        try:
+            rc = training.run_cli(ex.main, ["--budget", "smoke", "--results", str(res), "--runs", str(runs), *flags])
+        finally:
+            if code == "EACCES" and folder.is_dir():
+                folder.chmod(0o755)
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert len(_messages(err)) == 1 and _messages(err)[0].startswith("error: "), err
+    assert all(w in err for w in words), err
+    assert str(runs if fault.startswith("runs") else res) in err, err
+    # nothing half-written: every file is as it was, or is the (empty or pid-holding) lock file
+    after = _files(tmp_path)
+    new = {k: v for k, v in after.items() if before.get(k) != v}
+    assert all(k.endswith(".experiments.lock") for k in new), sorted(new)
+    assert not any(".tmp" in k for k in after)
+    if res.is_dir():
+        training.FolderLock(res, ".experiments.lock", "x").release()     # and the lock is free
