@@ -341,17 +341,47 @@ class T5RelativeBias(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # A small demonstration: `python rope.py`
 # ------------------------------------------------------------------------------------------------
+class _ArgParser(argparse.ArgumentParser):
+    """argparse whose errors are a ValueError (one sentence) instead of its usage block: what
+    training.ArgParser does for the other scripts. rope.py is the bottom layer of the import order
+    (tests/test_imports.py: rope → regimes → ode_attention → training), so it cannot import it."""
+
+    def error(self, message):
+        raise ValueError(message)
+
+
+def _machine_memory() -> int:
+    """Bytes of RAM (0: unknown), as training.device_memory reports it for the CPU."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def demo_memory_lower_bound(n: int, dim: int) -> int:
+    """Bytes the demo needs at the very least: the 8-head ALiBi bias it draws is an (8, n, n)
+    float64 array (64 n² bytes), the T5 bias an (n, n) table of float32 values gathered with (n, n)
+    int64 bucket indices (12 n² bytes), the sinusoidal table n × dim float32 (4 n dim bytes)."""
+    return 76 * n * n + 4 * n * dim
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Draw the positional encodings: RoPE scores vs offset, "
-                                "the sinusoidal table, ALiBi and T5 biases.")
+    """`python rope.py`: draw the encodings. Bad input (a bad flag, a size the machine cannot
+    hold) or an unwritable --out is one sentence on stderr and exit code 2, like training.run_cli."""
+    p = _ArgParser(description="Draw the positional encodings: RoPE scores vs offset, "
+                   "the sinusoidal table, ALiBi and T5 biases.")
     p.add_argument("--dim", type=int, default=64, help="feature size (even)")
     p.add_argument("--n", type=int, default=64, help="sequence length")
     p.add_argument("--base", type=float, default=10000.0, help="RoPE / sinusoid base")
     p.add_argument("--out", default="out/rope.png", help="figure path")
-    a = p.parse_args(argv)
     try:
+        a = p.parse_args(argv)
         if a.dim <= 0 or a.dim % 4 or a.n <= 1:
             raise ValueError(f"--dim must be a positive multiple of 4 and --n > 1 (got {a.dim}, {a.n}).")
+        need, have = demo_memory_lower_bound(a.n, a.dim), _machine_memory()
+        if have and need > have:
+            raise ValueError(f"--n {a.n} needs at least {need / 2 ** 30:,.1f} GiB but this machine has "
+                             f"{have / 2 ** 30:,.1f} GiB: lower --n")
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -373,12 +403,19 @@ def main(argv=None) -> int:
         fig.tight_layout()
         os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
         tmp = a.out + ".tmp.png"
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, a.out)
+        try:
+            fig.savefig(tmp, dpi=110)
+            os.replace(tmp, a.out)
+        finally:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
         print(f"wrote {a.out}")
         return 0
     except (ValueError, OSError) as e:
-        print(f"rope.py: {e}", file=sys.stderr)
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, OSError) and e.strerror:
+            msg = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+        print(f"error: {msg}", file=sys.stderr)
         return 2
 
 

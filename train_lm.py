@@ -331,6 +331,10 @@ def train(cfg: dict, args, rt: training.Runtime) -> int:
     training.seed_everything(cfg["seed"])
     micro = training.split_batch(cfg["batch_size"], rt, cfg["grad_accum"])
     training.check_memory(memory_lower_bound(cfg, micro), rt.device, "this run")
+    out = args.out or HERE / "runs" / default_run_name(cfg)
+    # the embedded corpus, the downloads and WikiText's encoded ids are cached; a local text file is not
+    training.check_run_folders(args, out, uses_cache=cfg["data"] in text.KNOWN
+                               or str(cfg["data"]).endswith(".zip"))
     corpus = text.load_corpus(cfg["data"], Path(args.cache_dir))
     text.check_corpus(corpus, cfg["seq_len"])
     cfg.update(vocab_size=corpus.vocab_size, metric=corpus.metric,
@@ -338,8 +342,8 @@ def train(cfg: dict, args, rt: training.Runtime) -> int:
     model = training.build_on(build_lm, cfg, rt.device)
     optimizer = make_optimizer(model, cfg, rt.device)
 
-    run, start = training.open_run(resume=args.resume, out=args.out or HERE / "runs" / default_run_name(cfg),
-                                   config=cfg, model=model, optimizer=optimizer, resume_keys=RESUME_KEYS, rt=rt)
+    run, start = training.open_run(resume=args.resume, out=out, config=cfg, model=model,
+                                   optimizer=optimizer, resume_keys=RESUME_KEYS, rt=rt)
 
     n_params = sum(p.numel() for p in model.parameters())
     metric = corpus.metric

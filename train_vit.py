@@ -138,6 +138,27 @@ def patchify(images: torch.Tensor, p: int) -> torch.Tensor:
     return x.reshape(B, (H // p) * (W // p), C * p * p)
 
 
+def memory_lower_bound(cfg: dict, micro: int) -> int:
+    """Bytes a training step needs at the very least, counted from below so that refusing on it
+    never refuses a run that would fit (L = --n-layers, d = --d-model, r = --mlp-ratio,
+    S = --image-size, p = --patch-size, T = (S/p)² patches, + 1 with the class token):
+
+        16 P                    float32 weights, gradients and AdamW's two moments of the P
+                                entries of the weight matrices: per block 4d² (Q, K, V, O) and
+                                2 r d² (the MLP's two), plus the patch embedding 3p²·d (norms,
+                                biases, positions, class token and head left out);
+      +  4 · micro · 3 S²       one micro-batch of float32 images on the device (Batches crops
+                                and normalises them there);
+      +  2 · micro · (L+1) T d  the token states X⁰ … Xᴸ that backward keeps (each block's input
+                                feeds its LayerNorm), at 2 bytes (bf16) or more.
+
+    Attention scores are not counted: fused kernels never hold all B·H·T² of them."""
+    L, d, S, p = cfg["n_layers"], cfg["d_model"], cfg["image_size"], cfg["patch_size"]
+    T = (S // p) ** 2 + (cfg["pool"] == "cls")
+    P = L * (4 + 2 * cfg["mlp_ratio"]) * d * d + 3 * p * p * d
+    return int(16 * P + 4 * micro * 3 * S * S + 2 * micro * (L + 1) * T * d)
+
+
 class ViT(nn.Module):
     """Patch embedding (+ absolute PE) → [class token] → L × ode_attention.Block → LN → pool → head."""
 
@@ -431,6 +452,9 @@ def make_optimizer(model: ViT, cfg: dict, device: torch.device):
 def train(cfg: dict, args, rt: training.Runtime) -> int:
     training.seed_everything(cfg["seed"])
     micro = training.split_batch(cfg["batch_size"], rt, cfg["grad_accum"])
+    training.check_memory(memory_lower_bound(cfg, micro), rt.device, "this run")
+    out = args.out or HERE / "runs" / default_run_name(cfg)
+    training.check_run_folders(args, out, uses_cache=cfg["data"] == "cifar10")   # only downloads are cached
     data = images.load_data(cfg["data"], Path(args.cache_dir))
     folder = isinstance(data, images.FolderData)
     workers = (args.workers if args.workers is not None else min(8, os.cpu_count() or 1)) if folder else 0
@@ -443,8 +467,8 @@ def train(cfg: dict, args, rt: training.Runtime) -> int:
     model = training.build_on(build_vit, cfg, rt.device)
     optimizer = make_optimizer(model, cfg, rt.device)
 
-    run, start = training.open_run(resume=args.resume, out=args.out or HERE / "runs" / default_run_name(cfg),
-                                   config=cfg, model=model, optimizer=optimizer, resume_keys=RESUME_KEYS, rt=rt)
+    run, start = training.open_run(resume=args.resume, out=out, config=cfg, model=model,
+                                   optimizer=optimizer, resume_keys=RESUME_KEYS, rt=rt)
 
     n_params = sum(p.numel() for p in model.parameters())
     title = (f"{data.name} pe={cfg['pe']} λ={cfg['lam']:g} ({cfg['lam_mode']}) regime={cfg['regime']} "

@@ -42,6 +42,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
+import io
 import json
 import math
 import os
@@ -50,6 +52,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from contextlib import nullcontext
@@ -242,18 +245,73 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _named(e: OSError, path) -> OSError:
+    """The same fault (same errno, so the same OSError subclass) naming `path`, the file the caller
+    meant to write, instead of a temporary file or no file at all (a failed write() names none)."""
+    if e.errno is None:
+        return OSError(f"cannot write {path}: {e}")
+    return OSError(e.errno, e.strerror or os.strerror(e.errno), str(path))
+
+
+def _remove(tmp: Path) -> None:
+    try:
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+    except OSError:                     # the folder itself refuses: nothing was written there either
+        pass
+
+
+def atomic_write_all(writes: dict) -> None:
+    """Several files, all or none: write(tmp) for every {path: write} first, then the renames, so a
+    write that fails (a full disk, a read-only folder) leaves every old file as it was and no
+    temporary file behind.  A failure is an OSError naming the file it was meant for."""
+    items = [(Path(path), write) for path, write in writes.items()]
+    tmps = [path.with_name(f".{path.name}.tmp{os.getpid()}") for path, _ in items]
+    current = None
+    try:
+        for (path, write), tmp in zip(items, tmps):
+            current = path
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except FileExistsError:     # an ancestor is a regular file
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path.parent)) from None
+            write(tmp)
+        for (path, _), tmp in zip(items, tmps):
+            current = path
+            os.replace(tmp, path)
+    except OSError as e:
+        raise _named(e, current) from None
+    finally:
+        for tmp in tmps:
+            _remove(tmp)
+
+
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Call write(tmp_path), then rename tmp onto path: readers see the old file or the new one,
-    never half of one."""
+    never half of one; a failed write (OSError naming `path`) leaves no temporary file."""
+    atomic_write_all({path: write})
+
+
+def check_folder(path, flag: str, *, writable: bool = True) -> None:
+    """Refuse up front, in one sentence (ValueError), a folder given as `flag` that a run could not
+    use: one that is not a folder or lies under a regular file, or (writable=True) whose nearest
+    existing folder refuses a new file (read-only, no permission).  Creates nothing: call it
+    before the run spends minutes on data and models, and before it writes anything."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    probe = path
+    while not os.path.lexists(probe) and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "is not a folder" if probe == path else f"lies under {probe}, which is not a folder"
+        raise ValueError(f"{flag} {path} {where}: choose another {flag}")
+    if writable:
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".write-check-", dir=probe)
+        except OSError as e:
+            raise ValueError(f"{flag} {path} cannot be written: {probe} refuses new files "
+                             f"({e.strerror or e}); choose another {flag}") from None
+        os.close(fd)
+        os.unlink(tmp)
 
 
 class FolderLock:
@@ -331,13 +389,14 @@ def device_memory(device: torch.device) -> int:
         return 0
 
 
-def check_memory(need: int, device: torch.device, what: str) -> None:
+def check_memory(need: int, device: torch.device, what: str,
+                 hint: str = "lower the batch size, sequence length or width") -> None:
     """Refuse up front a run whose LOWER BOUND of memory `need` (bytes) exceeds the device's, with
     both numbers, instead of a crash in the allocator half-way through building the model."""
     have = device_memory(device)
     if have and need > have:
         raise ValueError(f"{what} needs at least {need / 2 ** 30:,.1f} GiB but {device} has "
-                         f"{have / 2 ** 30:,.1f} GiB: lower the batch size, sequence length or width")
+                         f"{have / 2 ** 30:,.1f} GiB: {hint}")
 
 
 def check_finite(cfg: dict) -> None:
@@ -352,7 +411,13 @@ def save_checkpoint(path, *, model, optimizer, step: int, config: dict, extra: d
     """Atomic checkpoint: model, optimiser, step, RNG states, config (and anything in extra)."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": int(step),
              "rng": rng_state(), "config": dict(config), "extra": extra or {}}
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+    def write(tmp):
+        # through a Python file object: a failed write (a full disk) is then an OSError with its
+        # errno; torch.save(state, a_path) reports it as an opaque RuntimeError from its C++ writer
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+    atomic_write(path, write)
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -463,10 +528,29 @@ class RunDir:
         return out
 
     def log(self, step: int, split: str, metrics: dict) -> None:
+        """Append rows to metrics.csv, whole or not at all: a write that fails part-way (a full
+        disk) is cut back off, so no half row is left to be read back as a wrong number."""
         if not self.active:
             return
-        with open(self.metrics, "a", newline="") as f:
-            csv.writer(f).writerows([(step, split, k, repr(float(v))) for k, v in metrics.items()])
+        buf = io.StringIO()
+        csv.writer(buf).writerows([(step, split, k, repr(float(v))) for k, v in metrics.items()])
+        data = memoryview(buf.getvalue().encode("utf-8"))
+        try:
+            fd = os.open(self.metrics, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise _named(e, self.metrics) from None
+        try:
+            size = os.fstat(fd).st_size
+            while data:
+                data = data[os.write(fd, data):]
+        except OSError as e:
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                pass
+            raise _named(e, self.metrics) from None
+        finally:
+            os.close(fd)
 
     def plot(self, title: str = "", metric: str = "loss") -> None:
         """loss.png: `metric` against step, one line per split."""
@@ -575,6 +659,18 @@ def train_loop(model, optimizer, *, rt: Runtime, run: RunDir, config: dict, step
         isinstance(getattr(model, "_orig_mod", None), torch.nn.parallel.DistributedDataParallel)
     params = [p for p in raw.parameters() if p.requires_grad]
     last_eval: dict = {}
+    saved = start_step if run.active and run.ckpt.exists() else None    # the last complete checkpoint
+
+    def written(fn, *args):
+        """fn(*args), a write into the run folder; a failure (a full disk, a folder gone read-only)
+        stops the run with one sentence saying what is still intact and how to go on."""
+        try:
+            return fn(*args)
+        except OSError as e:
+            kept = (f"the checkpoint of step {saved} in {run.path} is intact: make room and continue "
+                    f"with --resume {run.path}" if saved is not None else "no checkpoint was saved yet")
+            raise ValueError(f"cannot write {e.filename or run.path} at step {step} "
+                             f"({e.strerror or e}); {kept}") from None
 
     def evaluate(step, final=False):
         nonlocal last_eval
@@ -585,16 +681,18 @@ def train_loop(model, optimizer, *, rt: Runtime, run: RunDir, config: dict, step
             last_eval = eval_fn(raw, final)
         raw.train()
         for split, metrics in last_eval.items():
-            run.log(step, split, metrics)
+            written(run.log, step, split, metrics)
         if rt.is_main:
             tqdm.write(f"step {step}: " + "  ".join(f"{s} {k} {v:.4f}" for s, m in last_eval.items()
                                                     for k, v in m.items()))
-        run.plot(title)
+        written(run.plot, title)
 
     def save(step):
+        nonlocal saved
         if rt.is_main:
-            save_checkpoint(run.ckpt, model=raw, optimizer=optimizer, step=step, config=config,
-                            extra=extra_state)
+            written(lambda: save_checkpoint(run.ckpt, model=raw, optimizer=optimizer, step=step,
+                                            config=config, extra=extra_state))
+            saved = step
         if rt.distributed:
             dist.barrier()
 
@@ -603,62 +701,63 @@ def train_loop(model, optimizer, *, rt: Runtime, run: RunDir, config: dict, step
     loss_sum = torch.zeros((), device=rt.device)
     n_logged, units_since, t_since = 0, 0, time.perf_counter()
     bar = tqdm(total=steps, initial=start_step, unit="step", disable=not rt.is_main, dynamic_ncols=True)
-    with GracefulExit() as stop:
-        while step < steps:
-            # the learning rate of this step, from the schedule
-            lr_now = cosine_lr(step, lr=lr, total=steps, warmup=warmup, min_lr=min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_now * group.get("lr_scale", 1.0)
-            units = 0
-            for micro in range(grad_accum):
-                batch = batch_fn(step, micro)
-                # skip DDP's gradient all-reduce on all but the last micro-batch
-                sync = nullcontext() if (not ddp or micro == grad_accum - 1) else model.no_sync()
-                with sync:
-                    with autocast(rt):
-                        loss, n = loss_fn(model, batch)
-                    # accumulate ∇(loss / k): the mean over the k micro-batches
-                    (loss / grad_accum).backward()
-                loss_sum += loss.detach().float() / grad_accum
-                units += int(n)
-            # g ← g · min(1, c / ‖g‖)  (c = inf only measures the norm)
-            gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            n_logged += 1
-            units_since += units * rt.world_size
-            bar.update(1)
-            stop_now = stop.requested
-            if rt.distributed:  # all ranks stop at the same step
-                flag = torch.tensor(float(stop_now), device=rt.device)
-                stop_now = bool(all_reduce(flag, rt, "max").item())
-            if step % max(1, log_every) == 0 or step == steps or stop_now:
-                # mean training loss over the steps since the last log line, averaged over ranks
-                mean_loss = all_reduce(loss_sum / n_logged, rt, "mean").item()
-                if not math.isfinite(mean_loss):
-                    raise ValueError(f"the training loss became {mean_loss} at step {step}: "
-                                     f"lower --lr or raise --warmup")
-                dt = time.perf_counter() - t_since
-                rate = units_since / max(dt, 1e-9)
-                run.log(step, "train", {"loss": mean_loss, "lr": lr_now, "grad_norm": float(gnorm),
-                                        f"{unit}_per_s": rate})
-                bar.set_postfix({"loss": f"{mean_loss:.4f}", f"{unit}/s": f"{rate:,.0f}"})
-                loss_sum.zero_()
-                n_logged, units_since, t_since = 0, 0, time.perf_counter()
-            if eval_every and step % eval_every == 0 and step < steps:
-                evaluate(step)
-                t_since = time.perf_counter()  # the throughput counts training time only
-            if stop_now or step == steps or (ckpt_every and step % ckpt_every == 0):
-                if step == steps:
-                    evaluate(step, final=True)
-                    if eval_fn is None:
-                        run.plot(title)
-                save(step)
-            if stop_now:
-                bar.close()
-                return {"status": "interrupted", "step": step, "signal": stop.signum, "eval": last_eval}
-    bar.close()
+    try:  # the bar is closed however the loop ends, so an error's sentence gets a line of its own
+        with GracefulExit() as stop:
+            while step < steps:
+                # the learning rate of this step, from the schedule
+                lr_now = cosine_lr(step, lr=lr, total=steps, warmup=warmup, min_lr=min_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_now * group.get("lr_scale", 1.0)
+                units = 0
+                for micro in range(grad_accum):
+                    batch = batch_fn(step, micro)
+                    # skip DDP's gradient all-reduce on all but the last micro-batch
+                    sync = nullcontext() if (not ddp or micro == grad_accum - 1) else model.no_sync()
+                    with sync:
+                        with autocast(rt):
+                            loss, n = loss_fn(model, batch)
+                        # accumulate ∇(loss / k): the mean over the k micro-batches
+                        (loss / grad_accum).backward()
+                    loss_sum += loss.detach().float() / grad_accum
+                    units += int(n)
+                # g ← g · min(1, c / ‖g‖)  (c = inf only measures the norm)
+                gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                n_logged += 1
+                units_since += units * rt.world_size
+                bar.update(1)
+                stop_now = stop.requested
+                if rt.distributed:  # all ranks stop at the same step
+                    flag = torch.tensor(float(stop_now), device=rt.device)
+                    stop_now = bool(all_reduce(flag, rt, "max").item())
+                if step % max(1, log_every) == 0 or step == steps or stop_now:
+                    # mean training loss over the steps since the last log line, averaged over ranks
+                    mean_loss = all_reduce(loss_sum / n_logged, rt, "mean").item()
+                    if not math.isfinite(mean_loss):
+                        raise ValueError(f"the training loss became {mean_loss} at step {step}: "
+                                         f"lower --lr or raise --warmup")
+                    dt = time.perf_counter() - t_since
+                    rate = units_since / max(dt, 1e-9)
+                    written(run.log, step, "train", {"loss": mean_loss, "lr": lr_now,
+                                                     "grad_norm": float(gnorm), f"{unit}_per_s": rate})
+                    bar.set_postfix({"loss": f"{mean_loss:.4f}", f"{unit}/s": f"{rate:,.0f}"})
+                    loss_sum.zero_()
+                    n_logged, units_since, t_since = 0, 0, time.perf_counter()
+                if eval_every and step % eval_every == 0 and step < steps:
+                    evaluate(step)
+                    t_since = time.perf_counter()  # the throughput counts training time only
+                if stop_now or step == steps or (ckpt_every and step % ckpt_every == 0):
+                    if step == steps:
+                        evaluate(step, final=True)
+                        if eval_fn is None:
+                            written(run.plot, title)
+                    save(step)
+                if stop_now:
+                    return {"status": "interrupted", "step": step, "signal": stop.signum, "eval": last_eval}
+    finally:
+        bar.close()
     if step == start_step:  # nothing left to train: still evaluate what the checkpoint holds
         evaluate(step, final=True)
     return {"status": "done", "step": step, "signal": None, "eval": last_eval}
@@ -723,7 +822,9 @@ def write_probe(rows: list[dict], run: "RunDir", title: str, what: str = "valida
 # ----------------------------------------------------------------------------------------------
 # Command line: the flags both scripts share; bad input is one sentence and exit code 2
 # ----------------------------------------------------------------------------------------------
-USER_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, PermissionError)
+# ValueError: bad input; OSError: the environment (a missing or unreadable file, a folder that
+# is read-only or lies under a file, a full disk, a network that is down)
+USER_ERRORS = (ValueError, OSError)
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -758,6 +859,20 @@ def add_run_args(a, *, default_out: str, cache_help: str, probe_help: str) -> No
     a("--no-amp", action="store_true", help="float32 instead of bf16 autocast on CUDA")
 
 
+def check_run_folders(args, out, *, uses_cache: bool = True) -> None:
+    """The folders of add_run_args, checked before any data is read or model built: the run folder
+    (`out`, or the one --resume names) can be created and written, and, when the data will be
+    cached (uses_cache), --cache-dir is a folder or can become one (it may be read-only: a cache
+    that already holds the data is only read)."""
+    if args.resume:
+        ck = Path(args.resume)
+        check_folder(ck.parent if ck.suffix == ".pt" else ck, "--resume")
+    else:
+        check_folder(out, "--out")
+    if uses_cache:
+        check_folder(args.cache_dir, "--cache-dir", writable=False)
+
+
 def interrupted_exit(result: dict, run: "RunDir", rt: "Runtime") -> int:
     """After train_loop stopped on SIGTERM/SIGINT: say where to resume; exit code 128 + signal."""
     if rt.is_main:
@@ -772,6 +887,8 @@ def run_cli(main, argv=None) -> int:
         return int(main(argv) or 0)
     except USER_ERRORS as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, OSError) and e.errno is not None and e.strerror:
+            msg = e.strerror                                     # not "[Errno 28] ..."
         if isinstance(e, OSError) and e.filename:
             msg = f"{e.strerror or 'cannot open'}: {e.filename}"
         print(f"error: {msg}", file=sys.stderr)

@@ -291,6 +291,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.instances <= 0 or not (a.t_end > 0 and 0 < a.dt <= a.t_end) or a.rounds < 1 or a.steps < 1:
         raise ValueError("need --instances > 0, 0 < --dt <= --t-end, --rounds >= 1 and --steps >= 1")
+    training.check_folder(a.out, "--out")          # before minutes of timing, not after
     rt = training.setup_runtime(a.device)
     gpu = rt.device.type == "cuda"
     report = {"device": torch.cuda.get_device_name() if gpu else "cpu", "threads": torch.get_num_threads(),
@@ -323,9 +324,10 @@ def main(argv=None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    training.atomic_write(out / "bench.md", lambda tmp: Path(tmp).write_text(text))
-    training.atomic_write(out / "bench.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2, default=str)))
+    # both files or neither: a disk that fills up leaves no new bench.md beside an old bench.json
+    training.atomic_write_all({out / "bench.md": lambda tmp: Path(tmp).write_text(text),
+                               out / "bench.json": lambda tmp: Path(tmp).write_text(
+                                   json.dumps(report, indent=2, default=str))})
     training.teardown(rt)
     return 0
 

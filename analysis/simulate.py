@@ -11,10 +11,12 @@ summary.json (the predicted regime of (W + λM, (W + λM)(Vᵀ)⁻¹) and the ob
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -30,6 +32,17 @@ def _compress(Z: torch.Tensor) -> torch.Tensor:
     radii visible in one picture (diverging tokens would otherwise flatten everything else)."""
     r = torch.linalg.vector_norm(Z, dim=-1, keepdim=True)
     return Z * torch.log1p(r) / r.clamp_min(1e-12)
+
+
+N_SAVE = 401                            # saved time points of the trajectory
+
+
+def memory_lower_bound(n: int, d: int, n_save: int = N_SAVE) -> int:
+    """Bytes a simulation of n tokens in R^d needs at the very least (float64): every evaluation
+    of the field builds the n × n softmax weights from the n × n logits, two n × n arrays alive
+    at once (16 n² bytes), the trajectory keeps n_save × n × d values (8 n_save n d bytes), and
+    the instance is three d × d matrices Q, K, V (24 d² bytes)."""
+    return 16 * n * n + 8 * n_save * n * d + 24 * d * d
 
 
 def simulate(regime: str, pe: str = "none", lam: float = 0.0, lam_matrix: str = "I", d: int = 2,
@@ -56,7 +69,7 @@ def simulate(regime: str, pe: str = "none", lam: float = 0.0, lam_matrix: str = 
     W_eff, A_eff = regimes.lam_interaction(W, V, lam, A if lam_matrix == "A" else None)
     predicted = regimes.classify_matrices(W_eff, A_eff)
     bound = 1e6 * max(1.0, float(token_norm(X0 + shift)))
-    tr = integrate(X0, Q, K, V, t_end=t_end, dt=dt, method=method, max_norm=bound, n_save=401, **opts)
+    tr = integrate(X0, Q, K, V, t_end=t_end, dt=dt, method=method, max_norm=bound, n_save=N_SAVE, **opts)
     Y = tr.X + shift                                             # driving tokens y = x + p
     fate = observed_fate(token_norm(Y)[:, None], tr.blown.reshape(1))[0]
     kept = None
@@ -97,6 +110,8 @@ def main(argv=None) -> int:
             raise ValueError(f"--pe abs (sinusoidal) needs an even --d, got {a.d}.")
         if not math.isfinite(a.lam):
             raise ValueError("--lam must be a finite number.")
+        training.check_memory(memory_lower_bound(a.n, a.d), torch.device("cpu"),
+                              f"a simulation of --n {a.n} tokens in --d {a.d}", hint="lower --n")
         res = simulate(a.regime, a.pe, a.lam, a.lam_matrix, a.d, a.n, a.t_end, a.dt, a.method,
                        a.symmetric_A, a.causal, a.seed)
         _write_outputs(a, res)
@@ -122,15 +137,17 @@ def _write_outputs(a, res) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    os.makedirs(a.out, exist_ok=True)
     tr, Y = res["traj"], res["Y"]
     t = tr.t.numpy()
+    # the four files are written together at the end, all or none (training.atomic_write_all): a
+    # disk that fills up leaves neither a temporary file nor a new figure beside an old summary
+    outputs = {}
 
     def save(fig, name):
-        tmp = os.path.join(a.out, f".{name}.tmp.png")
-        fig.savefig(tmp, dpi=110)
+        buf = io.BytesIO()
+        fig.savefig(buf, dpi=110, format="png")
         plt.close(fig)
-        os.replace(tmp, os.path.join(a.out, name))
+        outputs[os.path.join(a.out, name)] = lambda tmp, data=buf.getvalue(): Path(tmp).write_bytes(data)
 
     # token trajectories: the plane itself for d = 2, else the top-3 principal directions
     Z = Y if Y.shape[-1] <= 3 else Y @ torch.linalg.svd(Y.reshape(-1, Y.shape[-1]) -
@@ -168,10 +185,8 @@ def _write_outputs(a, res) -> None:
                            "observed": res["fate"], "status": tr.status,
                            "inertia_W_sym": res["regime_report"]["inertia_W"],
                            "inertia_A_sym": res["regime_report"]["inertia_A"]}, indent=2) + "\n")):
-        tmp = os.path.join(a.out, f".{name}.tmp")
-        with open(tmp, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, os.path.join(a.out, name))
+        outputs[os.path.join(a.out, name)] = lambda tmp, text=text: Path(tmp).write_text(text)
+    training.atomic_write_all(outputs)
 
 
 if __name__ == "__main__":

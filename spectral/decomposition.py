@@ -405,6 +405,13 @@ def plot(rows, fig_path, d=CONTENT_DIM, alibi_slope=ALIBI_SLOPE, t5_std=T5_STD, 
     plt.close(fig)
 
 
+def memory_lower_bound(n, d=CONTENT_DIM):
+    """Bytes one (n, K) cell of the sweep needs at the very least: compare_spectra holds the content
+    Gram A, the ALiBi and T5 biases (three real n × n float64 matrices, 24 n² bytes) and the RoPE
+    kernel G (complex128, 16 n² bytes) at once, beside the n × d content rows (8 n d bytes)."""
+    return 40 * n * n + 8 * n * d
+
+
 def _int_list(text):
     try:
         vals = [int(v) for v in text.split(",") if v.strip()]
@@ -436,6 +443,8 @@ def main(argv=None):
             raise ValueError("--dim and --trials must be positive")
         if not all(math.isfinite(v) for v in (args.alibi_slope, args.t5_std, args.base)) or args.base <= 1:
             raise ValueError("--alibi-slope, --t5-std and --base must be finite and --base > 1")
+        training.check_memory(memory_lower_bound(max(args.n), args.dim), torch.device("cpu"),
+                              f"the sweep at --n {max(args.n)}", hint="lower --n")
         rows = sweep(args.n, args.freqs, args.dim, args.trials, args.alibi_slope, args.t5_std, args.base,
                      args.kernel, args.seed)
         write_table(rows, os.path.join(args.out, "spectral_table.csv"), os.path.join(args.out, "spectral_table.md"),
