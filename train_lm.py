@@ -386,7 +386,9 @@ def train(cfg: dict, args, rt: training.Runtime) -> int:
         summary = {"step": result["step"], "wall_s": wall, "params": n_params, "metric": metric,
                    "val": ev.get("val"), "test": ev.get("test"),
                    "lam": [blk.attn.lam_values().tolist() if blk.attn.lam_values() is not None else None
-                           for blk in model.blocks]}
+                           for blk in model.blocks],
+                   # constrained runs: the inertia each layer's forms really have in float32
+                   "inertia": training.realised_inertia(model)}
         run.write_json("summary.json", summary)
         print(f"done: step {result['step']}, validation {metric} {ev['val'][metric]:.4f}, "
               f"test {metric} {ev['test'][metric]:.4f}  ({wall:.0f} s; {run.path})")

@@ -517,7 +517,9 @@ def train(cfg: dict, args, rt: training.Runtime) -> int:
                    "classes": data.classes, "unreadable_train_images": sorted(batches.unreadable),
                    "regimes": [r["regime"] for r in report],
                    "lam": [blk.attn.lam_values().tolist() if blk.attn.lam_values() is not None else None
-                           for blk in model.blocks]}
+                           for blk in model.blocks],
+                   # constrained runs: the inertia each layer's forms really have in float32
+                   "inertia": training.realised_inertia(model)}
         run.write_json("summary.json", summary)
         top5 = f", top-5 {ev['val']['top5']:.2f}%" if "top5" in ev["val"] else ""
         print(f"done: step {result['step']}, validation top-1 {ev['val']['top1']:.2f}%{top5}, "

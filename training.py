@@ -65,6 +65,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import ode_attention
+import regimes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -782,6 +783,24 @@ def token_probe(model: torch.nn.Module, x: torch.Tensor) -> list[dict]:
                 rows.append({"mode": mode, "layer": layer, "metric": name, "mean": float(v.mean()),
                              "std": float(v.std()) if v.numel() > 1 else 0.0})
     return rows
+
+
+def realised_inertia(model: torch.nn.Module) -> list[dict]:
+    """regimes.realised_inertia of every definiteness-constrained form in the model (each
+    constrained layer's W_form and A_form), named by module path: the inertia its L D Lᵀ really
+    has in the dtype training ran in, against the one prescribed. Empty for a free model. Prints
+    one warning line per form whose inertia the float arithmetic lost (Sylvester's law holds in
+    exact arithmetic only), so that a "convergent" run that is not is said to be so."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, regimes.PrescribedInertia):
+            r = regimes.realised_inertia(m)
+            out.append({"module": name, **r})
+            if not r["kept"]:
+                print(f"warning: {name} was built with inertia {r['prescribed']} but its {r['dtype']} "
+                      f"L D Lᵀ has {r['realised']} (cond(L|D|^½) = {r['kappa']:.2g}): the constrained regime "
+                      "is not realised", file=sys.stderr)
+    return out
 
 
 def write_csv(path: str | os.PathLike, rows: list[dict], fieldnames: list | None = None) -> None:

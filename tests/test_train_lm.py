@@ -105,6 +105,11 @@ def test_constrained_attention_keeps_its_inertia_after_training(regime, n_neg, e
         # the realised maps give exactly W and A:  Q Kᵀ = W,  A Vᵀ = W
         torch.testing.assert_close(m["Q"] @ m["K"].T, W, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(A @ m["V"].T, W, rtol=1e-4, atol=1e-5)
+    # and in float32, as the forward pass computes them (what summary.json records)
+    real = training.realised_inertia(model)
+    assert [r["module"] for r in real] == [f"blocks.{i}.attn.{f}" for i in (0, 1) for f in ("W_form", "A_form")]
+    assert all(r["kept"] and r["dtype"] == "float32" for r in real)
+    assert [r["prescribed"] for r in real[:2]] == [(8, 0, 0), (8 - n_neg, n_neg, 0)]
 
 
 # -- the command line: outputs, resume, DDP -----------------------------------------------------------
@@ -117,6 +122,7 @@ def test_run_writes_every_output_and_the_checkpoint_rebuilds_the_model(text_file
     summary = json.loads((out / "summary.json").read_text())
     assert summary["val"]["bpb"] == pytest.approx(summary["val"]["loss"] / np.log(2))
     assert len(summary["lam"]) == 1 and len(summary["lam"][0]) == 2   # λ per head, per layer
+    assert summary["inertia"] == []                                  # a free model has no constrained form
     rows = list(csv.DictReader(open(out / "probe.csv")))
     assert {(r["mode"], int(r["layer"])) for r in rows} == {(m, l) for m in ("full", "attention-only") for l in (0, 1)}
     # layer 0 (the embeddings) is the same for both modes

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import ode_attention
+import regimes
 import training
 from data import download as data_download
 
@@ -220,3 +221,20 @@ def test_run_cli_turns_user_errors_into_exit_2(capsys):
     p.add_argument("--pe", choices=("rope",))
     with pytest.raises(ValueError, match="invalid choice"):
         p.parse_args(["--pe", "nope"])
+
+
+def test_realised_inertia_names_each_form_and_warns_when_float32_lost_it(capsys):
+    """training.realised_inertia (written to summary.json by both training scripts): one row per
+    constrained form, by module path, and one warning line for a form whose float32 L D Lᵀ no
+    longer has the inertia it was built with (an ill-conditioned L: cond(L|D|^½) ≫ 3·10⁴)."""
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.good = regimes.PrescribedInertia(8, n_neg=8, generator=torch.Generator().manual_seed(0))
+            self.bad = regimes.PrescribedInertia(8, n_neg=8, antisymmetric=False, l_std=8.0,
+                                                 generator=torch.Generator().manual_seed(500))
+    rows = training.realised_inertia(Two())
+    assert [(r["module"], r["kept"]) for r in rows] == [("good", True), ("bad", False)]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: bad was built with inertia (0, 8, 0)")
+    assert training.realised_inertia(torch.nn.Linear(3, 3)) == []
