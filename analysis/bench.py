@@ -287,7 +287,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--suite", action="store_true", help="also time `python -m pytest -q`")
-    p.add_argument("--out", default=str(ROOT / "results" / "speed"))
+    # an ignored folder by default: the committed results/speed is written only when asked for
+    # (--out results/speed, as analysis.experiments does)
+    p.add_argument("--out", default="out/speed", help="output folder (default out/speed)")
     a = p.parse_args(argv)
     if a.instances <= 0 or not (a.t_end > 0 and 0 < a.dt <= a.t_end) or a.rounds < 1 or a.steps < 1:
         raise ValueError("need --instances > 0, 0 < --dt <= --t-end, --rounds >= 1 and --steps >= 1")

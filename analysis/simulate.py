@@ -1,6 +1,6 @@
 """The ODE simulation demo: one random instance of a regime, integrated and drawn.
 
-    python -m analysis.simulate --regime convergent --pe rope --lam -0.1 [--out out/ode]
+    python -m analysis.simulate --regime convergent --pe rope --lam -0.1   # → out/ode/convergent-rope-lam-0.1
 
 Samples (Q, K, V) of the requested regime (regimes.sample_instance), integrates the attention field
 dX/dt = softmax(X Q Kᵀ Xᵀ) X V (ode_attention.integrate) with the chosen positional encoding and
@@ -99,8 +99,12 @@ def main(argv=None) -> int:
     p.add_argument("--symmetric-A", action="store_true", help="sample a symmetric A")
     p.add_argument("--causal", action="store_true", help="causal attention (j ≤ i)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="out/ode", help="output folder")
+    p.add_argument("--out", default=None,
+                   help="output folder (default out/ode/<regime>-<pe>[-lam<λ>][-causal]: one per setting)")
     a = p.parse_args(argv)
+    if a.out is None:        # distinct settings, distinct folders: the README's three regimes all survive
+        a.out = os.path.join("out", "ode", f"{a.regime}-{a.pe}" + (f"-lam{a.lam:g}" if a.lam else "")
+                             + ("-causal" if a.causal else ""))
     try:
         if a.d < 1 or a.n < 2 or not (a.t_end > 0 and a.dt > 0) or a.dt > a.t_end:
             raise ValueError("need --d >= 1, --n >= 2 and 0 < --dt <= --t-end.")

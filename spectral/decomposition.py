@@ -66,7 +66,8 @@ b_{j-i} is symmetrised to (b_{j-i} + b_{i-j}) / 2).
   taking the real part).
 
 `python -m spectral.decomposition` (from the project root) sweeps sequence length n and frequency
-count K and writes a CSV table, a Markdown table and a figure (results/spectral/ by default).
+count K and writes a CSV table, a Markdown table and a figure (out/spectral/ by default; the committed
+results/spectral/ copy is made with --out results/spectral).
 """
 import argparse
 import json
@@ -436,7 +437,8 @@ def main(argv=None):
     p.add_argument("--kernel", choices=["complex", "real"], default="complex",
                    help="RoPE kernel: mean of e^{i(i-j)theta_k} or of cos((i-j)theta_k)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="results/spectral", help="output folder")
+    p.add_argument("--out", default="out/spectral", help="output folder (results/spectral is written by "
+                   "analysis.experiments --only spectral)")
     args = p.parse_args(argv)
     try:
         if args.dim < 1 or args.trials < 1:

@@ -744,7 +744,7 @@ def _common(p):
                    help="ablate on the first N test samples (default: the preset's; None = all)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="safety stop: end training after the epoch that passes this wall time")
-    p.add_argument("--out", default="results/spectral", help="output folder")
+    p.add_argument("--out", default="out/spectral", help="output folder")
 
 
 def _overrides(a):
@@ -773,7 +773,7 @@ def main(argv=None):
     r = sub.add_parser("report", help="the table and heat maps from a folder of run files (e.g. GPU runs)")
     r.add_argument("--runs", required=True, help="folder of run JSON files written by `train`, or a *_runs.json")
     r.add_argument("--name", default="synthetic_report", help="prefix of the output files")
-    r.add_argument("--out", default="results/spectral", help="output folder")
+    r.add_argument("--out", default="out/spectral", help="output folder")
     e = sub.add_parser("show", help="print a few generated samples")
     e.add_argument("--task", type=int, choices=[1, 2], default=1)
     e.add_argument("--preset", default="small", choices=sorted(PRESETS))
