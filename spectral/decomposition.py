@@ -461,6 +461,7 @@ def main(argv=None):
     except (ValueError, OSError) as e:
         print(f"spectral.decomposition: {e}", file=sys.stderr)
         return 2
+    print(Path(args.out, "spectral_table.md").read_text().rstrip() + "\n")      # the table, as written
     print(f"wrote {args.out}/spectral_table.csv, spectral_table.md, spectral.png "
           f"(all bounds hold: {meta['all_bounds_hold']})")
     return 0

@@ -42,3 +42,21 @@ def test_select_variants_puts_plain_first_and_names_an_unknown_one():
     assert bench.select_variants(table, "lam, rope") == [table["plain"], table["lam"], table["rope"]]
     with pytest.raises(ValueError, match="unknown --bench-variants entry 'nope'"):
         bench.select_variants(table, "rope,nope")
+
+
+def test_without_torchdiffeq_the_integrator_table_is_one_sentence(tmp_path, monkeypatch, capsys):
+    """torchdiffeq is an optional extra: without it the report says so in one line instead of
+    printing a table header with no rows."""
+    import builtins
+    real = builtins.__import__
+
+    def no_tdq(name, *args, **kwargs):
+        if name == "torchdiffeq":
+            raise ImportError("No module named 'torchdiffeq'", name="torchdiffeq")
+        return real(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_tdq)
+    assert bench.main(["--device", "cpu", "--instances", "8", "--d-model", "32", "--n-layers", "1", "--n-heads", "2",
+                       "--seq-len", "16", "--batch-size", "2", "--rounds", "1", "--steps", "1", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "bench.md").read_text()
+    assert "| integrator |" not in md and "not measured (torchdiffeq is not installed" in md
+    assert json.loads((tmp_path / "bench.json").read_text())["ode"] == []

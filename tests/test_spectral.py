@@ -191,10 +191,12 @@ def test_non_hermitian_input_is_refused():
 
 
 # ---------------------------------------------------------------- the script
-def test_script_writes_table_and_figure(tmp_path):
+def test_script_writes_table_and_figure(tmp_path, capsys):
     out = tmp_path / "res"
     rc = decomposition.main(["--n", "8,16", "--freqs", "1,4", "--trials", "2", "--dim", "8", "--out", str(out)])
     assert rc == 0
+    printed = capsys.readouterr().out
+    assert (out / "spectral_table.md").read_text().strip() in printed     # the table is printed, not only written
     rows = (out / "spectral_table.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 2 * 2 * 4
     assert all(r.split(",")[-1] == "True" for r in rows[1:])
