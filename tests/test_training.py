@@ -238,3 +238,25 @@ def test_realised_inertia_names_each_form_and_warns_when_float32_lost_it(capsys)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("warning: bad was built with inertia (0, 8, 0)")
     assert training.realised_inertia(torch.nn.Linear(3, 3)) == []
+
+
+def test_progress_in_a_log_is_one_line_per_log_step_not_bar_frames(tmp_path, capsys):
+    """stderr not a terminal (a log file, pytest): no tqdm bar frames, one nanoGPT-style line per
+    log step on stdout:  step N | loss L | R unit/s | T s."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rt = training.Runtime(device=torch.device("cpu"))
+    (tmp_path / "r").mkdir()
+    run = training.RunDir(tmp_path / "r")
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    res = training.train_loop(model, opt, rt=rt, run=run, config={}, steps=6, log_every=2, lr=0.1,
+                              batch_fn=lambda step, micro: (x, y),
+                              loss_fn=lambda m, b: (torch.nn.functional.mse_loss(m(b[0]), b[1]), len(b[0])))
+    assert res["status"] == "done"
+    cap = capsys.readouterr()
+    lines = [l for l in cap.out.splitlines() if l.startswith("step ")]
+    assert [l.split(" | ")[0] for l in lines] == ["step 2", "step 4", "step 6"]
+    assert all(len(l.split(" | ")) == 4 and l.endswith(" s") and " tok/s" in l for l in lines)
+    assert "\r" not in cap.err and "it/s" not in cap.err and "step/s" not in cap.err
+    assert training._si(11234.5) == "11.2k" and training._si(3.4e6) == "3.4M" and training._si(12) == "12"
