@@ -901,7 +901,12 @@ def check_run_folders(args, out, *, uses_cache: bool = True) -> None:
     that already holds the data is only read)."""
     if args.resume:
         ck = Path(args.resume)
-        check_folder(ck.parent if ck.suffix == ".pt" else ck, "--resume")
+        folder = ck.parent if ck.suffix == ".pt" else ck
+        # --resume continues the run where it is: an --out elsewhere would be silently ignored
+        if getattr(args, "out", None) and Path(args.out).resolve() != folder.resolve():
+            raise ValueError(f"--resume {args.resume} continues the run in {folder}, so --out {args.out} "
+                             f"would be ignored: drop --out (or give the same folder)")
+        check_folder(folder, "--resume")
     else:
         check_folder(out, "--out")
     if uses_cache:

@@ -338,6 +338,11 @@ def test_resume_with_another_config_or_a_corrupt_checkpoint_is_refused(text_file
     assert cli(["--data", text_file, "--out", run, "--steps", 4, *TINY]) == 2      # no silent overwrite
     assert "--resume" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    # --resume A --out B: the run continues in A, so B would be ignored — said, not done silently
+    assert cli(["--data", text_file, "--resume", run, "--out", tmp_path / "elsewhere", "--steps", 4, *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "would be ignored" in err and err.count("\n") == 1 and not (tmp_path / "elsewhere").exists()
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
     (run / "ckpt.pt").write_bytes(before["ckpt.pt"][:1000])
     assert cli(["--data", text_file, "--resume", run, "--steps", 4, *TINY]) == 2
     assert "corrupt or truncated" in capsys.readouterr().err
