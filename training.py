@@ -262,6 +262,26 @@ def _remove(tmp: Path) -> None:
         pass
 
 
+def fsync(path, *, directory: bool = False) -> None:
+    """Flush a file (or a folder's entries, directory=True) to the disk. A folder on a filesystem
+    that cannot fsync folders (some network and Windows filesystems) is skipped quietly: the file
+    itself was flushed."""
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        if directory:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
+
+
 def atomic_write_all(writes: dict) -> None:
     """Several files, all or none: write(tmp) for every {path: write} first, then the renames, so a
     write that fails (a full disk, a read-only folder) leaves every old file as it was and no
@@ -277,9 +297,12 @@ def atomic_write_all(writes: dict) -> None:
             except FileExistsError:     # an ancestor is a regular file
                 raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path.parent)) from None
             write(tmp)
+            fsync(tmp)                  # the data is on disk before the name points at it
         for (path, _), tmp in zip(items, tmps):
             current = path
             os.replace(tmp, path)
+        for folder in {path.parent for path, _ in items}:
+            fsync(folder, directory=True)   # ... and so is the rename (after a crash: old or new file)
     except OSError as e:
         raise _named(e, current) from None
     finally:

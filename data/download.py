@@ -14,6 +14,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+import training
+
 
 def file_digest(path, algo: str) -> str:
     h = hashlib.new(algo)
@@ -60,12 +62,16 @@ def download(urls, dest, *, sha256: str | None = None, md5: str | None = None, s
             part.unlink(missing_ok=True)
             errors.append(f"{url}: {getattr(e, 'reason', e)}")
             continue
+        except BaseException:           # Ctrl-C / SIGTERM mid-download: no .partPID left behind
+            part.unlink(missing_ok=True)
+            raise
         try:
             verify_file(part, sha256=sha256, md5=md5, size=size)
         except ValueError:
             part.unlink(missing_ok=True)
             raise ValueError(f"the file downloaded from {url} does not match its published checksum "
                              f"or size, so it was discarded") from None
+        training.fsync(part)            # on disk before the name points at it
         os.replace(part, dest)
         return dest
     raise ValueError(f"could not download {dest.name} ({'; '.join(errors)}); if this machine is "

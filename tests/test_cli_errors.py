@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import training
+from analysis import simulate
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,7 +66,6 @@ def test_default_outputs_go_to_an_ignored_folder_never_into_results(module, monk
 
 def test_the_simulation_demo_gives_each_setting_its_own_folder(tmp_path, monkeypatch):
     """The README's three `analysis.simulate --regime R` commands no longer share one folder."""
-    from analysis import simulate
     monkeypatch.chdir(tmp_path)
     for regime in ("convergent", "divergent"):
         assert simulate.main(["--regime", regime, "--t-end", "0.2", "--dt", "0.1"]) == 0

@@ -260,3 +260,38 @@ def test_progress_in_a_log_is_one_line_per_log_step_not_bar_frames(tmp_path, cap
     assert all(len(l.split(" | ")) == 4 and l.endswith(" s") and " tok/s" in l for l in lines)
     assert "\r" not in cap.err and "it/s" not in cap.err and "step/s" not in cap.err
     assert training._si(11234.5) == "11.2k" and training._si(3.4e6) == "3.4M" and training._si(12) == "12"
+
+
+def test_atomic_write_flushes_the_file_and_the_folder_before_and_after_the_rename(tmp_path, monkeypatch):
+    """Nothing was fsynced: after a power cut a renamed file could be empty. Now the temporary
+    file is flushed before os.replace and its folder after it."""
+    order = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (order.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (order.append(("replace", str(b))), real_replace(a, b)))
+    training.atomic_write(tmp_path / "a.json", lambda tmp: open(tmp, "w").write("{}"))
+    kinds = [k for k, _ in order]
+    assert kinds == ["fsync", "replace", "fsync"]
+    assert ".a.json.tmp" in order[0][1] and order[2][1] == str(tmp_path)
+    assert (tmp_path / "a.json").read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+def test_an_interrupted_download_leaves_no_part_file(tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM turned into an exception) in the middle of a download: the .partPID file
+    is removed and the interrupt goes on."""
+    class Body:
+        headers = {"Content-Length": "10"}
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        def read(self, n):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(data_download.urllib.request, "urlopen", lambda url, timeout=None: Body())
+    with pytest.raises(KeyboardInterrupt):
+        data_download.download("http://example.invalid/x.bin", tmp_path / "x.bin", size=10)
+    assert list(tmp_path.iterdir()) == []
