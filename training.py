@@ -926,7 +926,8 @@ def check_run_folders(args, out, *, uses_cache: bool = True) -> None:
         ck = Path(args.resume)
         folder = ck.parent if ck.suffix == ".pt" else ck
         # --resume continues the run where it is: an --out elsewhere would be silently ignored
-        if getattr(args, "out", None) and Path(args.out).resolve() != folder.resolve():
+        # (checked once RUN exists: a RUN that does not is said first, as "no checkpoint")
+        if getattr(args, "out", None) and folder.exists() and Path(args.out).resolve() != folder.resolve():
             raise ValueError(f"--resume {args.resume} continues the run in {folder}, so --out {args.out} "
                              f"would be ignored: drop --out (or give the same folder)")
         check_folder(folder, "--resume")
