@@ -63,6 +63,7 @@ import errno
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import statistics as st
@@ -204,6 +205,31 @@ def plan_training(exp: str, budget: str, results: Path, runs: Path, enwiki: Path
             resume = ["--resume", str(run)] if (run / "ckpt.pt").exists() and _made_with(run, expected) else []
             jobs.append(([PY, str(ROOT / script), *argv, "--out", str(run), *resume], run.with_suffix(".log"), run, kept))
     return rows, jobs
+
+
+def _run_seconds(rows: list) -> list:
+    """wall_s of every run of an experiment already kept in results/ (its summary.json)."""
+    out = []
+    for _, _, kept in rows:
+        try:
+            out.append(float(json.loads((kept / "summary.json").read_text())["wall_s"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return out
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def estimate(seconds: list, n: int, n_jobs: int) -> str:
+    """"about T (mean t per run × n runs / jobs at a time, from k runs made here)", or why not:
+    --list's time estimate, from the training time of the runs this budget already made."""
+    if not seconds:
+        return "time unknown (no run of it made here yet to time)"
+    per = st.mean(seconds)
+    return (f"about {_duration(per * n / max(1, n_jobs))} ({_duration(per)} per run × {n} / {max(1, n_jobs)} "
+            f"at a time, from {len(seconds)} run(s) made here; training time only)")
 
 
 def enwiki_missing(exp: str, enwiki: Path | None) -> str | None:
@@ -1215,13 +1241,23 @@ def _main(argv, held: list, where: dict) -> int:
                     print(missing)
                     continue
                 rows, jobs = plan_training(e, a.budget, results, runs, enwiki)
-                todo = sum(j[0] is not None for j in jobs)
-                print(f"{e}: {len(rows)} runs, {len(rows) - len(jobs)} in results, {len(jobs) - todo} finished "
-                      f"under {runs} (to be kept), {todo} to run")
+                cmds = [j[0] for j in jobs if j[0] is not None]
+                print(f"{e}: {len(rows)} runs, {len(rows) - len(jobs)} in results, {len(jobs) - len(cmds)} finished "
+                      f"under {runs} (to be kept), {len(cmds)} to run"
+                      + (f", {estimate(_run_seconds(rows), len(cmds), n_jobs)}" if cmds else ""))
             else:
                 cmds = one_shot_commands(e, a.budget, results, runs, n_jobs)
                 done = state.get(e, {}).get("commands") == settings_key(cmds)
-                print(f"{e}: " + ("not part of this budget" if not cmds else "done" if done else f"{len(cmds)} command(s) to run"))
+                took = state.get(e, {}).get("seconds")
+                print(f"{e}: " + ("not part of this budget" if not cmds else "done" if done else
+                                  f"{len(cmds)} command(s) to run, " + (f"about {_duration(took)} when it last ran "
+                                                                        "(with other settings)" if took else
+                                                                        "time unknown (never timed here)")))
+                if done:
+                    cmds = []
+            for c in cmds:                                   # what it would run, as one would type it
+                print("    python " + " ".join(shlex.quote(_rel(Path(x)).as_posix() if x.startswith(str(ROOT)) else x)
+                                               for x in c[1:]))
         return 0
     _check_folder(results, "--results")
     if not a.report:

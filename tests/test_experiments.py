@@ -594,3 +594,24 @@ def test_an_environment_fault_is_one_sentence_and_leaves_no_half_written_file(tm
     assert not any(".tmp" in k for k in after)
     if res.is_dir():
         training.FolderLock(res, ".experiments.lock", "x").release()     # and the lock is free
+
+
+def test_list_prints_each_planned_command_and_a_time_from_the_runs_made(tmp_path, capsys):
+    """--list says what it would run, as one would type it, and how long that should take from the
+    runs already made (their summary.json wall_s); it changes nothing on disk."""
+    res, runs = tmp_path / "results", tmp_path / "runs"
+    kept = res / "lm" / "regimes" / "free-s0"
+    kept.mkdir(parents=True)
+    (kept / "summary.json").write_text(json.dumps({"wall_s": 60.0}))   # made with other settings: to run again
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert ex.main(["--budget", "smoke", "--only", "lm-regimes,agreement", "--list", "--results", str(res),
+                    "--runs", str(runs), "--jobs", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("lm-regimes: 8 runs, 0 in results") and "8 to run, about 4 min" in out[0]
+    assert "(60 s per run × 8 / 2 at a time, from 1 run(s) made here" in out[0]
+    cmds = [l for l in out if l.startswith("    python ")]
+    assert cmds[0].startswith("    python train_lm.py --pe learned --regime free") and len(cmds) == 8 + 2
+    assert any(l.startswith("agreement: 2 command(s) to run, time unknown") for l in out)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before     # nothing written
+    assert ex.estimate([], 3, 1).startswith("time unknown")
+    assert ex.estimate([7200.0, 3600.0], 4, 2).startswith("about 3.0 h (1.5 h per run × 4 / 2 at a time")
