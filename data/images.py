@@ -215,7 +215,7 @@ def _pillow():
         from PIL import Image
     except ImportError:
         raise ValueError("reading an image folder needs Pillow, which is not installed: "
-                         "pip install pillow (it is listed in requirements-extra.txt)") from None
+                         "pip install pillow (matplotlib, in requirements.txt, normally installs it)") from None
     return Image
 
 
