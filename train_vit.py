@@ -423,6 +423,7 @@ def default_run_name(cfg: dict) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    training.resume_from_run(args, build_parser, argv)     # --resume RUN alone: RUN's own settings
     cfg = resolve_config(args)
     rt = training.setup_runtime(args.device, amp=not args.no_amp)
     try:
@@ -468,7 +469,7 @@ def train(cfg: dict, args, rt: training.Runtime) -> int:
     optimizer = make_optimizer(model, cfg, rt.device)
 
     run, start = training.open_run(resume=args.resume, out=out, config=cfg, model=model,
-                                   optimizer=optimizer, resume_keys=RESUME_KEYS, rt=rt)
+                                   optimizer=optimizer, resume_keys=RESUME_KEYS, rt=rt, args=args)
 
     n_params = sum(p.numel() for p in model.parameters())
     title = (f"{data.name} pe={cfg['pe']} λ={cfg['lam']:g} ({cfg['lam_mode']}) regime={cfg['regime']} "

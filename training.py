@@ -602,7 +602,7 @@ class RunDir:
         plt.close(fig)
 
 
-def open_run(*, resume, out, config: dict, model, optimizer, resume_keys, rt: Runtime):
+def open_run(*, resume, out, config: dict, model, optimizer, resume_keys, rt: Runtime, args=None):
     """The run folder and the step to start from.  resume (a run folder or its ckpt.pt): load the
     checkpoint, refuse one whose `resume_keys` differ from `config`, restore model, optimiser and
     RNG states.  Otherwise a new run in `out`, which must not already hold a checkpoint."""
@@ -621,6 +621,10 @@ def open_run(*, resume, out, config: dict, model, optimizer, resume_keys, rt: Ru
             raise ValueError(f"{run.path} already holds a run: continue it with --resume {run.path} "
                              f"or choose another --out")
     run.start(config, resume_step=start if resume else None)
+    if args is not None and not resume and rt.is_main:
+        # the command line itself (what config.json does not hold: logging, checkpoint and probe
+        # flags), so that `--resume RUN` alone continues with exactly these (resume_from_run)
+        run.write_json("args.json", {k: v for k, v in vars(args).items() if k not in ("resume", "out")})
     return run, start
 
 
@@ -909,12 +913,68 @@ def add_run_args(a, *, default_out: str, cache_help: str, probe_help: str) -> No
     a("--ckpt-every", type=int, default=0, help="checkpoint every N steps (default: at each evaluation)")
     a("--probe-batch", type=int, default=8, help=probe_help)
     a("--out", help=f"run folder (default {default_out})")
-    a("--resume", metavar="RUN", help="continue the run in RUN (its folder or ckpt.pt); flags must "
-      "match the checkpoint's model and data")
+    a("--resume", metavar="RUN", help="continue the run in RUN (its folder or ckpt.pt) with the flags it was "
+      "started with; --steps may be raised, eval/logging/device flags may change, the rest must match")
     a("--cache-dir", default=str(Path(__file__).resolve().parent / "cache"), help=cache_help)
     a("--device", default="auto", help="auto (cuda > mps > cpu), cuda, mps or cpu")
     a("--no-compile", action="store_true", help="skip torch.compile on CUDA")
     a("--no-amp", action="store_true", help="float32 instead of bf16 autocast on CUDA")
+
+
+# a resumed run may not change these: they decide the optimisation itself (the rest of the
+# trajectory would belong to another run). Evaluation, logging and device flags may change.
+RESUME_FIXED = ("lr", "min_lr", "warmup", "warmup_epochs", "beta2", "weight_decay", "clip", "grad_accum")
+
+
+def given_flags(build_parser, argv) -> set:
+    """The dests of the options written on this command line (not left at their defaults): the
+    same parser with every default suppressed, so that only what was given lands in the result."""
+    p = build_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+        action.required = False
+    return set(vars(p.parse_args(argv)))
+
+
+def resume_from_run(args, build_parser, argv) -> None:
+    """`--resume RUN` alone continues RUN as it was started (nanoGPT's init_from='resume'): every
+    flag not given on this command line takes its value from RUN/args.json (the command line RUN
+    was started with), or, for a run older than that file, from RUN/config.json. --steps may be
+    raised (train longer; the cosine schedule stretches to the new total). A flag given with a
+    value that differs from the run's is refused in one sentence when it would change the
+    optimisation (RESUME_FIXED) — the model and data flags are refused later, by the checkpoint's
+    own check (check_config); evaluation, logging and device flags simply apply."""
+    if not args.resume:
+        return
+    ck = Path(args.resume)
+    folder = ck.parent if ck.suffix == ".pt" else ck
+
+    def read(name):
+        try:
+            d = json.loads((folder / name).read_text())
+        except FileNotFoundError:
+            return None                 # no run there (the checkpoint's own check says so), or an old run
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read {folder / name} ({e}): it is not the {name} of a run") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{folder / name} is not the {name} of a run")
+        return d
+    saved, cmd = read("config.json"), read("args.json")
+    if saved is None:
+        return
+    cfg_path = folder / "config.json"
+    given = given_flags(build_parser, argv)
+    source = cmd if cmd is not None else saved
+    for dest in vars(args):
+        # (--device is this machine's business: a run started on a GPU may be continued on a CPU)
+        if dest in source and dest not in given and dest not in ("resume", "out", "device"):
+            setattr(args, dest, source[dest])
+    for dest in RESUME_FIXED:
+        if dest in given and dest in saved and getattr(args, dest) != saved[dest]:
+            flag = "--" + dest.replace("_", "-")
+            raise ValueError(f"{flag} {getattr(args, dest)} differs from the {saved[dest]} that {cfg_path.parent} "
+                             f"was started with, and resuming cannot change it: drop {flag}, or start a new "
+                             f"run with --out")
 
 
 def check_run_folders(args, out, *, uses_cache: bool = True) -> None:

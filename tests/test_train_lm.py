@@ -181,7 +181,7 @@ def test_kill_and_resume_gives_the_losses_of_an_uninterrupted_run(text_file, tmp
     assert "--resume" in err
     stopped = training.load_checkpoint(run)["step"]
     assert 3 <= stopped < 100
-    assert cli([*common, "--resume", run]) == 0
+    assert cli(["--resume", run]) == 0                              # every flag from the run's config.json
     assert _train_rows(run) == _train_rows(tmp_path / "full")      # bit for bit, every step
     val = lambda r: json.loads((r / "summary.json").read_text())["val"]
     assert val(run) == val(tmp_path / "full")
@@ -337,6 +337,11 @@ def test_resume_with_another_config_or_a_corrupt_checkpoint_is_refused(text_file
     assert "pe='rope' but this command asks for pe='sin'" in capsys.readouterr().err
     assert cli(["--data", text_file, "--out", run, "--steps", 4, *TINY]) == 2      # no silent overwrite
     assert "--resume" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    # a flag that would change the optimisation of the run being continued is refused, not applied
+    assert cli(["--data", text_file, "--resume", run, "--lr", 0.123, *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "--lr 0.123 differs from the" in err and err.count("\n") == 1
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
     # --resume A --out B: the run continues in A, so B would be ignored — said, not done silently
     assert cli(["--data", text_file, "--resume", run, "--out", tmp_path / "elsewhere", "--steps", 4, *TINY]) == 2
