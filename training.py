@@ -431,10 +431,12 @@ def check_finite(cfg: dict) -> None:
         raise ValueError(f"--{bad[0].replace('_', '-')} must be a finite number, got {cfg[bad[0]]}")
 
 
-def save_checkpoint(path, *, model, optimizer, step: int, config: dict, extra: dict | None = None) -> None:
-    """Atomic checkpoint: model, optimiser, step, RNG states, config (and anything in extra)."""
+def save_checkpoint(path, *, model, optimizer, step: int, config: dict, extra: dict | None = None,
+                    loop: dict | None = None) -> None:
+    """Atomic checkpoint: model, optimiser, step, RNG states, config (and anything in extra);
+    loop: train_loop's own running state (the training loss summed since the last log row)."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": int(step),
-             "rng": rng_state(), "config": dict(config), "extra": extra or {}}
+             "rng": rng_state(), "config": dict(config), "extra": extra or {}, "loop": loop or {}}
 
     def write(tmp):
         # through a Python file object: a failed write (a full disk) is then an OSError with its
@@ -506,6 +508,7 @@ class RunDir:
         self.active = active
         self.ckpt = self.path / "ckpt.pt"
         self.metrics = self.path / "metrics.csv"
+        self.loop_state: dict = {}       # train_loop's running sums, from the checkpoint resumed
 
     def lock(self, rt: "Runtime | None" = None) -> None:
         """Hold the folder's lock (.run.lock) for the life of the run (until teardown(rt), or the
@@ -614,6 +617,7 @@ def open_run(*, resume, out, config: dict, model, optimizer, resume_keys, rt: Ru
         state = load_checkpoint(run.ckpt)
         check_config(state["config"], config, resume_keys, where=f"the checkpoint {run.ckpt}")
         start = restore(state, model, optimizer)
+        run.loop_state = dict(state.get("loop") or {}, step=start)   # train_loop picks it up
     else:
         run = RunDir(out, active=rt.is_main)
         run.lock(rt)
@@ -725,9 +729,12 @@ def train_loop(model, optimizer, *, rt: Runtime, run: RunDir, config: dict, step
 
     def save(step):
         nonlocal saved
+        # the loss summed since the last log row goes into the checkpoint (its mean over ranks:
+        # every rank restores it), so that a resumed run writes the rows of an unbroken one
+        loop = {"loss_sum": all_reduce(loss_sum.clone(), rt, "mean").item(), "n_logged": n_logged}
         if rt.is_main:
             written(lambda: save_checkpoint(run.ckpt, model=raw, optimizer=optimizer, step=step,
-                                            config=config, extra=extra_state))
+                                            config=config, extra=extra_state, loop=loop))
             saved = step
         if rt.distributed:
             dist.barrier()
@@ -736,6 +743,10 @@ def train_loop(model, optimizer, *, rt: Runtime, run: RunDir, config: dict, step
     raw.train()
     loss_sum = torch.zeros((), device=rt.device)
     n_logged, units_since, t_since = 0, 0, time.perf_counter()
+    resumed = getattr(run, "loop_state", {}) or {}
+    if resumed.get("step") == start_step and "loss_sum" in resumed:   # the window a stop cut in two
+        loss_sum.fill_(float(resumed["loss_sum"]))
+        n_logged = int(resumed["n_logged"])
     # progress: a tqdm bar on a terminal; in a log file (stderr not a terminal) a bar's carriage-
     # return frames pile up by the thousand, so there one plain line per log step instead, like
     # nanoGPT's:  step 400 | loss 1.9300 | 11.2k tok/s | 35 s
@@ -773,7 +784,9 @@ def train_loop(model, optimizer, *, rt: Runtime, run: RunDir, config: dict, step
                 if rt.distributed:  # all ranks stop at the same step
                     flag = torch.tensor(float(stop_now), device=rt.device)
                     stop_now = bool(all_reduce(flag, rt, "max").item())
-                if step % max(1, log_every) == 0 or step == steps or stop_now:
+                # (not at a stop: the open window's sum goes into the checkpoint instead, and the
+                # resumed run writes this row at the step an unbroken run would)
+                if step % max(1, log_every) == 0 or step == steps:
                     # mean training loss over the steps since the last log line, averaged over ranks
                     mean_loss = all_reduce(loss_sum / n_logged, rt, "mean").item()
                     if not math.isfinite(mean_loss):

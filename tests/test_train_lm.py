@@ -166,14 +166,15 @@ def one_thread():
 
 
 def test_kill_and_resume_gives_the_losses_of_an_uninterrupted_run(text_file, tmp_path, one_thread):
-    common = ["--data", text_file, "--steps", 100, "--eval-every", 0, "--dropout", 0.1, *TINY]
+    # --log-every 4: a stop between two log rows must not leave a row an unbroken run has not
+    common = ["--data", text_file, "--steps", 100, "--eval-every", 0, "--dropout", 0.1, *TINY, "--log-every", 4]
     assert cli([*common, "--out", tmp_path / "full"]) == 0
     # a real process, killed by a real SIGTERM somewhere after its third step
     run = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, str(ROOT / "train_lm.py"), *map(str, common), "--out", str(run)],
                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
-    while time.time() < deadline and len(_train_rows(run)) < 3 and proc.poll() is None:
+    while time.time() < deadline and len(_train_rows(run)) < 1 and proc.poll() is None:
         time.sleep(0.005)
     proc.send_signal(signal.SIGTERM)
     err = proc.communicate(timeout=60)[1]
