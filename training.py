@@ -1030,6 +1030,12 @@ def run_cli(main, argv=None) -> int:
             msg = f"{e.strerror or 'cannot open'}: {e.filename}"
         print(f"error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C outside the training loop (loading data, building the model, writing the report;
+        # inside it GracefulExit saves a checkpoint first): one line, the shell's 128 + SIGINT
+        print("interrupted (Ctrl-C) outside the training loop, so no checkpoint was written by this stop",
+              file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

@@ -295,3 +295,12 @@ def test_an_interrupted_download_leaves_no_part_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         data_download.download("http://example.invalid/x.bin", tmp_path / "x.bin", size=10)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_outside_the_training_loop_is_one_line_and_exit_130(capsys):
+    """A KeyboardInterrupt while data loads or a report is written used to print a traceback."""
+    def main(argv):
+        raise KeyboardInterrupt
+    assert training.run_cli(main, []) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("interrupted (Ctrl-C)") and "Traceback" not in err
