@@ -743,7 +743,7 @@ def train_loop(model, optimizer, *, rt: Runtime, run: RunDir, config: dict, step
     raw.train()
     loss_sum = torch.zeros((), device=rt.device)
     n_logged, units_since, t_since = 0, 0, time.perf_counter()
-    resumed = getattr(run, "loop_state", {}) or {}
+    resumed = run.loop_state
     if resumed.get("step") == start_step and "loss_sum" in resumed:   # the window a stop cut in two
         loss_sum.fill_(float(resumed["loss_sum"]))
         n_logged = int(resumed["n_logged"])
