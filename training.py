@@ -55,7 +55,7 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -635,14 +635,21 @@ def open_run(*, resume, out, config: dict, model, optimizer, resume_keys, rt: Ru
 # ----------------------------------------------------------------------------------------------
 # Signals
 # ----------------------------------------------------------------------------------------------
+class SignalStop(Exception):
+    """Raised inside `GracefulExit.abortable()` when a stop signal arrives there."""
+
+
 class GracefulExit:
     """Within `with GracefulExit() as g:`, SIGTERM / SIGINT set g.signum instead of killing the
-    process; a second signal restores the default behaviour and re-raises at once."""
+    process; a second signal restores the default behaviour and re-raises at once.  Inside
+    `with g.abortable():` (work that can simply be redone, such as the final evaluation) the
+    first signal also raises SignalStop at once, so the stop does not wait for that work."""
 
     def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
         self.signals = signals
         self.signum: int | None = None
         self._old = {}
+        self._abortable = False
 
     def _handler(self, signum, frame):
         if self.signum is not None:  # second signal: give up waiting
@@ -650,6 +657,20 @@ class GracefulExit:
             signal.raise_signal(signum)
             return
         self.signum = signum
+        if self._abortable:
+            self._abortable = False
+            raise SignalStop(signum)
+
+    @contextmanager
+    def abortable(self, enabled: bool = True):
+        """A region the first signal interrupts (SignalStop) instead of waiting for it to end."""
+        if enabled and self.signum is not None:   # the signal came just before the region
+            raise SignalStop(self.signum)
+        self._abortable = enabled
+        try:
+            yield
+        finally:
+            self._abortable = False
 
     def _restore(self):
         for s, h in self._old.items():
@@ -712,14 +733,22 @@ def train_loop(model, optimizer, *, rt: Runtime, run: RunDir, config: dict, step
             raise ValueError(f"cannot write {e.filename or run.path} at step {step} "
                              f"({e.strerror or e}); {kept}") from None
 
-    def evaluate(step, final=False):
+    def evaluate(step, final=False, stop=None):
+        """Evaluate and log.  With `stop` (the final evaluation, one process) a signal aborts the
+        evaluation itself (SignalStop): the trained model is already saved, and nothing of an
+        unfinished evaluation is written.  Under DDP every rank must finish the evaluation's
+        collectives, so there the signal is honoured right after it."""
         nonlocal last_eval
         if eval_fn is None:
             return
         raw.eval()
-        with torch.no_grad(), autocast(rt):
-            last_eval = eval_fn(raw, final)
-        raw.train()
+        region = stop.abortable(not rt.distributed) if stop is not None else nullcontext()
+        try:
+            with region, torch.no_grad(), autocast(rt):
+                result = eval_fn(raw, final)
+        finally:
+            raw.train()
+        last_eval = result
         for split, metrics in last_eval.items():
             written(run.log, step, split, metrics)
         if rt.is_main:
@@ -805,18 +834,30 @@ def train_loop(model, optimizer, *, rt: Runtime, run: RunDir, config: dict, step
                 if eval_every and step % eval_every == 0 and step < steps:
                     evaluate(step)
                     t_since = time.perf_counter()  # the throughput counts training time only
+                # the last step is saved before the final evaluation: a stop during that
+                # evaluation loses nothing of the training (--resume then only evaluates)
                 if stop_now or step == steps or (ckpt_every and step % ckpt_every == 0):
-                    if step == steps:
-                        evaluate(step, final=True)
-                        if eval_fn is None:
-                            written(run.plot, title)
                     save(step)
                 if stop_now:
                     return {"status": "interrupted", "step": step, "signal": stop.signum, "eval": last_eval}
+            bar.close()
+            # the final evaluation on the whole evaluation set (also when a resumed run had
+            # nothing left to train: then it evaluates what the checkpoint holds)
+            try:
+                evaluate(step, final=True, stop=stop)
+            except SignalStop:
+                pass
+            if eval_fn is None:
+                written(run.plot, title)
+            stop_now = stop.requested
+            if rt.distributed:
+                flag = torch.tensor(float(stop_now), device=rt.device)
+                stop_now = bool(all_reduce(flag, rt, "max").item())
+            if stop_now:
+                return {"status": "interrupted", "step": step, "signal": stop.signum or signal.SIGTERM,
+                        "eval": last_eval, "during": "final evaluation"}
     finally:
         bar.close()
-    if step == start_step:  # nothing left to train: still evaluate what the checkpoint holds
-        evaluate(step, final=True)
     return {"status": "done", "step": step, "signal": None, "eval": last_eval}
 
 
@@ -1012,7 +1053,11 @@ def check_run_folders(args, out, *, uses_cache: bool = True) -> None:
 
 def interrupted_exit(result: dict, run: "RunDir", rt: "Runtime") -> int:
     """After train_loop stopped on SIGTERM/SIGINT: say where to resume; exit code 128 + signal."""
-    if rt.is_main:
+    if rt.is_main and result.get("during") == "final evaluation":
+        print(f"stopped by signal {result['signal']} during the final evaluation: training is complete "
+              f"and step {result['step']} is saved; --resume {run.path} runs the final evaluation "
+              f"(and writes the summary) without training", file=sys.stderr)
+    elif rt.is_main:
         print(f"stopped by signal {result['signal']} after step {result['step']}: checkpoint saved; "
               f"continue with --resume {run.path}", file=sys.stderr)
     return 128 + int(result["signal"])

@@ -65,7 +65,8 @@ def test_rng_state_roundtrip():
 
 
 # -- the shared loop on a tiny regression model ----------------------------------------------------
-def _tiny_run(tmp, *, steps, grad_accum=1, kill_at=None, resume=False, batch=8, dropout=0.3):
+def _tiny_run(tmp, *, steps, grad_accum=1, kill_at=None, resume=False, batch=8, dropout=0.3,
+              kill_in_final=False):
     """A 2-layer MLP with dropout (so RNG state matters) trained by training.train_loop."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Dropout(dropout), torch.nn.Tanh(),
@@ -90,10 +91,18 @@ def _tiny_run(tmp, *, steps, grad_accum=1, kill_at=None, resume=False, batch=8, 
         return torch.nn.functional.mse_loss(mdl(b[0]), b[1]), len(b[0])
     loss_fn.step = start * grad_accum
 
-    evals = lambda m, final: {"val": {"loss": float(torch.nn.functional.mse_loss(m(torch.ones(2, 4)), torch.zeros(2, 1)))}}
+    def evals(m, final):
+        if final and kill_in_final:
+            os.kill(os.getpid(), signal.SIGTERM)                       # a real signal, mid-evaluation
+            for _ in range(10 ** 7):                                   # a long evaluation ...
+                pass
+            evals.finished = True                                      # ... that must not finish
+        return {"val": {"loss": float(torch.nn.functional.mse_loss(m(torch.ones(2, 4)), torch.zeros(2, 1)))}}
+    evals.finished = False
     out = training.train_loop(model, opt, rt=rt, run=run, config={"d": 4}, steps=steps, batch_fn=batch_fn,
                               loss_fn=loss_fn, eval_fn=evals, lr=0.05, warmup=2, grad_accum=grad_accum,
                               clip=1.0, eval_every=3, log_every=1, start_step=start)
+    out["evals"] = evals
     return out, model, run
 
 
@@ -112,6 +121,29 @@ def test_sigterm_saves_and_resume_replays_the_uninterrupted_run(tmp_path):
     for p, q in zip(m_full.parameters(), m_res.parameters()):
         assert torch.equal(p, q)
     assert (run.path / "loss.png").stat().st_size > 1000
+
+
+def test_a_signal_during_the_final_evaluation_stops_it_and_resume_only_evaluates(tmp_path, capsys):
+    full, _, run_full = _tiny_run(tmp_path / "a", steps=6)
+    part, _, run = _tiny_run(tmp_path / "b", steps=6, kill_in_final=True)
+    # the evaluation was cut short at once (not run to the end and then reported as done)
+    assert not part["evals"].finished
+    assert part["status"] == "interrupted" and part["during"] == "final evaluation"
+    assert part["signal"] == signal.SIGTERM and part["step"] == 6
+    assert training.load_checkpoint(run.ckpt)["step"] == 6                # training was saved first
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    # nothing of the unfinished evaluation was written: the rows end with the last periodic one
+    assert not [r for r in run.read() if r["split"] == "val" and r["step"] == 6]
+    code = training.interrupted_exit(part, run, training.Runtime(device=torch.device("cpu")))
+    assert code == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "during the final evaluation" in err and f"--resume {run.path}" in err
+    # resuming trains nothing and writes exactly the rows an unbroken run has
+    done, _, run = _tiny_run(tmp_path / "b", steps=6, resume=True)
+    assert done["status"] == "done" and done["step"] == 6
+    key = lambda rows: [(r["step"], r["split"], r["metric"], r["value"]) for r in rows
+                        if not r["metric"].endswith("_per_s")]
+    assert key(run.read()) == key(run_full.read())
 
 
 def test_grad_accumulation_is_the_full_batch_gradient(tmp_path):
