@@ -12,8 +12,8 @@ pydocs (default, no download)  The English prose that ships with Python itself: 
 enwik8     http://mattmahoney.net/dc/enwik8.zip  (sha256 547994d9…34bc, 36,445,475 bytes; the
     checksum published in Hugging Face's dataset record): first 10⁸ bytes of a 2006 Wikipedia
     XML dump, byte level, split 90M / 5M / 5M (train / validation / test), bits per character.
-text8      http://mattmahoney.net/dc/text8.zip  (31,344,016 bytes: the size every word2vec tutorial
-    checks; no digest is published that we could confirm, so only the size is checked): 10⁸
+text8      http://mattmahoney.net/dc/text8.zip  (sha256 a6640522…5232, 31,344,016 bytes; the site
+    publishes no digest: this is the one independent public projects pin): 10⁸
     characters of cleaned Wikipedia (a-z and space), split 90M / 5M / 5M, bits per character.
 wikitext103  wikitext-103-v1.zip, the TOKENISED word-level release (not the -raw one), from the
     authors' S3 bucket (mirror: wikitext.smerity.com), md5 9ddaacaf6af0710eda8c456decff7832 (as
@@ -72,8 +72,11 @@ class Corpus:
 SOURCES = {
     "enwik8": dict(urls=["http://mattmahoney.net/dc/enwik8.zip"], file="enwik8.zip", size=36445475,
                    sha256="547994d9980ebed1288380d652999f38a14fe291a6247c157c3d33d4932534bc"),
-    # no published digest that we could confirm: the size is what every word2vec tutorial checks
-    "text8": dict(urls=["http://mattmahoney.net/dc/text8.zip"], file="text8.zip", size=31344016),
+    # the site publishes no digest; this SHA-256 of text8.zip is the one independent public
+    # projects pin (beside the extracted member's, 6e890197…dca7), so a substituted or truncated
+    # file is refused, not only one of the wrong size
+    "text8": dict(urls=["http://mattmahoney.net/dc/text8.zip"], file="text8.zip", size=31344016,
+                  sha256="a6640522afe85d1963ad56c05b0ede0a0c000dddc9671758a6cc09b7a38e5232"),
     "wikitext103": dict(urls=["https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip",
                               "https://wikitext.smerity.com/wikitext-103-v1.zip"],
                         file="wikitext-103-v1.zip", md5="9ddaacaf6af0710eda8c456decff7832"),

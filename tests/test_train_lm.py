@@ -330,6 +330,18 @@ def test_checksum_mismatch_and_offline_leave_nothing(bad_files, monkeypatch, cap
     assert sorted(os.listdir(cache)) == ["enwik8.zip"] and not (bad_files / "o1").exists()
 
 
+def test_a_text8_zip_of_the_right_size_but_other_bytes_is_refused(bad_files, monkeypatch, capsys):
+    # text8 is checked by digest, not only by size: a same-size substitute is not read
+    cache = bad_files / "cache3"
+    cache.mkdir()
+    fake = (bad_files / "enwik8.zip").read_bytes()
+    (cache / "text8.zip").write_bytes(fake)
+    monkeypatch.setitem(text.SOURCES, "text8", dict(text.SOURCES["text8"], size=len(fake)))
+    assert cli(["--data", "text8", "--cache-dir", cache, "--out", bad_files / "o3", "--steps", 1, *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "sha256" in err and err.count("\n") == 1 and not (bad_files / "o3").exists()
+
+
 def test_resume_with_another_config_or_a_corrupt_checkpoint_is_refused(text_file, tmp_path, capsys):
     run = tmp_path / "run"
     assert cli(["--data", text_file, "--out", run, "--steps", 2, *TINY]) == 0
