@@ -30,7 +30,9 @@ file and renamed (os.replace is atomic on POSIX), so a kill never leaves a half-
 
 Signals.  SIGTERM / SIGINT set a flag; the loop finishes the optimiser step it is in, saves a
 checkpoint and returns "interrupted" (a second Ctrl-C kills at once).  Under DDP the ranks agree
-on the flag with an all-reduce, so they all stop at the same step.
+on the flag with an all-reduce, so they all stop at the same step.  The last step is saved before
+the final evaluation; a signal during that evaluation cuts it short (one process; under DDP right
+after it), writes nothing of it and returns "interrupted": --resume then only evaluates.
 
 Precision and speed.  On CUDA: bf16 autocast (no loss scaling needed: bf16 has fp32's exponent
 range) and torch.compile.  On MPS and CPU: float32, eager.  Device order: cuda > mps > cpu.
