@@ -121,11 +121,11 @@ BUDGETS = {
     "smoke": dict(seeds=2, jobs=2, lm=["--steps", "3", "--eval-every", "0", "--probe-batch", "2", "--d-model", "32",
                                         "--n-layers", "2", "--n-heads", "2"],
                   vit=["--steps", "3", "--eval-images", "64", "--probe-batch", "2"], agreement=20,
-                  spectral=["--preset", "tiny", "--seeds", "0,1", "--pes", "none,rope"], device="cpu",
+                  spectral=["--preset", "tiny", "--seeds", "0,1", "--pes", "none,rope", "--device", "cpu"], device="cpu",
                   speed=None, phase=None),
     # a laptop: ~3 CPU-hours in all, 400-step language models, 1,000-step ViTs (see README)
     "cpu-small": dict(seeds=3, jobs=None, lm=["--steps", "400", "--eval-every", "0"], vit=[],
-                      agreement=1000, spectral=["--preset", "small", "--seeds", "0,1,2", "--pes", SPECTRAL_PES],
+                      agreement=1000, spectral=["--preset", "small", "--seeds", "0,1,2", "--pes", SPECTRAL_PES, "--device", "cpu"],
                       device="cpu", speed=["--suite"], phase=["--instances", "102", "--t-end", "2000"]),
     # one GPU: a 6 × 256 language model for 3,000 steps, 4,000-step ViTs, the Spectral paper's model
     "gpu": dict(seeds=3, jobs=1, lm=["--d-model", "256", "--n-layers", "6", "--n-heads", "8", "--seq-len", "256",

@@ -478,7 +478,7 @@ def run_config(task, pe, preset="small", seed=0, **overrides):
     p = PRESETS[preset]
     cfg = {"task": task, "pe": pe, "preset": preset, "seed": seed,
            "weight_decay": WEIGHT_DECAY, "betas": "paper", "warmup_fraction": WARMUP_FRACTION,
-           "alibi_schedule": "exp", "fillers_include_triggers": False, "device": "cpu",
+           "alibi_schedule": "exp", "fillers_include_triggers": False, "device": "auto",
            "ablation_samples": None, "max_minutes": None, **p["model"], **p["train"]}
     for k, v in overrides.items():
         if k not in cfg:
@@ -739,7 +739,8 @@ def _common(p):
                         "standard: (0.9, 0.98)")
     p.add_argument("--alibi-schedule", choices=["exp", "geometric"], default=None,
                    help="ALiBi slopes: exp = e^{-h/H} (paper code), geometric = 2^{-8(h+1)/H} (Press et al.)")
-    p.add_argument("--device", default=None, help="cpu (default), cuda, mps or auto")
+    p.add_argument("--device", default=None, help="auto (default: cuda > mps > cpu, as the training "
+                   "scripts), cuda, mps or cpu")
     p.add_argument("--ablation-samples", type=int, default=None,
                    help="ablate on the first N test samples (default: the preset's; None = all)")
     p.add_argument("--max-minutes", type=float, default=None,
