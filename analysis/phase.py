@@ -5,6 +5,7 @@
     python -m analysis.phase --jobs 2 --out DIR               # both halves, as two processes
     python -m analysis.phase --pilot                          # one cell per axis value, timed
     python -m analysis.phase --report --out DIR               # only rebuild the CSV and figures
+    python -m analysis.phase --cells NAME --t-end 20000 --out DIR   # one cell, a longer horizon
 
 Every instance is drawn convergent by construction (W_sym ≻ 0, A_sym ≺ 0: regimes.sample_instances)
 and integrated to t = 2000 (default) with a step size per instance (ode_attention.integrate_each,
@@ -162,7 +163,9 @@ def run_cell(c: dict, n_inst: int, t_end: float, n_save: int = 61, max_steps: in
            "slope": power, "rate": rate, "rel_speed": rel.tolist(),
            "alpha_V": regimes.value_abscissa(W, A).tolist(), "rho": regimes.antisymmetry_ratio(A).tolist(),
            "t_reached": fr.t_reached.tolist(), "steps": fr.n_steps.tolist(), "final_norm": N[-1].tolist(),
-           "settled": fr.settled.tolist(), "blown": fr.blown.tolist()}
+           "settled": fr.settled.tolist(), "blown": fr.blown.tolist(),
+           # the mean token norm at every save time (T × B), so any decade's slope can be read later
+           "times": fr.t.tolist(), "norms": N.T.tolist()}
     return {"cell": c, "instances": len(rec["fate"]), "t_end": t_end, "seconds": round(time.time() - t0, 2),
             "records": rec}
 
@@ -311,6 +314,9 @@ def main(argv=None) -> int:
     p.add_argument("--instances", type=int, default=102, help="instances per cell (half at n = 128)")
     p.add_argument("--t-end", type=float, default=2000.0, help="integration horizon")
     p.add_argument("--max-steps", type=int, default=10_000, help="step budget per instance")
+    p.add_argument("--cells", default="",
+                   help="comma-separated cell names (as in cells/*.json): run only these, e.g. a "
+                        "longer --t-end for a horizon check")
     p.add_argument("--part", default="0/1", help="i/k: run every k-th cell starting at i (parallel runs)")
     p.add_argument("--jobs", type=int, default=1,
                    help="run this many parts at once, each a single-thread process (--part i/jobs)")
@@ -322,6 +328,14 @@ def main(argv=None) -> int:
         # cheapest first over all the grids asked for (cost grows with n, then d), so that a run
         # stopped early has the small cells of every grid
         cells = sorted((c for g in grids for c in grid_cells(g)), key=lambda c: (c["n"], c["d"]))
+        if a.cells:
+            wanted = [x.strip() for x in a.cells.split(",") if x.strip()]
+            names = {cell_name(c): c for c in cells}
+            unknown = [x for x in wanted if x not in names]
+            if unknown:
+                raise ValueError(f"no cell named {unknown[0]!r} in --grid {a.grid} (names look like "
+                                 f"{cell_name(cells[0])}).")
+            cells = [names[x] for x in wanted]
         try:
             i, k = (int(x) for x in a.part.split("/"))
         except ValueError:

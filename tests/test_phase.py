@@ -198,11 +198,25 @@ def test_cells_are_paired_across_pe_and_mask_and_a_cell_runs(tmp_path):
     rows = phase.write_report(tmp_path)
     assert rows[0]["share_converges"] == 1.0 and rows[0]["converges_lo"] < 1.0
     assert (tmp_path / "phase.csv").exists() and (tmp_path / "pe.png").exists()
+    # the stored trajectory of norms gives back the late slope the fate was read from
+    r = res["records"]
+    t, N = torch.tensor(r["times"], dtype=torch.float64), torch.tensor(r["norms"], dtype=torch.float64).T
+    power, _ = phase.late_slopes(t, N, torch.tensor(r["t_reached"], dtype=torch.float64))
+    assert power == r["slope"]
 
 
 @pytest.mark.parametrize("argv", [["--part", "2/2"], ["--part", "x"], ["--grid", "nope"],
-                                  ["--instances", "1"], ["--t-end", "inf"]])
+                                  ["--instances", "1"], ["--t-end", "inf"], ["--cells", "pe-d5-n8"]])
 def test_bad_flags_exit_2_with_one_sentence(argv, tmp_path, capsys):
     assert phase.main(argv + ["--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("analysis.phase:") and err.count("\n") == 1
+
+
+def test_cells_flag_runs_only_the_named_cell_at_its_own_horizon(tmp_path):
+    name = "pe-d4-n8-none-causal-rhodefault-s1"
+    assert phase.main(["--grid", "pe", "--cells", name, "--instances", "3", "--t-end", "50",
+                       "--out", str(tmp_path)]) == 0
+    assert [p.name for p in (tmp_path / "cells").iterdir()] == [f"{name}.json"]
+    res = json.loads((tmp_path / "cells" / f"{name}.json").read_text())
+    assert res["t_end"] == 50 and res["records"]["times"][-1] == pytest.approx(50)
