@@ -32,6 +32,12 @@ def test_agreement_small_run_confirms_the_predictions():
         assert cell[("divergent", "general", pe)]["agreement"] == 1.0
     for r in rows:
         assert r["converged"] + r["diverged"] + r["neither"] == 24
+    # the arms are paired: absolute PE starts from the same driving tokens y₀ = x₀ + p as no PE,
+    # and y obeys the no-PE field, so every cell's fate counts are the same
+    for regime in ("convergent", "divergent", "intermediate"):
+        for A in ("symmetric", "general"):
+            a, b = cell[(regime, A, "none")], cell[(regime, A, "abs")]
+            assert [a[f] for f in agreement.FATES] == [b[f] for f in agreement.FATES]
     assert "| convergent | symmetric | none | 24 |" in agreement.format_table(rows)
 
 
