@@ -59,8 +59,11 @@ shapes (default, embedded, no download)  32 × 32 images, a 4 × 4 grid of 8 × 
     square A, a plus sign B and distractors; the label is where B lies relative to A (4 classes).
     Every cell's CONTENT is drawn independently of WHERE the cell is, so a model without positions
     sees the same distribution of patches for every class and cannot beat chance (25%).
-cifar10  downloaded and md5-checked into --cache-dir (or a local archive: --data PATH.tar.gz).
-PATH     an ImageNet-style folder, PATH/{train,val}/<class>/*.JPEG, decoded in DataLoader workers.
+cifar10  downloaded and md5-checked into --cache-dir (or a local archive: --data PATH.tar.gz, or
+    the extracted cifar-10-batches-py/ folder or the folder holding it, torchvision's root=).
+PATH     an ImageNet-style folder, PATH/train/<class>/*.JPEG and PATH/val/<class>/ (or validation/),
+    or a flat val/ labelled by Kaggle's LOC_val_solution.csv or a val_labels.txt of `file,class`
+    lines (python -m data.images --sort-val PATH sorts it into classes); decoded in DataLoader workers.
 Random-resized-crop, flip, mixup / cutmix and label smoothing; batches are a pure function of
 (seed, step), so `--resume` and any number of workers or processes give the same batches.
 
@@ -316,8 +319,10 @@ def build_parser() -> training.ArgParser:
     a = p.add_argument
     a("--preset", choices=tuple(PRESETS), default="small",
       help="settings: small (CPU, shapes, default), cifar10, deit-tiny or deit-small (224 px, docs/dynamics.md §4.2)")
-    a("--data", help="shapes (embedded), cifar10 (downloaded), a CIFAR-10 .tar.gz, or an ImageNet-style "
-                     "folder with train/<class>/ and val/<class>/ (preset's default)")
+    a("--data", help="shapes (embedded), cifar10 (downloaded), a CIFAR-10 .tar.gz or its extracted "
+                     "cifar-10-batches-py/ (or the folder holding it), or an ImageNet-style folder with "
+                     "train/<class>/ and val/<class>/ (or validation/, or a flat val/ with LOC_val_solution.csv "
+                     "or val_labels.txt) (preset's default)")
     a("--pe", choices=PES, help="positional encoding (preset: small rope-axial, deit learned)")
     a("--pool", choices=POOLS, help="class token (cls) or mean of the patch tokens (preset's default)")
     training.add_attention_args(a)

@@ -18,12 +18,25 @@ cifar10  https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz (md5 c58f30108f
     published on the CIFAR page), its python pickle batches read with a numpy-only unpickler:
     50,000 train / 10,000 test images (the test batch is the "val" split here, as is customary).
     A local copy of the archive can be passed as --data PATH.tar.gz.
+PATH     the extracted archive: PATH = cifar-10-batches-py/ (data_batch_1..5, test_batch,
+    batches.meta), or the folder holding it (torchvision's root=; one holding only the downloaded
+    cifar-10-python.tar.gz reads that).  The same pickles, read by the same restricted unpickler:
+    exactly the arrays and classes of the .tar.gz.
 PATH     an ImageNet-style folder: PATH/train/<class>/*.JPEG and PATH/val/<class>/*.JPEG (any of
     .jpeg .jpg .png .bmp .webp .ppm .tif .gif), classes = the train/ folder names sorted,
     decoded with Pillow in DataLoader workers (--workers).  A missing folder or an empty class is
     an error before training starts; an unreadable image is skipped, counted and named (once on
     the console, and in summary.json): in training the next file of the list takes its place in
     the batch, in evaluation it is left out (metrics.csv counts it as "unreadable").
+    validation/ is read as a synonym of val/ (val/ wins if both exist).
+    A FLAT val/ (the images directly in it, as ImageNet and Kaggle ship it) is labelled by a file:
+    Kaggle's LOC_val_solution.csv (ImageId,PredictionString; the class is the first token, a
+    WordNet id = a train/ folder name), found in PATH, PATH/val or up to 3 folders above PATH
+    (Kaggle's PATH is <download>/ILSVRC/Data/CLS-LOC); else val_labels.txt / val_labels.csv in
+    PATH or PATH/val, one `file,class` per line (comma, tab or space; path and extension of the
+    file optional).  Without one: an error naming the file expected, and
+    `python -m data.images --sort-val PATH [--labels FILE]` moves the images into val/<class>/
+    (each file by a hard link + unlink, refusing an existing target; nothing moves if any is).
 
 Transforms (section 2, written once): random-resized-crop (Inception / torchvision: area fraction
 s ~ U(scale), log aspect ~ U(log ratio), 10 tries, else the centre crop), horizontal flip,
@@ -43,6 +56,7 @@ import math
 import os
 import pickle
 import signal
+import sys
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,15 +178,13 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _cifar_batch(tar: tarfile.TarFile, member: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
+CIFAR_DIR = "cifar-10-batches-py"
+CIFAR_BATCHES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+
+
+def _cifar_batch(raw: bytes, member: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
     """One batch: 'data' (N, 3072) uint8 = 1024 red, 1024 green, 1024 blue values per image, each
     plane row-major 32 × 32; 'labels' N integers in 0..9."""
-    try:
-        raw = tar.extractfile(tar.getmember(member)).read()
-    except KeyError:
-        raise ValueError(f"{path} has no {member}: it is not the CIFAR-10 python archive") from None
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise ValueError(f"{path} is corrupt or truncated: reading {member} failed ({e})") from None
     try:
         d = _NumpyOnlyUnpickler(io.BytesIO(raw), encoding="latin1").load()
         data = np.asarray(d["data"], dtype=np.uint8)
@@ -186,27 +198,67 @@ def _cifar_batch(tar: tarfile.TarFile, member: str, path: Path) -> tuple[np.ndar
     return data.reshape(-1, 3, 32, 32), labels
 
 
+def _cifar_from(read, path: Path) -> ArrayData:
+    """data_batch_1..5 → train, test_batch → val, batches.meta's label_names → classes, whatever
+    holds them: read(name) gives the bytes of cifar-10-batches-py/<name> (KeyError: not there)."""
+    parts = [_cifar_batch(read(name), name, path) for name in CIFAR_BATCHES]
+    classes = [f"class{i}" for i in range(10)]
+    try:  # the class names, if the meta file is there
+        meta = _NumpyOnlyUnpickler(io.BytesIO(read("batches.meta")), encoding="latin1").load()
+        classes = [str(c) for c in meta["label_names"]][:10] or classes
+    except (KeyError, ValueError, pickle.UnpicklingError, EOFError, TypeError, tarfile.TarError, OSError):
+        pass
+    tx = np.concatenate([p[0] for p in parts[:5]])
+    ty = np.concatenate([p[1] for p in parts[:5]])
+    vx, vy = parts[5]
+    return ArrayData("cifar10", tx, ty, vx, vy, classes, CIFAR_NORM)
+
+
 def load_cifar10(path: Path) -> ArrayData:
-    """The CIFAR-10 python archive: data_batch_1..5 → train, test_batch → val."""
+    """The CIFAR-10 python archive: its members cifar-10-batches-py/*."""
     try:
         tar = tarfile.open(path, "r:*")
     except (tarfile.TarError, OSError, EOFError) as e:
         if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):
             raise
         raise ValueError(f"{path} is not a readable .tar.gz archive ({e}): it is corrupt or truncated") from None
+
+    def read(name: str) -> bytes:
+        member = f"{CIFAR_DIR}/{name}"
+        try:
+            return tar.extractfile(tar.getmember(member)).read()
+        except KeyError:
+            if name == "batches.meta":
+                raise
+            raise ValueError(f"{path} has no {member}: it is not the CIFAR-10 python archive") from None
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise ValueError(f"{path} is corrupt or truncated: reading {member} failed ({e})") from None
     with tar:
-        root = "cifar-10-batches-py"
-        parts = [_cifar_batch(tar, f"{root}/data_batch_{i}", path) for i in range(1, 6)]
-        vx, vy = _cifar_batch(tar, f"{root}/test_batch", path)
-        classes = [f"class{i}" for i in range(10)]
-        try:  # the class names, if the meta file is there
-            meta = _NumpyOnlyUnpickler(tar.extractfile(f"{root}/batches.meta"), encoding="latin1").load()
-            classes = [str(c) for c in meta["label_names"]][:10] or classes
-        except (KeyError, ValueError, pickle.UnpicklingError, EOFError, TypeError, tarfile.TarError, OSError):
-            pass
-    tx = np.concatenate([p[0] for p in parts])
-    ty = np.concatenate([p[1] for p in parts])
-    return ArrayData("cifar10", tx, ty, vx, vy, classes, CIFAR_NORM)
+        return _cifar_from(read, path)
+
+
+def cifar_folder(path: Path) -> Path | None:
+    """The extracted batches folder, if `path` is one (it holds data_batch_1 or is named
+    cifar-10-batches-py) or holds one (torchvision's root=, where it extracts the archive)."""
+    if (path / "data_batch_1").is_file() or path.name == CIFAR_DIR:
+        return path
+    if (path / CIFAR_DIR).is_dir():
+        return path / CIFAR_DIR
+    return None
+
+
+def load_cifar10_folder(folder: Path) -> ArrayData:
+    """The extracted archive: the same pickles as plain files, read by the same restricted
+    unpickler, so it gives exactly the arrays and classes the .tar.gz gives."""
+    def read(name: str) -> bytes:
+        try:
+            return (folder / name).read_bytes()
+        except FileNotFoundError:
+            if name == "batches.meta":
+                raise KeyError(name) from None
+            raise ValueError(f"{folder} has no {name}: an extracted CIFAR-10 folder holds "
+                             f"{', '.join(CIFAR_BATCHES)} and batches.meta") from None
+    return _cifar_from(read, folder)
 
 
 # -- ImageNet-style folders ---------------------------------------------------------------------
@@ -240,7 +292,8 @@ class FolderData:
 def _scan_split(split_dir: Path, classes: list | None) -> tuple[list, list]:
     if not split_dir.is_dir():
         raise ValueError(f"{split_dir} is missing: an ImageNet-style folder holds "
-                         f"train/<class>/*.JPEG and val/<class>/*.JPEG")
+                         f"train/<class>/*.JPEG and val/<class>/*.JPEG (or validation/<class>/, or a "
+                         f"flat val/ with {KAGGLE_VAL} or {VAL_LABELS[0]})")
     found = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
     if not found:
         raise ValueError(f"{split_dir} holds no class folders (expected {split_dir}/<class>/*.JPEG)")
@@ -261,17 +314,161 @@ def _scan_split(split_dir: Path, classes: list | None) -> tuple[list, list]:
     return items, classes
 
 
+VAL_DIRS = ("val", "validation")                  # validation/ is the synonym some mirrors use
+KAGGLE_VAL = "LOC_val_solution.csv"                # Kaggle's ImageNet Object Localization Challenge
+VAL_LABELS = ("val_labels.txt", "val_labels.csv")  # two columns: file name, class name
+_SORT_HINT = "python -m data.images --sort-val PATH --labels FILE"
+
+
+def _val_dir(root: Path) -> Path:
+    """val/, else validation/ (the name is only a synonym: the contents are read the same way)."""
+    for name in VAL_DIRS:
+        if (root / name).is_dir():
+            return root / name
+    return root / "val"
+
+
+def _flat_images(split_dir: Path) -> list:
+    return sorted(e.path for e in os.scandir(split_dir) if e.is_file() and e.name.lower().endswith(IMAGE_EXTS))
+
+
+def find_val_labels(root: Path, val_dir: Path) -> Path | None:
+    """The label file of a flat val/: LOC_val_solution.csv in PATH, PATH/val or the ancestors of
+    PATH up to Kaggle's download root (PATH = <root>/ILSVRC/Data/CLS-LOC there), else
+    val_labels.txt / .csv in PATH or PATH/val (the nearest first)."""
+    for place in (root, val_dir):
+        for name in (KAGGLE_VAL,) + VAL_LABELS:
+            if (place / name).is_file():
+                return place / name
+    for place in list(root.resolve().parents)[:3]:
+        if (place / KAGGLE_VAL).is_file():
+            return place / KAGGLE_VAL
+    return None
+
+
+def read_val_labels(path: Path) -> dict:
+    """{image stem: class name} from a label file.
+    LOC_val_solution.csv: header `ImageId,PredictionString`, rows `ILSVRC2012_val_00008726,n02119789
+        255 142 454 329 n02119789 44 21 322 295` -- the class is the first token (a WordNet id, the
+        name of the train/ folder), the rest are boxes.
+    val_labels.txt / .csv: `file,class` per line, split at a comma, a tab or spaces; the file may
+        carry a path and an extension (only its stem is matched); a first line whose second field
+        is `label` / `class` / `classname` / `class_name` / `synset` / `wnid` is a header."""
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a UTF-8 text file of (file, class) rows") from None
+    kaggle = path.name == KAGGLE_VAL
+    out = {}
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        if kaggle:
+            first, _, rest = line.partition(",")
+            fields = [first.strip()] + rest.split()[:1]
+        else:
+            fields = [f.strip() for f in (line.split(",") if "," in line else line.split("\t") if "\t" in line
+                                          else line.split(None, 1))]
+        if i == 0 and (kaggle and fields[0] == "ImageId" or not kaggle and len(fields) >= 2 and
+                       fields[1].lower() in ("label", "class", "classname", "class_name", "synset", "wnid")):
+            continue                                     # the header
+        if len(fields) < 2 or not fields[0] or not fields[1]:
+            what = "ImageId,PredictionString (its first token the class)" if kaggle else "file,class"
+            raise ValueError(f"{path} line {i + 1} is not `{what}`: {line.strip()[:60]!r}")
+        stem = Path(fields[0].replace("\\", "/")).name
+        stem = stem.rsplit(".", 1)[0] if stem.lower().endswith(IMAGE_EXTS) else stem
+        out[stem] = fields[1]
+    if not out:
+        raise ValueError(f"{path} holds no (file, class) rows")
+    return out
+
+
+def _stem(file: str) -> str:
+    return Path(file).name.rsplit(".", 1)[0]
+
+
+def _flat_split(val_dir: Path, root: Path, classes: list) -> list:
+    """A flat val/ (every image directly in it, as ImageNet's and Kaggle's validation sets come):
+    labels from its label file, items sorted by (class, file) like a sorted val/<class>/ tree."""
+    files = _flat_images(val_dir)
+    labels_path = find_val_labels(root, val_dir)
+    if labels_path is None:
+        raise ValueError(f"{val_dir} holds {len(files)} images but no class folders and no label file: put "
+                         f"Kaggle's {KAGGLE_VAL} or a {VAL_LABELS[0]} of `file,class` lines in {root} or "
+                         f"{val_dir}, or sort the images into {val_dir}/<class>/ ({_SORT_HINT})")
+    labels = read_val_labels(labels_path)
+    index = {c: k for k, c in enumerate(classes)}
+    items = []
+    for f in files:
+        c = labels.get(_stem(f))
+        if c is None:
+            raise ValueError(f"{labels_path} gives no class for {f}: it is not the label file of this val/ folder")
+        if c not in index:
+            raise ValueError(f"{labels_path} gives {Path(f).name} the class {c!r}, which has no folder in "
+                             f"{root / 'train'}")
+        items.append((f, index[c]))
+    return sorted(items, key=lambda it: (it[1], it[0]))
+
+
 def scan_folder(root: Path) -> FolderData:
-    """ImageNet layout: classes are the sub-folders of train/, sorted by name."""
+    """ImageNet layout: classes are the sub-folders of train/, sorted by name; the validation split
+    is val/<class>/ (or validation/<class>/), or a flat val/ with a label file."""
     _pillow()
+    if not (root / "train").is_dir() and not any((root / v).is_dir() for v in VAL_DIRS):
+        raise ValueError(f"{root / 'train'} is missing: --data takes an ImageNet-style folder "
+                         f"(train/<class>/*.JPEG and val/<class>/*.JPEG) or an extracted CIFAR-10 folder "
+                         f"({CIFAR_DIR}/ with data_batch_1..5 and test_batch)")
     train, classes = _scan_split(root / "train", None)
-    val, _ = _scan_split(root / "val", classes)
+    val_dir = _val_dir(root)
+    if val_dir.is_dir() and not any(e.is_dir() for e in os.scandir(val_dir)) and _flat_images(val_dir):
+        val = _flat_split(val_dir, root, classes)
+    else:
+        val, _ = _scan_split(val_dir, classes)
     return FolderData(root.name, root, train, val, classes)
 
 
+def sort_val(root: Path, labels_path: Path) -> int:
+    """Move every image of a flat PATH/val (or validation) into val/<class>/ by the label file: all
+    files are checked first (each has a class; no target exists), then each is moved alone, with a
+    hard link (which refuses an existing target) and an unlink, so an interrupted sort leaves every
+    file at its old name or its new one (a rerun finishes it).  Returns the number of files moved."""
+    val_dir = _val_dir(root)
+    if not val_dir.is_dir():
+        raise ValueError(f"{val_dir} is missing: --sort-val takes the folder that holds val/")
+    labels = read_val_labels(labels_path)
+    plan = []
+    for f in _flat_images(val_dir):
+        c = labels.get(_stem(f))
+        if c is None:
+            raise ValueError(f"{labels_path} gives no class for {f}: nothing was moved")
+        if c in ("", ".", "..") or "/" in c or "\\" in c:
+            raise ValueError(f"{labels_path} gives {Path(f).name} the class {c!r}, which is not a folder name: "
+                             f"nothing was moved")
+        dst = val_dir / c / Path(f).name
+        if os.path.lexists(dst) and not os.path.samefile(f, dst):
+            raise ValueError(f"{dst} already exists: nothing was moved (remove it or the flat copy first)")
+        plan.append((Path(f), dst))
+    for src, dst in plan:
+        dst.parent.mkdir(exist_ok=True)
+        if os.path.lexists(dst):                   # linked by an interrupted sort: finish the move
+            src.unlink()
+            continue
+        try:
+            os.link(src, dst)                      # atomic, and fails if dst appeared meanwhile
+        except FileExistsError:
+            raise ValueError(f"{dst} appeared while sorting: {src} was left where it is") from None
+        except OSError:                            # no hard links here (FAT, some network shares)
+            if os.path.lexists(dst):
+                raise ValueError(f"{dst} appeared while sorting: {src} was left where it is") from None
+            os.rename(src, dst)
+            continue
+        src.unlink()
+    return len(plan)
+
+
 def load_data(data: str, cache_dir: Path):
-    """--data: shapes, cifar10 (downloaded and verified into cache_dir), a CIFAR-10 archive, or an
-    ImageNet-style folder."""
+    """--data: shapes, cifar10 (downloaded and verified into cache_dir), a CIFAR-10 archive or its
+    extracted folder, or an ImageNet-style folder."""
     if data == "shapes":
         return shapes_data()
     if data == "cifar10":
@@ -281,6 +478,10 @@ def load_data(data: str, cache_dir: Path):
         raise ValueError(f"--data {data!r} is neither a known dataset (shapes, cifar10) nor an existing "
                          f"folder or archive")
     if path.is_dir():
+        if (folder := cifar_folder(path)) is not None:
+            return load_cifar10_folder(folder)
+        if (path / CIFAR10["file"]).is_file() and not (path / "train").is_dir():
+            return load_cifar10(path / CIFAR10["file"])     # torchvision's root= before extraction
         return scan_folder(path)
     if path.name.endswith((".tar.gz", ".tgz", ".tar")):
         return load_cifar10(path)
@@ -582,3 +783,28 @@ def eval_batches(data, split: str, cfg: dict, rt: training.Runtime, batch: int, 
             x = F.interpolate(x.float(), size=cfg["image_size"], mode="bilinear", antialias=True,
                               align_corners=False).round().clamp(0, 255).to(torch.uint8)
         yield x, torch.from_numpy(ys[mine[i: i + batch]]), []
+
+
+# ==============================================================================================
+# 4. python -m data.images --sort-val PATH --labels FILE
+# ==============================================================================================
+def main(argv=None) -> int:
+    p = training.ArgParser(prog="python -m data.images",
+                           description="Sort a flat ImageNet val/ folder into val/<class>/ by a label file.")
+    p.add_argument("--sort-val", metavar="PATH", required=True, help="the folder holding train/ and a flat val/")
+    p.add_argument("--labels", metavar="FILE", help=f"{KAGGLE_VAL} or a `file,class` list (default: found "
+                                                   f"beside val/ as train_vit.py finds it)")
+    a = p.parse_args(argv)
+    root = Path(a.sort_val)
+    labels = Path(a.labels) if a.labels else find_val_labels(root, _val_dir(root))
+    if labels is None:
+        raise ValueError(f"no label file found for {_val_dir(root)}: pass --labels FILE")
+    if not labels.is_file():
+        raise ValueError(f"--labels {labels} is not a file")
+    n = sort_val(root, labels)
+    print(f"moved {n} images into class folders under {_val_dir(root)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(training.run_cli(main))

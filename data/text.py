@@ -19,13 +19,30 @@ wikitext103  wikitext-103-v1.zip, the TOKENISED word-level release (not the -raw
     authors' S3 bucket (mirror: wikitext.smerity.com), md5 9ddaacaf6af0710eda8c456decff7832 (as
     in torchtext): its own train/valid/test files; vocabulary = the training words by frequency
     plus <eos> at every line end (Transformer-XL's convention, 267,735 symbols); perplexity.
+PATH.zip   a WikiText zip you have, recognised by its members (names below follow what it holds,
+    never the file name alone): wikitext-103-v1.zip (wikitext-103/wiki.*.tokens) → wikitext103 and
+    wikitext-2-v1.zip (wikitext-2/wiki.*.tokens) → wikitext2, word level as above, perplexity;
+    wikitext-103-raw-v1.zip (wikitext-103-raw/wiki.{train,valid,test}.raw) → wikitext103-raw and
+    wikitext-2-raw-v1.zip (wikitext-2-raw/wiki.*.raw) → wikitext2-raw: the raw releases, meant
+    for character-level models, read byte level (256 symbols) with their own three splits, bpb.
+PATH/      an extracted WikiText zip: a folder holding wiki.{train,valid,test}.tokens or .raw (or
+    one sub-folder that does, as unzipping into PATH gives), read as its zip.
+PATH/      Hugging Face's parquet layout (the Salesforce/wikitext dataset): <config>/{train,
+    validation,test}-NNNNN-of-NNNNN.parquet, column "text", one row per line (a blank line " \n"
+    stored as ""), PATH the config folder or the folder holding one config; wikitext-*-raw-v1 reads
+    as the raw release, wikitext-*-v1 as the tokenised one.  Needs pyarrow (pip install pyarrow).
+    Whether a release is WikiText-2 or -103: its own folder / member / config names, else the size
+    of its training text (-103's is ~50× -2's; the validation and test articles are the same).
 PATH       any local text file (.bz2 / .gz / .xz are decompressed; a .zip is recognised as one of
     the archives above by its members), byte level, split 90% / 5% / 5% contiguously.
 Downloads go to the cache folder (train_lm.py --cache-dir, default ./cache), are verified before
 they are renamed into place and verified again on every use (data/download.py).
 
-Scores: bits per byte/character = ℓ / ln 2 (enwik8, text8, pydocs, local files); perplexity = e^ℓ
-(WikiText-103), ℓ the mean loss in nats per token (Corpus.score).
+Word ids of a tokenised WikiText are cached as <corpus>-<file>-<key>.npz, key = a hash of the
+names, sizes and mtimes of the files read, and the npz holds the corpus name it was made for.
+
+Scores: bits per byte/character = ℓ / ln 2 (enwik8, text8, pydocs, raw WikiText, local files);
+perplexity = e^ℓ (tokenised WikiText-2 / -103), ℓ the mean loss in nats per token (Corpus.score).
 """
 from __future__ import annotations
 
@@ -33,10 +50,12 @@ import array
 import ast
 import bz2
 import gzip
+import hashlib
 import io
 import lzma
 import math
 import os
+import re
 import sys
 import sysconfig
 import warnings
@@ -162,62 +181,259 @@ def _read_member(z: zipfile.ZipFile, member: str, path: Path) -> bytes:
 
 
 def load_zip(path: Path, cache_dir: Path | None = None) -> Corpus:
-    """Recognise enwik8.zip, text8.zip and wikitext-103(-v1).zip by their members."""
+    """Recognise enwik8.zip, text8.zip and the WikiText zips (wikitext-{2,103}-v1.zip: tokenised,
+    wikitext-{2,103}-raw-v1.zip: raw) by their members."""
     with _open_zip(path) as z:
         names = z.namelist()
         if "enwik8" in names:
             return byte_corpus("enwik8", _read_member(z, "enwik8", path), "bpc")
         if "text8" in names:
             return byte_corpus("text8", _read_member(z, "text8", path), "bpc")
-    if any(n.endswith("wiki.train.tokens") for n in names):
+    if _wiki_members(names, path):
         return load_wikitext(path, cache_dir)
-    raise ValueError(f"{path} holds none of enwik8, text8 or wikitext-103/wiki.*.tokens")
+    raise ValueError(f"{path} holds none of enwik8, text8 or WikiText's wiki.*.tokens / wiki.*.raw")
 
 
-def _wikitext_lines(z: zipfile.ZipFile, member: str, path: Path):
-    """Words of each line, with <eos> at the end (empty lines give just <eos>)."""
-    try:
-        with z.open(member) as raw:
-            for line in io.TextIOWrapper(raw, encoding="utf-8"):
-                yield line.split() + ["<eos>"]
-    except (zipfile.BadZipFile, OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
-        raise ValueError(f"{path} is corrupt or truncated: reading {member} failed ({e})") from None
+# -- WikiText: every release and layout ------------------------------------------------------------
+# the splits as the files name them → the Corpus field; Hugging Face names the middle one "validation"
+WIKI_SPLITS = {"train": "train", "valid": "val", "test": "test"}
+HF_SPLITS = {"train": "train", "validation": "val", "test": "test"}
+WIKI_EXTS = ("tokens", "raw")               # wiki.<split>.tokens: tokenised; wiki.<split>.raw: raw
+WT103_MIN_TRAIN = 100_000_000               # bytes: WikiText-103's train split ≈ 539 MB, WikiText-2's ≈ 11 MB
 
 
-def load_wikitext(path: Path, cache_dir: Path | None = None) -> Corpus:
-    """Word-level WikiText: vocabulary = training words sorted by count (ties: first seen), the
-    order the adaptive softmax's frequency cutoffs assume; <unk> is already a word of the corpus
-    (added if absent, and used for words the training split lacks).  Encoded ids are cached."""
-    st = path.stat()
-    cached = (cache_dir / f"{path.stem}-{st.st_size}-{st.st_mtime_ns}.npz") if cache_dir else None
-    if cached is not None and cached.exists():
-        z = np.load(cached)
-        itos = bytes(z["vocab"]).decode("utf-8").split("\n")
-        return Corpus("wikitext103", z["train"], z["val"], z["test"], len(itos), "ppl", itos)
+@dataclass
+class WikiSource:
+    """One WikiText release in one layout: lines(split) yields its text lines, read(split) its
+    bytes; stamp (file, size, mtime) of every file it reads is the cache key of the encoded ids."""
+    name: str                  # wikitext2 | wikitext103 | wikitext2-raw | wikitext103-raw
+    raw: bool
+    where: Path
+    lines: object              # split ("train" | "valid" | "test") → iterator of str
+    read: object               # split → bytes
+    stamp: list
+
+
+def wikitext_name(hints: list, raw: bool, train_bytes: int) -> str:
+    """The release's own names (zip member folders wikitext-2/, wikitext-103-raw/, Hugging Face
+    configs wikitext-2-raw-v1, the zip's file name) say 2 or 103; when none does (a renamed
+    folder), the size of the training split: WikiText-2 and -103 share their validation and test
+    articles, but -103's training text is ~50× larger (≥ WT103_MIN_TRAIN bytes)."""
+    for h in hints:
+        if m := re.search(r"wikitext-?(2|103)(?!\d)", str(h).lower()):
+            return f"wikitext{m.group(1)}" + ("-raw" if raw else "")
+    return ("wikitext103" if train_bytes >= WT103_MIN_TRAIN else "wikitext2") + ("-raw" if raw else "")
+
+
+def _wiki_members(names: list, path: Path) -> dict:
+    """{split: member} of a zip's wiki.<split>.tokens or .raw ({} if it has neither); macOS's
+    __MACOSX/._* shadow entries are not members."""
+    found = {ext: {} for ext in WIKI_EXTS}
+    for n in names:
+        base = n.rsplit("/", 1)[-1]
+        if n.startswith("__MACOSX/") or not base.startswith("wiki."):
+            continue
+        parts = base.split(".")
+        if len(parts) == 3 and parts[1] in WIKI_SPLITS and parts[2] in WIKI_EXTS:
+            found[parts[2]][parts[1]] = n
+    have = [ext for ext in WIKI_EXTS if found[ext]]
+    if len(have) > 1:
+        raise ValueError(f"{path} holds both wiki.*.tokens and wiki.*.raw: pass one WikiText release at a time")
+    if not have:
+        return {}
+    members = found[have[0]]
+    for split in WIKI_SPLITS:
+        if split not in members:
+            raise ValueError(f"{path} has no wiki.{split}.{have[0]}: it is not a complete WikiText release")
+    return members
+
+
+def _zip_source(path: Path) -> WikiSource:
     with _open_zip(path) as z:
-        member = {s: next((n for n in z.namelist() if n.endswith(f"wiki.{s}.tokens")), None)
-                  for s in ("train", "valid", "test")}
-        for s, m in member.items():
-            if m is None:
-                raise ValueError(f"{path} has no wiki.{s}.tokens: it is not a WikiText archive")
-        counts = Counter()
-        for words in tqdm(_wikitext_lines(z, member["train"], path), desc="counting words", unit=" lines"):
-            counts.update(words)
-        itos = [w for w, _ in counts.most_common()]
-        if "<unk>" not in counts:
-            itos.append("<unk>")
-        stoi = {w: i for i, w in enumerate(itos)}
-        unk = stoi["<unk>"]
-        out = {}
-        for split, key in (("train", "train"), ("valid", "val"), ("test", "test")):
-            ids = array.array("i")                     # 4 bytes a word: ~0.4 GB for WikiText-103
-            for words in _wikitext_lines(z, member[split], path):
-                ids.extend(stoi.get(w, unk) for w in words)
-            out[key] = np.frombuffer(ids, dtype=np.int32).copy()
+        members = _wiki_members(z.namelist(), path)
+        if not members:
+            raise ValueError(f"{path} has no wiki.train.tokens or wiki.train.raw: it is not a WikiText archive")
+        train_bytes = z.getinfo(members["train"]).file_size
+    raw = members["train"].endswith(".raw")
+    dirs = [m.rsplit("/", 1)[0] for m in members.values() if "/" in m]
+
+    def lines(split):
+        with _open_zip(path) as z:
+            yield from _text_lines(lambda: z.open(members[split]), f"{path}: {members[split]}")
+
+    def read(split):
+        with _open_zip(path) as z:
+            return _read_member(z, members[split], path)
+    st = path.stat()
+    return WikiSource(wikitext_name(dirs + [path.name], raw, train_bytes), raw, path, lines, read,
+                      [(path.name, st.st_size, st.st_mtime_ns)])
+
+
+def _text_lines(opener, where: str):
+    """The lines of a UTF-8 text stream (universal newlines); a corrupt stream is one sentence."""
+    try:
+        with opener() as raw:
+            yield from io.TextIOWrapper(raw, encoding="utf-8")
+    except (zipfile.BadZipFile, OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
+        raise ValueError(f"{where} is corrupt or truncated: reading it failed ({e})") from None
+
+
+def _folder_holding(path: Path, has) -> Path | None:
+    """`path` itself if has(path), else its one sub-folder that has (an archive extracted into
+    PATH gives PATH/wikitext-103/); two or more such sub-folders are an error naming them."""
+    if has(path):
+        return path
+    subs = sorted(d for d in path.iterdir() if d.is_dir() and has(d))
+    if len(subs) > 1:
+        raise ValueError(f"{path} holds several WikiText releases ({', '.join(d.name for d in subs)}): "
+                         f"pass one of these folders as --data")
+    return subs[0] if subs else None
+
+
+def _wiki_files(folder: Path) -> dict:
+    return {ext: {s: folder / f"wiki.{s}.{ext}" for s in WIKI_SPLITS if (folder / f"wiki.{s}.{ext}").is_file()}
+            for ext in WIKI_EXTS}
+
+
+def _folder_source(folder: Path, given: Path) -> WikiSource:
+    """An extracted WikiText zip: wiki.{train,valid,test}.tokens (tokenised) or .raw (raw)."""
+    found = _wiki_files(folder)
+    have = [ext for ext in WIKI_EXTS if found[ext]]
+    if len(have) > 1:
+        raise ValueError(f"{folder} holds both wiki.*.tokens and wiki.*.raw: pass one WikiText release at a time")
+    ext = have[0]
+    files = found[ext]
+    for split in WIKI_SPLITS:
+        if split not in files:
+            raise ValueError(f"{folder} has no wiki.{split}.{ext}: an extracted WikiText release holds "
+                             f"wiki.train.{ext}, wiki.valid.{ext} and wiki.test.{ext}")
+
+    def read(split):
+        return files[split].read_bytes()
+    stats = {s: f.stat() for s, f in files.items()}
+    return WikiSource(wikitext_name([folder.name, given.name], ext == "raw", stats["train"].st_size), ext == "raw",
+                      folder, lambda split: _text_lines(lambda: open(files[split], "rb"), str(files[split])), read,
+                      [(f.name, stats[s].st_size, stats[s].st_mtime_ns) for s, f in files.items()])
+
+
+def _parquet_files(folder: Path) -> dict:
+    """{split: [shards in order]} of Hugging Face's parquet layout: <split>-00000-of-0000N.parquet."""
+    out = {}
+    for f in sorted(folder.glob("*.parquet")):
+        split = f.name.split("-", 1)[0]
+        if split in HF_SPLITS:
+            out.setdefault(split, []).append(f)
+    return out
+
+
+def _parquet_rows(files: list, folder: Path) -> list:
+    """The "text" column of the shards, in order: one row per line of the original file."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"{folder} holds Hugging Face parquet files: reading them needs pyarrow, which "
+                         f"is not installed (pip install pyarrow)") from None
+    import pyarrow as pa
+    rows = []
+    for f in files:
+        try:
+            rows.extend(pq.read_table(f, columns=["text"]).column("text").to_pylist())
+        except (pa.lib.ArrowException, OSError, ValueError, KeyError) as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{f} is not a readable parquet file with a 'text' column ({msg})") from None
+    # Hugging Face's script stored a blank line (" \n" in WikiText) as "": put it back, so the lines
+    # (and the bytes) are exactly those of the zip release
+    return [r if r else " \n" for r in rows]
+
+
+def _parquet_source(folder: Path, given: Path) -> WikiSource:
+    """Hugging Face's layout (the Salesforce/wikitext dataset): <config>/{train,validation,test}-
+    *.parquet, column "text", a row per line.  Config wikitext-103-raw-v1 / wikitext-2-raw-v1 is
+    the raw release, wikitext-103-v1 / wikitext-2-v1 the tokenised one; a folder whose name says
+    neither is raw unless its training text holds the tokenised release's <unk>."""
+    shards = _parquet_files(folder)
+    for split in HF_SPLITS:
+        if split not in shards:
+            raise ValueError(f"{folder} has no {split}-*.parquet: Hugging Face's WikiText layout holds "
+                             f"train-*, validation-* and test-*.parquet")
+    cache = {}
+
+    def rows(split):                                    # file split name → the parquet split's rows
+        hf = "validation" if split == "valid" else split
+        if hf not in cache:
+            cache[hf] = _parquet_rows(shards[hf], folder)
+        return cache[hf]
+    hints = [folder.name, given.name]
+    named = next((h for h in hints if re.search(r"wikitext-?(2|103)(?!\d)", h.lower())), None)
+    raw = "raw" in named.lower() if named else not any("<unk>" in r for r in rows("train"))
+    files = [f for fs in shards.values() for f in fs]
+    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    train_bytes = sum(f.stat().st_size for f in shards["train"])
+    return WikiSource(wikitext_name(hints, raw, train_bytes), raw, folder, lambda split: iter(rows(split)),
+                      lambda split: "".join(rows(split)).encode("utf-8"), stats)
+
+
+def wikitext_source(path: Path) -> WikiSource | None:
+    """The WikiText release at `path` (a zip or a folder), or None for a folder holding none."""
+    if not path.is_dir():
+        return _zip_source(path)
+    folder = _folder_holding(path, lambda d: any(_wiki_files(d)[ext] for ext in WIKI_EXTS))
+    if folder is not None:
+        return _folder_source(folder, path)
+    folder = _folder_holding(path, lambda d: bool(_parquet_files(d)))
+    if folder is not None:
+        return _parquet_source(folder, path)
+    return None
+
+
+def load_wikitext(path: Path, cache_dir: Path | None = None, src: WikiSource | None = None) -> Corpus:
+    """A WikiText release (zip or folder), named after what it holds (wikitext_name).
+    Raw releases (wiki.*.raw, for character / byte-level models): byte level, their own splits,
+    bits per byte.  Tokenised releases (wiki.*.tokens): word level, vocabulary = training words
+    sorted by count (ties: first seen), the order the adaptive softmax's frequency cutoffs
+    assume; <unk> is already a word of the corpus (added if absent, and used for words the
+    training split lacks); <eos> ends every line; perplexity.  Encoded ids are cached under the
+    corpus name and the files' names, sizes and mtimes, so one release's ids never stand in for
+    another's."""
+    src = src or wikitext_source(path)
+    if src is None:
+        raise ValueError(f"{path} holds no WikiText release")
+    if src.raw:
+        # bytes of the UTF-8 text: 256 symbols, its own train / valid / test files
+        parts = {key: np.frombuffer(src.read(split), dtype=np.uint8) for split, key in WIKI_SPLITS.items()}
+        for key, arr in parts.items():
+            if not len(arr):
+                raise ValueError(f"the {key} split of {src.where} ({src.name}) is empty")
+        return Corpus(src.name, parts["train"], parts["val"], parts["test"], 256, "bpb")
+    key = hashlib.sha1(repr(src.stamp).encode("utf-8")).hexdigest()[:12]
+    cached = (cache_dir / f"{src.name}-{src.where.stem}-{key}.npz") if cache_dir else None
+    if cached is not None and cached.exists():
+        try:
+            with np.load(cached) as z:
+                if bytes(z["name"]).decode("utf-8") == src.name:
+                    itos = bytes(z["vocab"]).decode("utf-8").split("\n")
+                    return Corpus(src.name, z["train"], z["val"], z["test"], len(itos), "ppl", itos)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, UnicodeDecodeError):
+            pass                                       # unreadable or another corpus's: encode again
+    counts = Counter()
+    for line in tqdm(src.lines("train"), desc=f"counting words of {src.name}", unit=" lines"):
+        counts.update(line.split() + ["<eos>"])        # the words of a line, then <eos> (empty: just <eos>)
+    itos = [w for w, _ in counts.most_common()]
+    if "<unk>" not in counts:
+        itos.append("<unk>")
+    stoi = {w: i for i, w in enumerate(itos)}
+    unk = stoi["<unk>"]
+    out = {}
+    for split, field in WIKI_SPLITS.items():
+        ids = array.array("i")                         # 4 bytes a word: ~0.4 GB for WikiText-103
+        for line in src.lines(split):
+            ids.extend(stoi.get(w, unk) for w in line.split() + ["<eos>"])
+        out[field] = np.frombuffer(ids, dtype=np.int32).copy()
     if cached is not None:
         vocab = np.frombuffer("\n".join(itos).encode("utf-8"), dtype=np.uint8)
-        training.atomic_write(cached, lambda tmp: np.savez(open(tmp, "wb"), vocab=vocab, **out))
-    return Corpus("wikitext103", out["train"], out["val"], out["test"], len(itos), "ppl", itos)
+        name = np.frombuffer(src.name.encode("utf-8"), dtype=np.uint8)
+        training.atomic_write(cached, lambda tmp: np.savez(open(tmp, "wb"), vocab=vocab, name=name, **out))
+    return Corpus(src.name, out["train"], out["val"], out["test"], len(itos), "ppl", itos)
 
 
 def read_text_file(path: Path) -> bytes:
@@ -243,9 +459,17 @@ def load_corpus(data: str, cache_dir: Path) -> Corpus:
         return load_zip(path, cache_dir)
     path = Path(data)
     if not path.exists():
-        raise ValueError(f"--data {data!r} is neither a known corpus ({', '.join(KNOWN)}) nor an existing file")
+        hint = (": of WikiText only wikitext103 (tokenised) is downloaded, so pass WikiText-2 or a raw "
+                "release as its zip or folder, e.g. --data wikitext-2-raw-v1.zip"
+                if data.lower().startswith("wikitext") else "")
+        raise ValueError(f"--data {data!r} is neither a known corpus ({', '.join(KNOWN)}) nor an existing file{hint}")
     if path.is_dir():
-        raise ValueError(f"--data {data} is a folder: pass a text file or an archive")
+        # an extracted WikiText zip (wiki.*.tokens / wiki.*.raw) or Hugging Face's parquet files
+        if (src := wikitext_source(path)) is None:
+            raise ValueError(f"--data {data} is a folder without a WikiText release: a folder must hold "
+                             f"wiki.{{train,valid,test}}.tokens or .raw, or Hugging Face's "
+                             f"{{train,validation,test}}-*.parquet (else pass a text file or an archive)")
+        return load_wikitext(path, cache_dir, src)
     if path.suffix == ".zip":
         return load_zip(path, cache_dir)
     raw = read_text_file(path)
@@ -253,6 +477,12 @@ def load_corpus(data: str, cache_dir: Path) -> Corpus:
     if warning:
         print(warning, file=sys.stderr)
     return byte_corpus(path.name, raw)
+
+
+def uses_cache(data: str) -> bool:
+    """Whether --data `data` reads or writes --cache-dir: the embedded corpus, the downloads, and
+    the encoded word ids of a WikiText zip or folder (a plain text file is not cached)."""
+    return data in KNOWN or str(data).endswith(".zip") or Path(data).is_dir()
 
 
 def binary_warning(raw: bytes, name: str) -> str:
