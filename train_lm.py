@@ -4,6 +4,8 @@ encoding, the λ-term and definiteness-constrained attention.
     python train_lm.py --pe rope --lam -0.1                 # ~2 MB of English that ships with Python
     python train_lm.py --preset enwik8 --regime divergent   # the paper's PD run (downloads enwik8)
     torchrun --nproc_per_node 4 train_lm.py --preset wikitext103 --pe rope --lam 0.05 --lam-mode softplus-diag
+    python train_lm.py --sample RUN --prompt "The value of" --tokens 200 --temperature 0.8 --top-k 40 --seed 1
+    python train_lm.py --eval-only RUN                       # RUN's val and test score, no training
 
 The model (a compact GPT, pre-LN, causal)
 -----------------------------------------
@@ -42,8 +44,28 @@ Data (--data; data/text.py's docstring gives sources, sizes, checksums and split
 pydocs (default, no download): the Language Reference and the standard library's docstrings
 that ship with Python (~2.0 MB, byte level, split by document);  enwik8, text8: byte level,
 90M / 5M / 5M, bits per character;  wikitext103: word level, its own splits, perplexity;  PATH:
-any local text file (.bz2 / .gz / .xz decompressed), byte level, 90% / 5% / 5%.  Downloads go
-to --cache-dir (default ./cache) and are verified before every use.
+any local text file (.bz2 / .gz / .xz decompressed), byte level, 90% / 5% / 5%;  or a WikiText
+release on disk -- wikitext-{2,103}-v1.zip (word level, perplexity), wikitext-{2,103}-raw-v1.zip
+(byte level, bits per byte, its own splits), an extracted wiki.*.{tokens,raw} folder, or Hugging
+Face's parquet files (needs pyarrow) -- named after what was read (wikitext2, wikitext103-raw, …).
+Downloads go to --cache-dir (default ./cache) and are verified before every use.
+
+A trained run (RUN: a run folder, or its ckpt.pt; both commands write nothing into it)
+-------------------------------------------------------------------------------------
+--sample RUN rebuilds the model from the checkpoint's "config" and weights and generates --tokens
+new tokens after --prompt (its UTF-8 bytes; for WikiText its words, a line break = <eos>, an
+unknown word = <unk>; no --prompt: start at a line break), one at a time: the scores z of the
+next token given the last --seq-len tokens (a sliding window), then
+
+    --temperature 0:  t = argmax z          T > 0:  t ~ p,  pᵥ ∝ exp(zᵥ / T) over the --top-k largest zᵥ
+
+(--top-k 0 keeps all; T = 1, k = 0 is the model's own distribution), drawn from a torch.Generator
+seeded with --seed, so one seed gives one text.  The adaptive softmax samples from its
+log-probabilities.  The checkpoint holds WikiText's vocabulary size but not its words: a
+word-level run reads its word list from the corpus cache it was trained with (--cache-dir,
+from RUN/args.json; nothing is downloaded for that).  --eval-only RUN runs the final evaluation
+of training again -- the whole validation and test splits of the corpus in RUN's args.json /
+config, the same windows, batch and score -- and prints one line with both.
 
 Run folder (--out, default runs/lm-…): config.json, versions.json, metrics.csv, loss.png,
 ckpt.pt, probe.csv, probe.png, summary.json.  The checkpoint's "config" holds everything needed
@@ -53,9 +75,12 @@ Tokens/s of every λ mode and regime against the plain model: `python -m analysi
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +125,8 @@ REGIMES = ode_attention.REGIMES              # ("free", "divergent", "intermedia
 # a checkpoint may only be resumed by a command that agrees on these
 RESUME_KEYS = ("data", "pe", "lam", "lam_mode", "regime", "d_model", "n_layers", "n_heads",
                "mlp_ratio", "seq_len", "cutoffs", "dropout", "vocab_size", "batch_size", "seed")
+# --sample: at most this many new tokens (the loop runs the whole model once per token)
+MAX_NEW_TOKENS = 100_000
 
 
 # ==============================================================================================
@@ -203,6 +230,18 @@ class GPT(nn.Module):
         logits = h @ self.tok.weight.T                                         # tied output E
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
+    def next_token_logits(self, idx: torch.Tensor) -> torch.Tensor:
+        """Scores zᵥ of the token that follows each row of idx (batch, n ≤ seq_len): (batch, V),
+        float32, with p(v | idx) = softmax(z)ᵥ.  Only the last position is projected onto the
+        vocabulary (the only one sampling needs).  Tied output: z = h_n Eᵀ, the logits forward()
+        feeds to the cross-entropy.  Adaptive softmax: z = ln p(v | h_n) from the head and tail
+        clusters (AdaptiveLogSoftmaxWithLoss.log_prob), already normalised; softmax(ln p) = p,
+        so the sampler treats both alike."""
+        h = self.hidden(idx)[:, -1]                                            # h_n, (batch, d)
+        if self.adaptive is not None:
+            return self.adaptive.log_prob(h).float()
+        return (h @ self.tok.weight.T).float()
+
 
 def build_lm(cfg: dict) -> GPT:
     """The model a config (or a checkpoint's "config") describes."""
@@ -277,6 +316,16 @@ def build_parser() -> training.ArgParser:
     training.add_run_args(a, default_out="runs/lm-<data>-<pe>-lam<λ>-<mode>-<regime>-<time>",
                           cache_help="where downloads and the embedded corpus are cached",
                           probe_help="validation windows in the token probe")
+    # a trained run: sample from it, or evaluate it, instead of training (section 5)
+    a("--sample", metavar="RUN", help="generate text from RUN's checkpoint (its folder or ckpt.pt) instead of "
+      "training; writes nothing into RUN")
+    a("--eval-only", metavar="RUN", help="evaluate RUN's checkpoint on the whole validation and test splits "
+      "of the corpus it was trained on, without training; writes nothing into RUN")
+    a("--prompt", help="--sample: the text to continue (bytes, or words for WikiText; default: a line break)")
+    a("--tokens", type=int, default=256, help=f"--sample: new tokens to generate (1 … {MAX_NEW_TOKENS:,}; default 256)")
+    a("--temperature", type=float, default=0.8,
+      help="--sample: divide the logits by T before the softmax; 0 = greedy argmax (default 0.8)")
+    a("--top-k", type=int, default=200, help="--sample: draw from the k most likely tokens only; 0 = all (default 200)")
     return p
 
 
@@ -316,6 +365,10 @@ def default_run_name(cfg: dict) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    given = training.given_flags(build_parser, argv)
+    check_command(args, given)
+    if args.sample is not None or args.eval_only is not None:   # a trained run, not a new one (section 5)
+        return sample_command(args, given) if args.sample is not None else eval_command(args, given)
     training.resume_from_run(args, build_parser, argv)     # --resume RUN alone: RUN's own settings
     cfg = resolve_config(args)
     rt = training.setup_runtime(args.device, amp=not args.no_amp)
@@ -334,8 +387,7 @@ def train(cfg: dict, args, rt: training.Runtime) -> int:
     training.check_memory(memory_lower_bound(cfg, micro), rt.device, "this run")
     out = args.out or HERE / "runs" / default_run_name(cfg)
     # the embedded corpus, the downloads and WikiText's encoded ids are cached; a local text file is not
-    training.check_run_folders(args, out, uses_cache=cfg["data"] in text.KNOWN
-                               or str(cfg["data"]).endswith(".zip"))
+    training.check_run_folders(args, out, uses_cache=text.uses_cache(cfg["data"]))
     corpus = text.load_corpus(cfg["data"], Path(args.cache_dir))
     text.check_corpus(corpus, cfg["seq_len"])
     cfg.update(vocab_size=corpus.vocab_size, metric=corpus.metric,
@@ -393,6 +445,312 @@ def train(cfg: dict, args, rt: training.Runtime) -> int:
         run.write_json("summary.json", summary)
         print(f"done: step {result['step']}, validation {metric} {ev['val'][metric]:.4f}, "
               f"test {metric} {ev['test'][metric]:.4f}  ({wall:.0f} s; {run.path})")
+    return 0
+
+
+# ==============================================================================================
+# 5. A trained run: sampling (--sample RUN) and evaluation (--eval-only RUN)
+# ==============================================================================================
+# Both read RUN and write nothing there: no lock is taken (a lock would rewrite .run.lock), and
+# checkpoints are replaced atomically (training.save_checkpoint), so reading one while the run
+# still trains sees the old file or the new one, never half of one.
+
+# the flags the two commands take besides RUN; every other flag belongs to training
+SAMPLE_FLAGS = ("prompt", "tokens", "temperature", "top_k")
+RUN_COMMAND_FLAGS = ("sample", "eval_only", "device", "cache_dir", "no_amp")
+# what a train_lm.py checkpoint's "config" holds for build_lm (and the data it was trained on)
+LM_CONFIG = ("vocab_size", "d_model", "n_layers", "n_heads", "seq_len", "pe", "lam", "lam_mode",
+             "regime", "mlp_ratio", "dropout", "cutoffs", "data")
+EOS, UNK = "<eos>", "<unk>"          # WikiText's line end and unknown word (data/text.load_wikitext)
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def check_command(args, given: set) -> None:
+    """Which command a command line is: training (no --sample / --eval-only), --sample RUN or
+    --eval-only RUN.  A flag of another command is refused in one sentence rather than silently
+    ignored: `--sample RUN --d-model 64` cannot change the model RUN's checkpoint holds."""
+    if args.sample is not None and args.eval_only is not None:
+        raise ValueError("--sample and --eval-only are two different commands: give one of them")
+    order = [d for d in vars(args) if d in given]     # the parser's order: the first offender is named
+    if args.sample is None and args.eval_only is None:
+        stray = [d for d in order if d in SAMPLE_FLAGS]
+        if stray:
+            raise ValueError(f"{_flag(stray[0])} only applies to --sample RUN (generating text from a "
+                             f"trained run): add --sample RUN, or drop {_flag(stray[0])}")
+        return
+    mode, run = ("--sample", args.sample) if args.sample is not None else ("--eval-only", args.eval_only)
+    allowed = set(RUN_COMMAND_FLAGS) | ({"seed", *SAMPLE_FLAGS} if args.sample is not None else set())
+    for d in order:
+        if d in allowed:
+            continue
+        if d in SAMPLE_FLAGS or d == "seed":
+            raise ValueError(f"{_flag(d)} only applies to --sample: --eval-only generates nothing and draws "
+                             f"nothing at random, so drop {_flag(d)}")
+        raise ValueError(f"{_flag(d)} is a training flag, but {mode} {run} rebuilds the model and reads "
+                         f"the data exactly as the run was trained: drop {_flag(d)}")
+
+
+def check_sample_args(args) -> None:
+    """--tokens, --temperature, --top-k and --seed, before anything is loaded."""
+    if not 1 <= args.tokens <= MAX_NEW_TOKENS:
+        raise ValueError(f"--tokens must be between 1 and {MAX_NEW_TOKENS:,}, got {args.tokens:,}")
+    # NaN fails every comparison, so it is caught by the isfinite test, not by `< 0`
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise ValueError(f"--temperature must be a finite number ≥ 0 (0 = greedy), got {args.temperature}")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k must be 0 (all tokens) or more, got {args.top_k}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be 0 or more, got {args.seed}")
+
+
+def run_checkpoint(spec: str, flag: str) -> tuple[Path, Path]:
+    """RUN as --resume takes it, a run folder or the ckpt.pt inside one: (folder, checkpoint)."""
+    if not str(spec).strip():
+        raise ValueError(f"{flag} needs a run folder (or its ckpt.pt), got an empty name")
+    path = Path(spec)
+    if not path.exists():
+        raise ValueError(f"{flag} {spec}: there is no run there (no such folder or file)")
+    return (path, path / "ckpt.pt") if path.is_dir() else (path.parent, path)
+
+
+def run_args(folder: Path) -> dict:
+    """The command line RUN was started with (its args.json, written by training.open_run): the
+    flags its checkpoint's config does not hold (--cache-dir, --no-amp).  {} for a run older
+    than that file (then this command line's values, or their defaults, apply)."""
+    path = folder / "args.json"
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path} ({e}): it is not the args.json of a run") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} is not the args.json of a run")
+    return saved
+
+
+def run_setting(args, given: set, saved: dict, dest: str):
+    """A flag's value: the one on this command line if given there, else the run's (args.json),
+    else this parser's default -- what training.resume_from_run does for a resumed run."""
+    return getattr(args, dest) if dest in given or dest not in saved else saved[dest]
+
+
+def load_trained(ckpt: Path, device: torch.device) -> tuple[GPT, dict]:
+    """The model RUN's checkpoint describes (build_lm on its "config"), holding its weights, in
+    eval mode (dropout off: the forward pass is a deterministic function of the tokens)."""
+    state = training.load_checkpoint(ckpt)   # missing / corrupt / foreign file: one sentence
+    cfg = state["config"]
+    missing = [k for k in LM_CONFIG if k not in cfg] if isinstance(cfg, dict) else ["model settings"]
+    if missing:
+        raise ValueError(f"{ckpt} is not a train_lm.py checkpoint: its config has no {missing[0]}")
+    try:
+        # (the random initialisation, overwritten below, must not move the global RNG: a caller's
+        # own draws, in-process, are the same with or without a model loaded in between)
+        with torch.random.fork_rng(devices=[]):
+            model = training.build_on(build_lm, cfg, device)
+    except (TypeError, KeyError) as e:
+        raise ValueError(f"{ckpt} is not a train_lm.py checkpoint: its config does not describe a "
+                         f"model ({e})") from None
+    try:
+        # strict: every tensor of the state dict must find its parameter, with its shape
+        model.load_state_dict(state["model"])
+    except (RuntimeError, TypeError, AttributeError, KeyError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"the weights in {ckpt} do not fit the model its config describes ({first})") from None
+    model.eval()
+    return model, state
+
+
+def word_level(cfg: dict) -> bool:
+    """WikiText (perplexity) is the only word-level corpus; every other one is bytes, 256 symbols."""
+    return cfg.get("metric", "ppl" if cfg["vocab_size"] != 256 else "bpb") == "ppl"
+
+
+def run_corpus(cfg: dict, cache_dir: Path, *, download: bool = True) -> text.Corpus:
+    """The corpus RUN was trained on, loaded as training loaded it (data/text.load_corpus with the
+    run's --data and --cache-dir), checked to have the checkpoint's vocabulary size.
+    download=False refuses, in one sentence, a known corpus that is not in the cache (sampling
+    needs only its word list: a silent 190 MB download would be a surprise)."""
+    data = cfg["data"]
+    if data in text.SOURCES and not download and not (cache_dir / text.SOURCES[data]["file"]).exists():
+        raise ValueError(f"the checkpoint holds no word list, and its corpus {data} is not in --cache-dir "
+                         f"{cache_dir}: pass the --cache-dir the run was trained with")
+    if data in text.KNOWN or str(data).endswith(".zip"):
+        training.check_folder(cache_dir, "--cache-dir", writable=False)
+    corpus = text.load_corpus(data, cache_dir)
+    if corpus.vocab_size != cfg["vocab_size"]:
+        raise ValueError(f"the corpus {data} now has a vocabulary of {corpus.vocab_size:,} symbols but the "
+                         f"checkpoint's model has {cfg['vocab_size']:,}: it is not the data the run was trained on")
+    return corpus
+
+
+def one_process(mode: str) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"{mode} runs in one process: start it with python, not torchrun")
+
+
+# -- tokens ↔ text -----------------------------------------------------------------------------
+def encode_prompt(prompt: str | None, itos: list | None) -> tuple[list, list]:
+    """--prompt as token ids, and the prompt's words the vocabulary lacks.
+
+    Bytes (itos None): its UTF-8 bytes (surrogateescape: a command-line argument that was not
+    valid UTF-8 gives back its own bytes).  Words: WikiText is whitespace-tokenised with <eos>
+    at every line end, so each line's words are looked up (an unknown one becomes <unk>, as
+    training mapped the words the training split lacks) and a line break becomes <eos>.
+    No prompt: start at a line boundary ("\\n", or <eos>), as nanoGPT starts from "\\n"."""
+    if itos is None:
+        ids = list(("\n" if prompt is None else prompt).encode("utf-8", errors="surrogateescape"))
+        if not ids:
+            raise ValueError("--prompt is empty: give some text to continue, or leave --prompt out to "
+                             "start from a line break")
+        return ids, []
+    stoi = {w: i for i, w in enumerate(itos)}
+    ids, unknown = [], []
+    for i, line in enumerate(("\n" if prompt is None else prompt).split("\n")):
+        if i and EOS in stoi:
+            ids.append(stoi[EOS])
+        for w in line.split():
+            if w not in stoi:
+                unknown.append(w)
+            ids.append(stoi.get(w, stoi.get(UNK, 0)))
+    if len(ids) == len(unknown):       # nothing the model knows: there is nothing to continue
+        raise ValueError(f"--prompt {prompt!r} holds no word of the model's {len(itos):,}-word vocabulary: "
+                         f"give words of the corpus (case as written, punctuation split off by spaces), "
+                         f"or leave --prompt out")
+    return ids, unknown
+
+
+def decode(ids: list, itos: list | None) -> str:
+    """Token ids as text: bytes decoded as UTF-8 (an invalid sequence, e.g. a character cut in
+    two, becomes U+FFFD), or words joined by spaces with <eos> written as a line break."""
+    if itos is None:
+        return bytes(ids).decode("utf-8", errors="replace")
+    out, line_start = [], True
+    for i in ids:
+        w = itos[i]
+        if w == EOS:
+            out.append("\n")
+            line_start = True
+        else:
+            out.append(w if line_start else " " + w)
+            line_start = False
+    return "".join(out)
+
+
+# -- sampling ----------------------------------------------------------------------------------
+def pick_token(z: torch.Tensor, *, temperature: float, top_k: int, generator: torch.Generator) -> int:
+    """One token from the scores z (V,) of the next position:
+
+        T = 0:  v = argmax z                                     (greedy; a tie → the lowest id)
+        T > 0:  v ~ p,  pᵥ ∝ exp(zᵥ / T) for v among the k largest zᵥ, 0 for the others
+
+    T < 1 sharpens the model's distribution (T → 0 is the argmax), T > 1 flattens it (T → ∞ is
+    uniform over the k kept tokens); T = 1 and k = 0 draw from the model's own p(v | context).
+    top-k 1 keeps one token, whatever T: greedy again."""
+    if torch.isnan(z).any() or not torch.isfinite(z.max()):
+        raise ValueError("the model's output scores are not finite numbers: the checkpoint's weights are broken")
+    if temperature == 0:
+        return int(torch.argmax(z))
+    if 0 < top_k < z.numel():
+        # keep exactly the k largest scores (ties at the k-th broken by torch.topk), −inf elsewhere
+        vals, ix = torch.topk(z, top_k)
+        z = torch.full_like(z, -math.inf).scatter_(0, ix, vals)
+    # softmax(z / T), with max z subtracted first: softmax is shift-invariant, and every exponent
+    # is then ≤ 0 (the largest exactly 0), so a tiny T underflows to 0 instead of overflowing
+    p = torch.softmax((z - z.max()) / temperature, dim=0)
+    # one draw from p with our own generator: the global RNG is left untouched
+    return int(torch.multinomial(p, 1, generator=generator))
+
+
+@torch.no_grad()
+def generate(model: GPT, prompt_ids: list, n_new: int, *, temperature: float = 1.0, top_k: int = 0,
+             seed: int = 0, rt: training.Runtime | None = None) -> list:
+    """n_new tokens after prompt_ids, autoregressively: at step t the model reads the context
+    c = (x_{t−L} … x_{t−1}), the last L = seq_len tokens so far (a sliding window: the model never
+    saw a position ≥ L, and its learned / sinusoidal / ALiBi tables stop there), and
+    x_t = pick_token(scores of the position after c).  Each step recomputes the whole window
+    (no key/value cache): O(n_new · L²) attention, simple and exactly the training forward pass.
+    The draws come from a CPU torch.Generator seeded with `seed`, so a seed gives one sequence
+    on every device that computes the same scores.  Returns the new ids."""
+    if not prompt_ids:
+        raise ValueError("sampling needs a prompt of at least one token")
+    device = next(model.parameters()).device
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    n0 = len(prompt_ids)
+    seq = torch.empty(n0 + n_new, dtype=torch.long, device=device)
+    seq[:n0] = torch.tensor(prompt_ids, dtype=torch.long)
+    model.eval()
+    with training.autocast(rt) if rt is not None else nullcontext():
+        for t in range(n0, n0 + n_new):
+            ctx = seq[max(0, t - model.seq_len): t][None]                     # (1, ≤ L)
+            z = model.next_token_logits(ctx)[0].float().cpu()                  # (V,)
+            seq[t] = pick_token(z, temperature=temperature, top_k=top_k, generator=gen)
+    return seq[n0:].tolist()
+
+
+def emit(s: str) -> None:
+    """Print s whatever stdout's encoding (a character it cannot show becomes '?' there)."""
+    enc = getattr(sys.stdout, "encoding", None) or "utf-8"
+    print(s.encode(enc, errors="replace").decode(enc, errors="replace"), flush=True)
+
+
+def sample_command(args, given: set) -> int:
+    """--sample RUN: print the prompt and its continuation of --tokens tokens."""
+    check_sample_args(args)
+    one_process("--sample")
+    folder, ckpt = run_checkpoint(args.sample, "--sample")
+    saved = run_args(folder)
+    rt = training.setup_runtime(args.device, amp=not run_setting(args, given, saved, "no_amp"))
+    model, state = load_trained(ckpt, rt.device)
+    cfg = state["config"]
+    itos = None
+    if word_level(cfg):
+        # the checkpoint holds the vocabulary's size but not its words: the word list is the
+        # corpus's, rebuilt as training built it (WikiText's encoded ids are cached in --cache-dir)
+        itos = run_corpus(cfg, Path(run_setting(args, given, saved, "cache_dir")), download=False).itos
+    ids, unknown = encode_prompt(args.prompt, itos)
+    if unknown:
+        print(f"note: {len(unknown)} word(s) of --prompt are not in the vocabulary and became {UNK}: "
+              f"{' '.join(unknown[:5])}{' …' if len(unknown) > 5 else ''}", file=sys.stderr)
+    new = generate(model, ids, args.tokens, temperature=args.temperature, top_k=args.top_k,
+                   seed=args.seed, rt=rt)
+    emit(decode(ids + new, itos))
+    return 0
+
+
+def evaluate_checkpoint(model: GPT, cfg: dict, corpus: text.Corpus, rt: training.Runtime) -> dict:
+    """{"val": {"loss", metric}, "test": ...}: train()'s final evaluation (eval_fn with final=True)
+    of a rebuilt model -- the same `evaluate` over every whole window of each split, the same
+    batch of windows (the run's micro-batch: only the summation order depends on it), the same
+    autocast and the same score (bits per byte/character = ℓ / ln 2, perplexity = e^ℓ)."""
+    text.check_corpus(corpus, cfg["seq_len"])
+    micro = max(1, int(cfg.get("batch_size", 1)) // max(1, int(cfg.get("grad_accum", 1))))
+    model.eval()
+    out = {}
+    with torch.no_grad(), training.autocast(rt):
+        for split, toks in (("val", corpus.val), ("test", corpus.test)):
+            loss = evaluate(model, toks, seq_len=cfg["seq_len"], batch=micro, rt=rt)
+            out[split] = {"loss": loss, corpus.metric: corpus.score(loss)}
+    return out
+
+
+def eval_command(args, given: set) -> int:
+    """--eval-only RUN: one line with the validation and test scores of RUN's checkpoint."""
+    one_process("--eval-only")
+    folder, ckpt = run_checkpoint(args.eval_only, "--eval-only")
+    saved = run_args(folder)
+    rt = training.setup_runtime(args.device, amp=not run_setting(args, given, saved, "no_amp"))
+    model, state = load_trained(ckpt, rt.device)
+    cfg = state["config"]
+    corpus = run_corpus(cfg, Path(run_setting(args, given, saved, "cache_dir")))
+    ev = evaluate_checkpoint(model, cfg, corpus, rt)
+    m = corpus.metric
+    print(f"{folder} step {state['step']}: val {m} {ev['val'][m]:.6f}  test {m} {ev['test'][m]:.6f}  "
+          f"(nats per token: val {ev['val']['loss']:.6f}, test {ev['test']['loss']:.6f}; {corpus.name})",
+          flush=True)
     return 0
 
 

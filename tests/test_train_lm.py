@@ -251,7 +251,8 @@ def test_wikitext_trains_with_the_adaptive_softmax(tmp_path):
         "wikitext-103/wiki.train.tokens": WIKI_TRAIN * 3, "wikitext-103/wiki.valid.tokens": WIKI_VALID * 6,
         "wikitext-103/wiki.test.tokens": WIKI_TEST * 8})
     out = tmp_path / "run"
-    assert cli(["--data", path, "--cutoffs", "6,12", "--out", out, "--steps", 8, "--lr", 0.02, *TINY]) == 0
+    assert cli(["--data", path, "--cutoffs", "6,12", "--out", out, "--steps", 8, "--lr", 0.02,
+                "--cache-dir", tmp_path / "cache", *TINY]) == 0                # not the user's ./cache
     rows = _train_rows(out)
     assert rows[-1][1] < rows[0][1]
     ck = training.load_checkpoint(out)
