@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.parametrize("module", ["analysis.agreement", "analysis.simulate", "analysis.phase", "analysis.reports",
                                     "spectral.decomposition", "spectral.tasks", "rope", "analysis.bench",
-                                    "train_lm", "train_vit"])
+                                    "train_lm", "train_vit", "analysis.tabulate"])
 def test_a_bad_flag_is_one_sentence_not_a_usage_block(module, capsys):
     """The scripts' parsers are training.ArgParser: an unknown flag or a bad value is one line on
     stderr and exit 2 (run_cli), not argparse's usage block."""
