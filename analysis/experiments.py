@@ -1,11 +1,15 @@
 """analysis/experiments.py — every experiment behind this project's results, at one budget, resumable.
 
-    python -m analysis.experiments                 # --budget cpu-small: everything, on all CPU cores
-    python -m analysis.experiments --budget gpu    # the same at GPU scale, runs one after another
+    python -m analysis.experiments                 # --budget cpu-small: everything → out/results
+    python -m analysis.experiments --budget gpu    # the same at GPU scale → out/results-gpu
     python -m analysis.experiments --only lm-regimes,agreement --jobs 2
     python -m analysis.experiments --enwiki PATH   # ... with lm-pe-enwiki on the enwiki sample at PATH
     python -m analysis.experiments --list          # what each experiment runs, and what is done
-    python -m analysis.experiments --report        # only rebuild results/README.md from results/
+    python -m analysis.experiments --report        # only rebuild README.md of the results folder
+    python -m analysis.experiments --results results   # the project's own, committed copy
+
+The results folder is out/results by default (ignored by git, so following the README never
+overwrites a tracked file); the paths "→ results/…" below are inside whichever folder --results names.
 
 Exit codes: 0 done; 1 a run or step failed (the sentence names its log); 2 bad input or an
 environment fault, in one sentence (an unknown experiment, a --results / --runs that is a file,
@@ -885,7 +889,8 @@ VERDICT_RULE = (
 
 def write_report(results: Path, budget: str, state: dict) -> None:
     lines = ["# Results", "",
-             f"Made by `python -m analysis.experiments --budget {budget}` (resumable; `--report` rebuilds this page). "
+             f"Made by `python -m analysis.experiments --budget {budget} --results {_rel(results).as_posix()}` "
+             "(resumable; `--report` rebuilds this page). "
              "Every table has mean ± std over seeds; the commands and settings of each run are in its "
              "`config.json`.", "", VERDICT_RULE, "",
              "## The papers' claims", "", "| paper | claim | verdict | numbers |", "|---|---|---|---|"]
@@ -1210,7 +1215,9 @@ def _main(argv, held: list, where: dict) -> int:
     p.add_argument("--budget", choices=tuple(BUDGETS), default="cpu-small")
     p.add_argument("--only", help=f"comma-separated subset of: {', '.join(EXPERIMENTS)}")
     p.add_argument("--jobs", type=int, default=None, help="processes at once (default: the budget's, or every CPU core)")
-    p.add_argument("--results", help="results folder (default results/, results/gpu for --budget gpu)")
+    p.add_argument("--results", default=None,
+                   help="results folder (default out/results, out/results-gpu for --budget gpu: ignored by "
+                        "git; the project's own copy is made with --results results, or results/gpu)")
     p.add_argument("--runs", help="where the full run folders go (default runs/experiments/<budget>)")
     p.add_argument("--enwiki", metavar="PATH", help="the enwiki sample (enwiki-sample.xml.bz2) for "
                    "lm-pe-enwiki; without it that experiment is skipped")
@@ -1222,7 +1229,8 @@ def _main(argv, held: list, where: dict) -> int:
     bad = [e for e in exps if e not in EXPERIMENTS]
     if bad:
         raise ValueError(f"unknown experiment {bad[0]!r}: choose from {', '.join(EXPERIMENTS)}")
-    results = Path(a.results or (ROOT / "results" / ("gpu" if a.budget == "gpu" else ""))).resolve()
+    # by default under out/ (ignored by git): a user's run never overwrites the committed results/
+    results = Path(a.results or (ROOT / "out" / ("results-gpu" if a.budget == "gpu" else "results"))).resolve()
     if a.budget == "smoke" and not a.results:
         results = ROOT / "runs" / "experiments" / "smoke" / "results"
     runs = Path(a.runs or ROOT / "runs" / "experiments" / a.budget).resolve()
