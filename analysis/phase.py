@@ -6,6 +6,7 @@
     python -m analysis.phase --pilot                          # one cell per axis value, timed
     python -m analysis.phase --report --out DIR               # only rebuild the CSV and figures
     python -m analysis.phase --cells NAME --t-end 20000 --out DIR   # one cell, a longer horizon
+    python -m analysis.phase --report --horizon 2000 --out DIR      # ... its fates at 2000 vs 20000
 
 Every instance is drawn convergent by construction (W_sym ≻ 0, A_sym ≺ 0: regimes.sample_instances)
 and integrated to t = 2000 (default) with a step size per instance (ode_attention.integrate_each,
@@ -211,6 +212,47 @@ def write_report(out: Path) -> list[dict]:
     return rows
 
 
+def fates_at(res: dict, t_cut: float) -> list[str]:
+    """Each instance's fate as if the horizon had been t_cut < t_end: the same rule (`fate`) on the
+    stored norm trajectory cut at t_cut (cells written since the trajectory is kept)."""
+    r = res["records"]
+    if "norms" not in r:
+        raise ValueError(f"cell {cell_name(res['cell'])} predates the stored trajectories: run it again.")
+    t = torch.tensor(r["times"], dtype=torch.float64)
+    keep = t <= t_cut * (1 + 1e-12)
+    N = torch.tensor(r["norms"], dtype=torch.float64).T[keep]          # (T', B)
+    reached = torch.tensor(r["t_reached"], dtype=torch.float64).clamp(max=float(t[keep][-1]))
+    power, _ = late_slopes(t[keep], N, reached)
+    out = []
+    for b, p in enumerate(power):
+        stopped = r["t_reached"][b] <= t_cut * (1 + 1e-12)             # it ended before t_cut
+        out.append(fate(p, bool(r["settled"][b]) and stopped or float(N[-1, b]) < MIN_NORM,
+                        bool(r["blown"][b]) and stopped))
+    return out
+
+
+def write_horizon(out: Path, t_cut: float) -> list[dict]:
+    """DIR/horizon.csv: for every cell in DIR/cells, the fates at t_cut and at the cell's t_end,
+    and how many instances moved from each fate at t_cut to each at t_end (a horizon check)."""
+    rows = []
+    for p in sorted((out / "cells").glob("*.json")):
+        res = json.loads(p.read_text())
+        if res["t_end"] <= t_cut:
+            continue
+        early, late = fates_at(res, t_cut), res["records"]["fate"]
+        row = {"cell": cell_name(res["cell"]), "instances": res["instances"], "t_cut": t_cut, "t_end": res["t_end"]}
+        row.update({f"{f}_at_cut": early.count(f) for f in FATES})
+        row.update({f"{f}_at_end": late.count(f) for f in FATES})
+        row["moves"] = "; ".join(f"{a}→{b} {sum(x == a and y == b for x, y in zip(early, late))}"
+                                 for a in FATES for b in FATES
+                                 if a != b and any(x == a and y == b for x, y in zip(early, late)))
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"no cell in {out / 'cells'} was integrated beyond t = {t_cut:g}.")
+    training.write_csv(out / "horizon.csv", rows)
+    return rows
+
+
 def _plt():
     import matplotlib
     matplotlib.use("Agg")
@@ -322,6 +364,8 @@ def main(argv=None) -> int:
                    help="run this many parts at once, each a single-thread process (--part i/jobs)")
     p.add_argument("--pilot", action="store_true", help="time one small cell per axis value and stop")
     p.add_argument("--report", action="store_true", help="only rebuild phase.csv and the figures")
+    p.add_argument("--horizon", type=float, default=None, metavar="T",
+                   help="with --report: also DIR/horizon.csv, each cell's fates at T against its t_end")
     a = p.parse_args(argv)
     try:
         grids = [g for g in a.grid.split(",") if g]
@@ -345,9 +389,16 @@ def main(argv=None) -> int:
         if a.instances < 3 or not (math.isfinite(a.t_end) and a.t_end > 1) or a.max_steps <= 0:
             raise ValueError("need --instances >= 3, a finite --t-end > 1 and --max-steps > 0.")
         out = Path(a.out)
+        if a.horizon is not None and not (math.isfinite(a.horizon) and a.horizon > 0):
+            raise ValueError(f"--horizon must be a positive time, got {a.horizon}.")
         if a.report:
             rows = write_report(out)
             print(f"{len(rows)} cells → {out / 'phase.csv'}")
+            if a.horizon is not None:
+                for h in write_horizon(out, a.horizon):
+                    print(f"{h['cell']}: at t = {h['t_cut']:g} " +
+                          ", ".join(f"{f} {h[f + '_at_cut']}" for f in FATES) + f"; at t = {h['t_end']:g} " +
+                          ", ".join(f"{f} {h[f + '_at_end']}" for f in FATES) + f"  ({h['moves']})")
             return 0
         if a.pilot:
             return pilot(a)

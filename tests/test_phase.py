@@ -203,10 +203,18 @@ def test_cells_are_paired_across_pe_and_mask_and_a_cell_runs(tmp_path):
     t, N = torch.tensor(r["times"], dtype=torch.float64), torch.tensor(r["norms"], dtype=torch.float64).T
     power, _ = phase.late_slopes(t, N, torch.tensor(r["t_reached"], dtype=torch.float64))
     assert power == r["slope"]
+    # cut at its own horizon the trajectory gives back its fates; cut earlier, the fates of a shorter
+    # run of the same instances (the same rule on the same curve up to the step sizes)
+    assert phase.fates_at(res, 200.0) == r["fate"]
+    short = phase.run_cell(dict(c, mask="causal"), 6, t_end=20.0)
+    assert phase.fates_at(res, 20.0) == short["records"]["fate"]
+    h = phase.write_horizon(tmp_path, 20.0)
+    assert h[0]["converges_at_end"] == 6 and (tmp_path / "horizon.csv").exists()
 
 
 @pytest.mark.parametrize("argv", [["--part", "2/2"], ["--part", "x"], ["--grid", "nope"],
-                                  ["--instances", "1"], ["--t-end", "inf"], ["--cells", "pe-d5-n8"]])
+                                  ["--instances", "1"], ["--t-end", "inf"], ["--cells", "pe-d5-n8"],
+                                  ["--report", "--horizon", "nan"]])
 def test_bad_flags_exit_2_with_one_sentence(argv, tmp_path, capsys):
     assert phase.main(argv + ["--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
