@@ -44,11 +44,16 @@ def test_phase_claims_read_the_phase_table(tmp_path):
         for mask in ("bidirectional", "causal"):
             k = conv if mask == "bidirectional" else 100
             rows.append({"grid": "pe", "d": 4, "n": 8, "pe": pe, "mask": mask, "rho": "default", "scale": 1.0,
-                         "instances": 102 if k == 100 else 100, "converges": min(k, 100),
+                         "instances": 102 if k == 100 else 100, "converges": min(k, 100), "slower": 0,
                          "share_converges": min(k, 100) / 100, "share_not_hurwitz": 0.0, "t_end": 2000.0})
+    # a causal n = 128 pair whose no-PE arm is mostly still falling at t_end: horizon-limited
+    for pe, conv in (("none", 40), ("rope1e4", 10)):
+        rows.append({"grid": "pe", "d": 4, "n": 128, "pe": pe, "mask": "causal", "rho": "default", "scale": 1.0,
+                     "instances": 100, "converges": conv, "slower": 60, "share_converges": conv / 100,
+                     "share_not_hurwitz": 0.0, "t_end": 2000.0})
     for rho, conv in ((0.5, 100), (2.0, 30)):
         rows.append({"grid": "rho", "d": 16, "n": 8, "pe": "none", "mask": "bidirectional", "rho": rho, "scale": 1.0,
-                     "instances": 100, "converges": conv, "share_converges": conv / 100,
+                     "instances": 100, "converges": conv, "slower": 0, "share_converges": conv / 100,
                      "share_not_hurwitz": 0.6 if rho > 1 else 0.0, "t_end": 2000.0})
     training.write_csv(tmp_path / "phase" / "phase.csv", rows)
     got = {c[1]: c for c in ex.claims(tmp_path)}
@@ -56,6 +61,8 @@ def test_phase_claims_read_the_phase_table(tmp_path):
     ca = next(v for k, v in got.items() if "inhibits" in k and "causal" in k)
     assert bi[2] == "supported" and "40% vs 100%" in bi[3]
     assert ca[2] == "no effect ≥ 10 points"              # 100 vs 100: Δ's interval inside ±10 points
+    # the horizon-limited cell is named, not counted (else 10% vs 40% would read as "supported in 1")
+    assert "horizon-limited, not counted: d=4/n=128 (60 of 100 without PE still falling)" in ca[3]
     rho = next(v for k, v in got.items() if "non-symmetric" in k)
     assert rho[2] == "contradicted" and "V not Hurwitz in 60%" in rho[3]
 
