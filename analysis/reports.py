@@ -17,6 +17,7 @@ package) is one sentence on stderr and exit code 2.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -136,7 +137,9 @@ def report_model(name: str, out: str, text) -> int:
 #
 # Nonzero eigenvalues cheaply: for S = U C Uᵀ (U ∈ R^{d×r}, C symmetric r×r), S and C UᵀU share
 # their nonzero eigenvalues, and C G (G = UᵀU ⪰ 0) is similar to G^{1/2} C G^{1/2}: an r×r
-# symmetric eigenproblem instead of a d×d one; the other d − r eigenvalues of S are 0.
+# symmetric eigenproblem instead of a d×d one; the other d − r eigenvalues of S are 0. (head_spectra
+# does this in G's eigenbasis, once per head for all offsets; layer_report's docstring says how the
+# rest of a layer is organised so that nothing is decomposed twice.)
 #
 # RoPE. Head h rotates its query and key rows, q ↦ q R(i)ᵀ, k ↦ k R(j)ᵀ (rope.apply_rope), so the
 # logit of (i, j) is xᵢ Qₕ R(i)ᵀR(j) Kₕᵀ xⱼᵀ = xᵢ Wₕ(m) xⱼᵀ with m = j − i (m ≤ 0 in causal models)
@@ -211,21 +214,111 @@ def with_lam(spec: dict) -> dict:
     return dict(spec, Q=torch.cat(Qs, 1), K=torch.cat(Ks, 1), form="W+λ")
 
 
+EPS = torch.finfo(torch.float64).eps
+OFFSET_CHUNK_ELEMENTS = 1 << 26          # W_sym(m) are built and decomposed ≤ 512 MB of offsets at a time
+BASIS_ELEMENTS = 1 << 23                 # … from the symmetric parts of A_k, B_k, ≤ 64 MB of them at a time
+
+
+def head_spectra(Qh: torch.Tensor, Kh: torch.Tensor, R: torch.Tensor, s: float) -> torch.Tensor:
+    """Nonzero part of the spectrum of Wₕ,sym(m) = ½ s (Qₕ R(m) Kₕᵀ + Kₕ R(m)ᵀ Qₕᵀ) for every
+    rotation R (M, d_q, d_q): (M, ρ), ascending; ρ = rank [Qₕ Kₕ] and the other d − ρ eigenvalues
+    are 0.
+
+    Wₕ,sym(m) = U C(m) Uᵀ, U = [Qₕ Kₕ], C(m) = ½ s [[0, R(m)], [R(m)ᵀ, 0]], and with G = UᵀU =
+    E diag(g) Eᵀ its nonzero eigenvalues are those of Fᵀ C(m) F, F = E diag(√g) (lowrank_sym_eigs,
+    written in G's eigenbasis): Fᵀ C(m) F = ½ s (X + Xᵀ), X = F₁ᵀ R(m) F₂ (F₁, F₂ the top and bottom
+    d_q rows of F). One eigh of G serves every offset, and the directions whose Gram eigenvalue g is
+    round-off (g ≤ 2d_q·ε·max g, the matrix_rank rule) are left out: they add (near-)zero
+    eigenvalues only. That shrinks the λ-form's problem (U = [Qₕ, EₕΛₕ, Kₕ, Eₕ] has rank 3d_h) from
+    4d_h to 3d_h."""
+    U = torch.cat((Qh, Kh), 1)
+    g, E = torch.linalg.eigh(U.T @ U)
+    keep = g > U.shape[1] * EPS * g[-1].clamp_min(0)
+    F = E[:, keep] * g[keep].sqrt()
+    dq = Qh.shape[1]
+    X = F[:dq].T @ (R @ F[dq:])                                    # (M, ρ, ρ)
+    return torch.linalg.eigvalsh(0.5 * s * (X + X.transpose(-1, -2)))
+
+
+def _matrix(name: str, M) -> torch.Tensor:
+    """M as a finite float64 matrix (the input check of regimes.analyse_layer)."""
+    if not isinstance(M, torch.Tensor) or not M.is_floating_point() or M.ndim != 2 or M.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty floating-point matrix (torch.Tensor).")
+    if not torch.isfinite(M).all():
+        raise ValueError(f"{name} contains non-finite values (NaN or inf).")
+    return M.detach().double()
+
+
+def _layer_core(Q, K, V, O, H: int, s: float, tol, cond_max: float = 1e10) -> dict:
+    """What layer_report uses of regimes.analyse_layer(Q, K, V, O, H, s, tol), computed once each:
+    W = Σₕ Wₕ (summed in the same order, so W and everything read off it are the same numbers), its
+    eigenvalues once (analyse_layer computes them twice), cond(M) and rank(M) from one set of
+    singular values (torch.linalg.cond and matrix_rank compute each their own), A = W (Mᵀ)⁻¹ or the
+    least-squares A = W (Mᵀ)⁺, and the regime by the one rule of regimes.py. Not computed: the
+    per-head d × d spectra (head_spectra gives them from a 2d_h × 2d_h problem), α(M) and the
+    antisymmetry ratio of A (the report shows neither)."""
+    d, hq = Q.shape
+    if K.shape != Q.shape:
+        raise ValueError(f"Q and K must have the same shape, got {tuple(Q.shape)} and {tuple(K.shape)}.")
+    if H <= 0 or hq % H or V.shape[1] % H:
+        raise ValueError(f"{H} heads do not divide Q's {hq} or V's {V.shape[1]} columns.")
+    M = V if O is None else V @ O                                  # value path Σₕ Vₕ Oₕ
+    if M.shape != (d, d):
+        raise ValueError(f"the value path V·O must be (d, d) = ({d}, {d}), got {tuple(M.shape)}.")
+    dq = hq // H
+    W = torch.zeros(d, d, dtype=torch.float64)
+    for h in range(H):
+        sl = slice(h * dq, (h + 1) * dq)
+        W += s * Q[:, sl] @ K[:, sl].T                             # Wₕ = s Qₕ Kₕᵀ
+    ew = torch.linalg.eigvalsh(regimes.sym(W))
+    sv = torch.linalg.svdvals(M)
+    cond = float(sv[0] / sv[-1])                                   # = torch.linalg.cond(M)
+    rank = int((sv > sv[0] * max(M.shape) * EPS).sum())           # = torch.linalg.matrix_rank(M)
+    out = {"W": W, "M": M, "cond_M": cond, "rank_M": rank, "eig_W_sym": ew,
+           "inertia_W": tuple(int(c) for c in regimes.inertia_counts(ew, tol))}
+    if math.isfinite(cond) and cond <= cond_max:
+        A = torch.linalg.solve(M, W.T).T                           # A Mᵀ = W
+        ea = torch.linalg.eigvalsh(regimes.sym(A))
+        out.update(A=A, eig_A_sym=ea, regime=regimes._regime_rule(ew[None], ea[None], tol, cond)[0],
+                   inertia_A=tuple(int(c) for c in regimes.inertia_counts(ea, tol, cond)))
+    else:
+        A_lsq = W @ torch.linalg.pinv(M.T)                         # least squares: A Mᵀ ≈ W
+        ea = torch.linalg.eigvalsh(regimes.sym(A_lsq))
+        out.update(A=None, regime="undefined", eig_A_sym=ea,
+                   A_lsq_residual=float(torch.linalg.norm(A_lsq @ M.T - W) / torch.linalg.norm(W).clamp_min(1e-300)),
+                   inertia_A=tuple(int(c) for c in regimes.inertia_counts(ea, tol)))
+    return out
+
+
 def layer_report(spec: dict, offsets=(), tol: float | None = None) -> dict:
     """Everything reported for one layer. spec: Q, K (d, H·d_q), V (d, d_v·H), O (or None),
     n_heads, scale, rot (None or {base, pairing, rotary_dim, rope_heads}), layer, form.
-    Returns {"layer": row, "heads": [rows], "offsets": [rows]} (rows of LAYER_/OFFSET_FIELDS)."""
-    Q, K = spec["Q"].detach().double(), spec["K"].detach().double()
+    Returns {"layer": row, "heads": [rows], "offsets": [rows]} (rows of LAYER_/OFFSET_FIELDS).
+
+    The numbers are those of regimes.analyse_layer and the d × d spectra of W_sym(m), W_sym,ₕ(m) and
+    A_sym(m) at every offset (tests/test_figures.py keeps that reference and compares); the work is
+    organised so that no spectrum is computed twice and none larger than it must be:
+      * heads: head_spectra, one 2d_q × 2d_q problem per offset (never d × d), one Gram eigh per head;
+      * layer W_sym(m) = sym(W_un) + Σ_k cos(mθ_k) sym(A_k) + sin(mθ_k) sym(B_k) (_offset_spectra):
+        the unrotated features (λ features, partial RoPE, heads past rope_heads) and the RoPE pair
+        terms once, then r_d·d² per offset instead of a d × H·d_q × d product; eigvalsh of W_sym(m)
+        once per offset (it was also recomputed inside classify_batch), m = 0 is the layer's own;
+      * A(m) = W(m) (Mᵀ)⁻¹ from one LU of M, and only where W_sym(m) ≻ 0: elsewhere the regime rule
+        says "intermediate" whatever A_sym(m) is.
+    What remains is one d × d eigvalsh per offset and form (≈ 70% of the time at d = 768)."""
+    Q, K = _matrix("Q", spec["Q"]), _matrix("K", spec["K"])
+    V = _matrix("V", spec["V"])
+    O = None if spec["O"] is None else _matrix("O", spec["O"])
     H, s = spec["n_heads"], float(spec["scale"])
+    regimes.inertia_counts(torch.zeros(1, 1, dtype=torch.float64), tol)    # refuses a bad tol up front
+    r = _layer_core(Q, K, V, O, H, s, tol)
     d, dq = Q.shape[0], Q.shape[1] // H
-    r = regimes.analyse_layer(Q, K, spec["V"], spec["O"], H, s, tol=tol)
     rot = spec.get("rot")
     offs = [0] + (list(offsets) if rot else [])
-    # R(m) per offset and head: (M, H, d_q, d_q); heads past rope_heads are not rotated
-    R = torch.eye(dq, dtype=torch.float64).repeat(len(offs), H, 1, 1)
-    if rot:
-        Rm = regimes.rope_rotations(offs, dq, rot["rotary_dim"], rot["base"], rot["pairing"])
-        R[:, : rot.get("rope_heads", H)] = Rm[:, None]
+    nh = rot.get("rope_heads", H) if rot else 0
+    nh = H if nh is None else nh
+    Rm = (regimes.rope_rotations(offs, dq, rot["rotary_dim"], rot["base"], rot["pairing"]) if rot
+          else torch.eye(dq, dtype=torch.float64)[None])
     base = {"source": spec.get("source", ""), "form": spec.get("form", "W"), "layer": spec["layer"]}
 
     def kept(flags):   # fraction over near (1 ≤ |m| < 32) and far offsets of a boolean per offset
@@ -234,59 +327,52 @@ def layer_report(spec: dict, offsets=(), tol: float | None = None) -> dict:
         return (sum(near) / len(near) if near else ""), (sum(far) / len(far) if far else "")
 
     heads, head_bal = [], []
-    Z = torch.zeros(len(offs), dq, dq, dtype=torch.float64)
-    for h, hr in enumerate(r["heads"]):
+    still = torch.eye(dq, dtype=torch.float64)[None]
+    for h in range(H):
         sl = slice(h * dq, (h + 1) * dq)
-        # Wₕ,sym(m) = Uₕ Cₕ(m) Uₕᵀ,  Uₕ = [Qₕ Kₕ],  Cₕ(m) = ½ s [[0, R(m)], [R(m)ᵀ, 0]]
-        C = 0.5 * s * torch.cat((torch.cat((Z, R[:, h]), 2), torch.cat((R[:, h].transpose(1, 2), Z), 2)), 1)
-        ev = lowrank_sym_eigs(torch.cat((Q[:, sl], K[:, sl]), 1), C)            # (M, 2 d_q)
-        b = balance(ev)                                                         # βₕ(m)
+        rotated = h < nh and rot
+        ev = head_spectra(Q[:, sl], K[:, sl], Rm if rotated else still, s)   # (M or 1, ρ)
+        if ev.shape[-1] > d:     # cannot happen in exact arithmetic (ρ ≤ d): the d × d spectrum
+            ev0 = torch.linalg.eigvalsh(regimes.sym(s * Q[:, sl] @ K[:, sl].T))
+        else:                    # the d − ρ zeros of Wₕ,sym
+            ev0 = torch.cat((ev[0], torch.zeros(d - ev.shape[-1], dtype=torch.float64)))
+        b = balance(ev)                                                       # βₕ(m)
+        b = b if rotated else b.expand(len(offs))                             # the same at every m
         head_bal.append(b)
-        sign_kept = [bool(torch.sign(x) == torch.sign(b[0])) for x in b]
-        ip, ineg, iz = hr["inertia_W"]
-        row = dict(base, head=h, n_pos_W=ip, n_neg_W=ineg, n_zero_W=iz, eig_W_min=hr["eig_W_min"],
-                   eig_W_max=hr["eig_W_max"], balance_W=float(b[0]), W_sym=hr["W_sym"])
+        ip, ineg, iz = (int(c) for c in regimes.inertia_counts(ev0, tol))
+        row = dict(base, head=h, n_pos_W=ip, n_neg_W=ineg, n_zero_W=iz, eig_W_min=float(ev0.min()),
+                   eig_W_max=float(ev0.max()), balance_W=float(b[0]),
+                   W_sym="psd" if ineg == 0 else ("nsd" if ip == 0 else "indefinite"))
         if rot:
-            row["rope_balance_sign_kept_near"], row["rope_balance_sign_kept_far"] = kept(sign_kept)
+            row["rope_balance_sign_kept_near"], row["rope_balance_sign_kept_far"] = kept(
+                (torch.sign(b) == torch.sign(b[0])).tolist())
         heads.append(row)
 
     ew = r["eig_W_sym"]
     ip, ineg, iz = r["inertia_W"]
-    M = r["M"]
-    rank = int(torch.linalg.matrix_rank(M))
     row = dict(base, head="all", n_pos_W=ip, n_neg_W=ineg, n_zero_W=iz, eig_W_min=float(ew[0]),
                eig_W_max=float(ew[-1]), balance_W=float(balance(ew)),
                W_sym="psd" if ineg == 0 else ("nsd" if ip == 0 else "indefinite"),
-               cond_M=r["cond_M"], rank_M=rank, regime=r["regime"])
-    if r["A"] is not None:
-        row.update(A="exact", balance_A=float(balance(r["eig_A_sym"])))
-        row["n_pos_A"], row["n_neg_A"], row["n_zero_A"] = r["inertia_A"]
-    else:   # least-squares A = W (Mᵀ)⁺, with its residual (the identity (I) does not hold)
-        row.update(A="least-squares", A_lsq_residual=r["A_lsq_residual"],
-                   balance_A=float(balance(torch.linalg.eigvalsh(regimes.sym(r["A_lsq"])))))
-        row["n_pos_A"], row["n_neg_A"], row["n_zero_A"] = r["inertia_A_lsq"]
+               cond_M=r["cond_M"], rank_M=r["rank_M"], regime=r["regime"],
+               A="exact" if r["A"] is not None else "least-squares", balance_A=float(balance(r["eig_A_sym"])))
+    row["n_pos_A"], row["n_neg_A"], row["n_zero_A"] = r["inertia_A"]
+    if r["A"] is None:   # least-squares A = W (Mᵀ)⁺, with its residual (the identity (I) does not hold)
+        row["A_lsq_residual"] = r["A_lsq_residual"]
 
     offset_rows = []
     if rot:
-        Qh, Kh = Q.view(d, H, dq), K.view(d, H, dq)
-        # W(m) = Σₕ s Qₕ R(m) Kₕᵀ   (M, d, d)
-        Wm = s * torch.einsum("dhi,mhij,ehj->mde", Qh, R, Kh)
-        ev = torch.linalg.eigvalsh(regimes.sym(Wm))
+        ev, regimes_m = _offset_spectra(Q, K, r, Rm, H, nh, rot, s, tol)
         n_pos, n_neg, n_zero = regimes.inertia_counts(ev, tol)
         bw = balance(ev)
-        regimes_m = [""] * len(offs)
-        if r["A"] is not None:   # A(m) Mᵀ = W(m)
-            Am = torch.linalg.solve(M, Wm.transpose(1, 2)).transpose(1, 2)
-            regimes_m = regimes.classify_batch(Wm, Am, tol, cond_V=r["cond_M"])
         hb = torch.stack(head_bal).mean(0)
         for i, m in enumerate(offs):
             offset_rows.append(dict(base, offset=m, n_pos_W=int(n_pos[i]), n_neg_W=int(n_neg[i]),
                                     n_zero_W=int(n_zero[i]), balance_W=float(bw[i]),
                                     mean_head_balance=float(hb[i]), regime=regimes_m[i]))
-        same = [(int(n_pos[i]), int(n_neg[i])) == (int(n_pos[0]), int(n_neg[0])) for i in range(len(offs))]
+        same = ((n_pos == n_pos[0]) & (n_neg == n_neg[0])).tolist()
         row["rope_inertia_kept_near"], row["rope_inertia_kept_far"] = kept(same)
         row["rope_balance_sign_kept_near"], row["rope_balance_sign_kept_far"] = kept(
-            [bool(torch.sign(x) == torch.sign(bw[0])) for x in bw])
+            (torch.sign(bw) == torch.sign(bw[0])).tolist())
         if r["A"] is not None:
             row["rope_regime_kept_near"], row["rope_regime_kept_far"] = kept(
                 [x == regimes_m[0] for x in regimes_m])
@@ -296,6 +382,90 @@ def layer_report(spec: dict, offsets=(), tol: float | None = None) -> dict:
         for h, hr in enumerate(heads):
             hr["lam"] = f"{float(lam[h] if lam.ndim == 1 else lam[h].mean()):.4g}"
     return {"layer": row, "heads": heads, "offsets": offset_rows}
+
+
+def _rotation_pairs(R: torch.Tensor, pairing: str):
+    """R (M, r, r) as RoPE's 2 × 2 rotations: the pairs (a_k, b_k) of the pairing and the cosines
+    R[:, a, a] = R[:, b, b] and sines R[:, b, a] = −R[:, a, b] (M, r/2); None when R is not exactly
+    that (then W(m) is built the direct way)."""
+    P = R.shape[-1] // 2
+    k = torch.arange(P)
+    a, b = (2 * k, 2 * k + 1) if pairing == "interleaved" else (k, k + P)
+    c, sn = R[:, a, a], R[:, b, a]
+    rebuilt = torch.zeros_like(R)
+    rebuilt[:, a, a], rebuilt[:, b, b], rebuilt[:, b, a], rebuilt[:, a, b] = c, c, sn, -sn
+    return (a, b, c, sn) if R.shape[-1] % 2 == 0 and torch.equal(rebuilt, R) else None
+
+
+def _offset_spectra(Q, K, r: dict, Rm: torch.Tensor, H: int, nh: int, rot: dict, s: float, tol):
+    """Eigenvalues (M, d) of the layer's W_sym(m) = sym(Σₕ s Qₕ R(m) Kₕᵀ) at every offset, and the
+    regime of (W(m), A(m) = W(m)(Mᵀ)⁻¹) ("" when M is singular).
+
+    W(m) = W_un + s Σₕ Qₕ,rot R(m) Kₕ,rotᵀ: the features RoPE leaves alone (λ features, partial
+    RoPE, heads past rope_heads) give W_un once. RoPE's R(m) is 2 × 2 rotations by the angles
+    m θ_k, so the rotated part is Σ_k cos(mθ_k) A_k + sin(mθ_k) B_k with A_k = s Σₕ (q_a k_aᵀ + q_b k_bᵀ),
+    B_k = s Σₕ (q_b k_aᵀ − q_a k_bᵀ) (q_a = column a_k of Qₕ, …): the symmetric parts of A_k and B_k
+    are built once (2·d_h·H·d² flops, the cost of ONE W(m) = Q R Kᵀ) and every W_sym(m) is their
+    combination (r_d·d² per offset instead of 2·d_h·H·d²). A(m) = W(m) (Mᵀ)⁻¹ needs W(m) itself,
+    from one LU of M, and only where W_sym(m) ≻ 0 (elsewhere the rule says "intermediate").
+    Offset 0 is the layer's own W: its spectrum and regime are taken from r, not recomputed."""
+    d, dq, rd = Q.shape[0], Q.shape[1] // H, rot["rotary_dim"]
+    cols = torch.arange(Q.shape[1]).view(H, dq)
+    rot_cols = cols[:nh, :rd].reshape(-1)                         # features RoPE rotates
+    un_cols = torch.cat((cols[:nh, rd:].reshape(-1), cols[nh:].reshape(-1)))
+    Qu, Ku = Q[:, un_cols], K[:, un_cols]
+    W_un = s * Qu @ Ku.T
+    S_un = 0.5 * s * torch.cat((Qu, Ku), 1) @ torch.cat((Ku, Qu), 1).T   # sym(W_un) = ½ s [Qu Ku][Ku Qu]ᵀ
+    Qr, Kr = Q[:, rot_cols].view(d, nh, rd), K[:, rot_cols].view(d, nh, rd)
+    R = Rm[1:, :rd, :rd]                         # offset 0 is the layer's own W: r["eig_W_sym"], r["regime"]
+    pairs = _rotation_pairs(R, rot["pairing"]) if nh else None
+    exact = r["A"] is not None
+    lu = torch.linalg.lu_factor(r["M"]) if exact else None
+
+    def W_of(R_chunk):                                            # W(m), the direct way
+        if nh == 0:
+            return W_un.expand(len(R_chunk), d, d)
+        Qhat = torch.einsum("dhi,mij->mdhj", Qr, R_chunk).reshape(-1, d, nh * rd)
+        return W_un + s * Qhat @ Kr.reshape(d, nh * rd).T
+
+    chunk = max(1, OFFSET_CHUNK_ELEMENTS // (d * d))
+    evs, names = [r["eig_W_sym"][None]], [r["regime"] if exact else ""]
+    for c0 in range(0, len(R), chunk):
+        c1 = min(len(R), c0 + chunk)
+        if pairs is None:
+            Wm = W_of(R[c0:c1])
+            S = regimes.sym(Wm)
+        else:
+            a, b, cos, sin = pairs
+            S = S_un.reshape(1, d * d)                             # → (chunk, d²)
+            step = max(1, BASIS_ELEMENTS // (2 * d * d))
+            for p0 in range(0, len(a), step):
+                aa, bb = a[p0:p0 + step], b[p0:p0 + step]
+                qa, qb = Qr[:, :, aa].permute(2, 0, 1), Qr[:, :, bb].permute(2, 0, 1)   # (pairs, d, nh)
+                kab = torch.cat((Kr[:, :, aa].permute(2, 0, 1), Kr[:, :, bb].permute(2, 0, 1)), 2)
+                # sym(L kabᵀ) = ½ [L kab] [kab L]ᵀ, L = [q_a q_b] for A_k and [q_b −q_a] for B_k
+                L = torch.cat((torch.cat((qa, qb), 2), torch.cat((qb, -qa), 2)))
+                kk = torch.cat((kab, kab))
+                basis = (0.5 * s) * torch.cat((L, kk), 2) @ torch.cat((kk, L), 2).transpose(1, 2)
+                coef = torch.cat((cos[c0:c1, p0:p0 + step], sin[c0:c1, p0:p0 + step]), 1)
+                S = torch.addmm(S, coef, basis.reshape(-1, d * d)) if p0 == 0 else S.addmm_(coef, basis.reshape(-1, d * d))
+            S = S.view(c1 - c0, d, d)
+        ev = torch.linalg.eigvalsh(S)
+        evs.append(ev)
+        if not exact:
+            names += [""] * len(ev)
+            continue
+        pd = regimes.inertia_counts(ev, tol)[0] == d               # W_sym(m) ≻ 0
+        part = ["intermediate"] * len(ev)
+        if bool(pd.any()):
+            Wpd = Wm[pd] if pairs is None else W_of(R[c0:c1][pd])
+            Am = torch.linalg.lu_solve(*lu, Wpd.transpose(1, 2)).transpose(1, 2)   # A(m) Mᵀ = W(m)
+            ea = torch.linalg.eigvalsh(regimes.sym(Am))
+            # the one regime rule of regimes.py, on eigenvalues already computed
+            for i, name in zip(pd.nonzero().flatten().tolist(), regimes._regime_rule(ev[pd], ea, tol, r["cond_M"])):
+                part[i] = name
+        names += part
+    return torch.cat(evs), names
 
 
 def analyse_specs(specs: list, *, name: str, info: dict, far_max: int = 4096, progress: bool = True) -> dict:
@@ -498,48 +668,165 @@ def _plt():
     return plt
 
 
-def plot_heatmap(rep: dict, path: str) -> None:
-    """(a) βₕ per layer × head; (b) per layer: n₊/(n₊+n₋) and β of W_sym and A_sym (A least-squares
-    when M is singular); (c) rotary: β(W_sym(m)) per layer × offset."""
+REGIME_COLOURS = {"convergent": "#1b9e77", "divergent": "#d95f02", "intermediate": "#cab2d6",
+                  "undefined": "#9e9e9e"}
+_INCH_PER_PT = 1 / 72
+
+
+def _every(n: int, cell_in: float, label_in: float) -> int:
+    """Label every k-th of n cells of cell_in inches so that labels label_in inches long do not
+    touch: the smallest k with k·cell_in ≥ label_in (k = 1 when there is room)."""
+    return max(1, math.ceil(label_in / cell_in - 1e-9)) if n else 1
+
+
+def _offset_ticks(offs: list, cell_in: float, label_in: float) -> list:
+    """Indices of the offsets to label: 0, the two ends and the powers of two (and 31, the last
+    near offset), greedily, each at least label_in inches from every label already placed."""
+    gap = max(1, math.ceil(label_in / cell_in - 1e-9))
+    nice = [i for i, m in enumerate(offs) if m == 0] + [0, len(offs) - 1] + sorted(
+        (i for i, m in enumerate(offs) if abs(m) in (31, 4096, 1024, 256, 64, 16, 8, 4, 2, 1)
+         or abs(m) & (abs(m) - 1) == 0), key=lambda i: -abs(offs[i]))
+    chosen = []
+    for i in nice:
+        if all(abs(i - j) >= gap for j in chosen):
+            chosen.append(i)
+    return sorted(chosen)
+
+
+def heatmap_figure(rep: dict):
+    """The regime heat map of a report, sized from its grid (layers × heads, × offsets):
+    (a) βₕ per layer × head; (b) per layer: n₊/(n₊+n₋) and β of W_sym and A_sym (A least-squares
+    when M is singular), with the numbers when the cells have room; (c) the layer's regime per
+    form (W, W+λ); rotary models: (d) β(W_sym(m)) per layer × offset and (e) the regime of
+    (W(m), A(m)). One colour bar for β, one with the regime names. Cells keep a legible size
+    (the figure grows with the grid, within limits), tick labels are thinned to every k-th where
+    they would touch, and no two texts overlap (tests/test_figures.py checks 12 × 12 and 32 × 32)."""
     plt = _plt()
-    rows = [r for r in rep["layers"] if r["form"] == "W"]
+    import matplotlib.colors as mcolors
+    fs = 7                                                            # tick labels, points
+    rows = sorted((r for r in rep["layers"] if r["form"] == "W"), key=lambda r: r["layer"])
     heads = [r for r in rep["heads"] if r["form"] == "W"]
+    forms = [f for f in ("W", "W+λ") if any(r["form"] == f for r in rep["layers"])]
     L, H = len(rows), rep["info"]["n_heads"]
-    offs = sorted({o["offset"] for o in rep["offset_rows"]}, key=abs)
-    ncol = 3 if offs else 2
-    fig, axes = plt.subplots(1, ncol, figsize=(4.5 * ncol + 1.5, 3.0 + 0.22 * L),
-                             gridspec_kw={"width_ratios": [3, 2.2] + ([3] if offs else [])})
+    offs = sorted({o["offset"] for o in rep["offset_rows"]})
+    if offs and max(offs) <= 0:
+        offs = offs[::-1]                                             # causal: 0, −1, −2, …
+    with_regime_m = any(o["regime"] for o in rep["offset_rows"])
+    # --- sizes, in inches ---------------------------------------------------------------------
+    ch = min(0.32, max(0.12, 7.0 / max(L, 1)))                        # cell height
+    ch = max(ch, 2.4 / max(L, 1))                                     # few layers: room for the colour bars
+    cw = min(0.32, max(0.14, 7.5 / max(H, 1)))                        # head cell width
+    ow = min(0.14, max(0.04, 3.6 / max(len(offs), 1))) if offs else 0  # offset cell width
+    label_h = 1.35 * fs * _INCH_PER_PT                                # one line of tick text
+    digit_w = 0.62 * fs * _INCH_PER_PT
+    panels = [("a", max(0.95, H * cw)), ("b", 4 * 0.58), ("c", max(0.75, 0.38 * len(forms)))]
+    if offs:
+        panels += [("d", len(offs) * ow)] + ([("e", len(offs) * ow)] if with_regime_m else [])
+    gaps = {"a": 0.3, "b": 0.3, "c": 0.75 if offs else 0.45, "d": 0.3, "e": 0.45}
+    left, right, top, bottom = 0.75, 1.35, 1.0, 0.95 if offs else 0.75
+    cbar_w, cbar_gap = 0.14, 1.1
+    width = left + sum(w for _, w in panels) + sum(gaps[k] for k, _ in panels) + 2 * cbar_w + cbar_gap + right
+    extra = max(0.0, 7.5 - width)                                     # room for the two-line title
+    panels[0] = ("a", panels[0][1] + extra)
+    cw = panels[0][1] / max(H, 1)
+    width += extra
+    height = L * ch + top + bottom
+    fig = plt.figure(figsize=(width, height))
+    box = lambda x, w: [x / width, bottom / height, w / width, L * ch / height]   # noqa: E731
+    x, axes = left, {}
+    for k, w in panels:
+        axes[k] = fig.add_axes(box(x, w))
+        x += w + gaps[k]
+    cax_beta, cax_reg = fig.add_axes(box(x, cbar_w)), fig.add_axes(box(x + cbar_w + cbar_gap, cbar_w))
+    rdbu = plt.get_cmap("RdBu_r").with_extremes(bad="#eeeeee")
+    names = list(REGIME_COLOURS)
+    regime_cmap = mcolors.ListedColormap([REGIME_COLOURS[n] for n in names]).with_extremes(bad="white")
+    regime_norm = mcolors.BoundaryNorm([i - 0.5 for i in range(len(names) + 1)], len(names))
+    code = lambda name: float(names.index(name)) if name in names else float("nan")   # noqa: E731
+
+    def layer_axis(ax, labels: bool):
+        ax.set_ylim(L - 0.5, -0.5)
+        k = _every(L, ch, label_h)
+        ax.set_yticks(range(0, L, k), [str(i) for i in range(0, L, k)] if labels else [], fontsize=fs)
+        if labels:
+            ax.set_ylabel("layer", fontsize=8)
+
+    # (a) head balance
     B = torch.full((L, H), float("nan"))
     for r in heads:
         B[r["layer"], r["head"]] = r["balance_W"]
-    im = axes[0].imshow(B.numpy(), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
-    axes[0].set(title="(a) head balance β(W_h,sym)", xlabel="head", ylabel="layer")
-    frac = lambda p, n: p / (p + n) if p + n else float("nan")
-    cols = [[frac(r["n_pos_W"], r["n_neg_W"]), frac(r["n_pos_A"], r["n_neg_A"]), r["balance_W"], r["balance_A"]]
-            for r in rows]
-    C = torch.tensor(cols, dtype=torch.float64)
-    axes[1].imshow(torch.cat((C[:, :2] * 2 - 1, C[:, 2:]), 1).numpy(), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
-    for i in range(L):
-        for j in range(4):
-            axes[1].text(j, i, f"{float(C[i, j]):.2f}", ha="center", va="center", fontsize=6)
-    lsq = rows[0].get("A") == "least-squares"
+    im = axes["a"].imshow(B.numpy(), cmap=rdbu, vmin=-1, vmax=1, aspect="auto", interpolation="nearest")
+    k = _every(H, cw, digit_w * len(str(H - 1)) + 0.06)
+    axes["a"].set_xticks(range(0, H, k), [str(h) for h in range(0, H, k)], fontsize=fs)
+    axes["a"].set_xlabel("head", fontsize=8)
+    axes["a"].set_title("(a) head balance\nβ(W_h,sym)", fontsize=8)
+    layer_axis(axes["a"], True)
+    # (b) the layer's numbers
+    frac = lambda p, n: p / (p + n) if p + n else float("nan")          # noqa: E731
+    C = torch.full((L, 4), float("nan"), dtype=torch.float64)
+    for r in rows:
+        C[r["layer"]] = torch.tensor([frac(r["n_pos_W"], r["n_neg_W"]), frac(r["n_pos_A"], r["n_neg_A"]),
+                                      r["balance_W"], r["balance_A"]], dtype=torch.float64)
+    shown = torch.cat((C[:, :2] * 2 - 1, C[:, 2:]), 1)
+    axes["b"].imshow(shown.numpy(), cmap=rdbu, vmin=-1, vmax=1, aspect="auto", interpolation="nearest")
+    tfs = min(6.0, 0.62 * ch / _INCH_PER_PT)                            # the numbers fit their cells
+    if tfs >= 4.5:
+        for i in range(L):
+            for j in range(4):
+                v = float(C[i, j])
+                if v == v:
+                    axes["b"].text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=tfs,
+                                   color="white" if abs(float(shown[i, j])) > 0.6 else "black")
+    lsq = any(r.get("A") == "least-squares" for r in rows)
     aname = "A_lsq" if lsq else "A"
-    axes[1].set_xticks(range(4), ["n₊ share\nW_sym", f"n₊ share\n{aname}_sym", "β\nW_sym", f"β\n{aname}_sym"],
-                       fontsize=7)
-    axes[1].set(title="(b) layer W and A" + (" (least squares)" if lsq else ""), ylabel="layer")
+    axes["b"].set_xticks(range(4), ["n₊ share\nW_sym", f"n₊ share\n{aname}_sym", "β\nW_sym", f"β\n{aname}_sym"],
+                         fontsize=fs)
+    axes["b"].set_title("(b) layer W and " + ("A (least sq.)" if lsq else "A"), fontsize=8)
+    layer_axis(axes["b"], False)
+    # (c) the layer's regime, per form
+    G = torch.full((L, len(forms)), float("nan"))
+    for r in rep["layers"]:
+        if r["form"] in forms:
+            G[r["layer"], forms.index(r["form"])] = code(r["regime"])
+    axes["c"].imshow(G.numpy(), cmap=regime_cmap, norm=regime_norm, aspect="auto", interpolation="nearest")
+    axes["c"].set_xticks(range(len(forms)), forms, fontsize=fs)
+    axes["c"].set_xlabel("form", fontsize=8)
+    axes["c"].set_title("(c) regime", fontsize=8)
+    layer_axis(axes["c"], False)
     if offs:
         T = torch.full((L, len(offs)), float("nan"))
+        Rg = torch.full((L, len(offs)), float("nan"))
         for o in rep["offset_rows"]:
             if o["form"] == "W":
                 T[o["layer"], offs.index(o["offset"])] = o["balance_W"]
-        axes[2].imshow(T.numpy(), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
-        ticks = [i for i, m in enumerate(offs) if abs(m) in (0, 8, 16, 31, 64, 256, 1024, 4096)]
-        axes[2].set_xticks(ticks, [str(offs[i]) for i in ticks], fontsize=7, rotation=90)
-        axes[2].set(title="(c) RoPE: β(W_sym(m)) of the layer", xlabel="offset m = j − i", ylabel="layer")
-    fig.colorbar(im, ax=axes, shrink=0.6, label="β = Σλ/Σ|λ| (n₊ share mapped to 2s−1)")
-    fig.suptitle(f"{rep['name']}: W_h = s Q_h K_hᵀ per head (inertia always (d_h, d_h, d−2d_h)), "
-                 f"layer W = Σ W_h, A = W (Mᵀ)⁻¹, M = V O", fontsize=9)
-    _save_figure(fig, path)
+                Rg[o["layer"], offs.index(o["offset"])] = code(o["regime"])
+        ticks = _offset_ticks(offs, ow, label_h)
+        for key, data, title in (("d", T, "(d) RoPE: β(W_sym(m))"), ("e", Rg, "(e) RoPE: regime of\n(W(m), A(m))")):
+            if key not in axes:
+                continue
+            kw = dict(cmap=rdbu, vmin=-1, vmax=1) if key == "d" else dict(cmap=regime_cmap, norm=regime_norm)
+            axes[key].imshow(data.numpy(), aspect="auto", interpolation="nearest", **kw)
+            axes[key].set_xticks(ticks, [str(offs[i]) for i in ticks], fontsize=fs, rotation=90)
+            axes[key].set_xlabel("offset m = j − i", fontsize=8)
+            axes[key].set_title(title, fontsize=8)
+            layer_axis(axes[key], key == "d")
+    cb = fig.colorbar(im, cax=cax_beta)
+    cb.set_ticks([-1, -0.5, 0, 0.5, 1])
+    cb.ax.tick_params(labelsize=fs)
+    cb.set_label("β = Σλ/Σ|λ|\n(n₊ share s shown as 2s − 1)", fontsize=7)
+    cr = fig.colorbar(plt.cm.ScalarMappable(norm=regime_norm, cmap=regime_cmap), cax=cax_reg)
+    cr.set_ticks(range(len(names)), labels=names)
+    cr.ax.tick_params(labelsize=fs, length=0)
+    i = rep["info"]
+    fig.suptitle(f"{rep['name']}: {L} layers × {H} heads, d = {i.get('d', '?')}\n"
+                 "W_h = s Q_h K_hᵀ per head (inertia always (d_h, d_h, d − 2d_h)); layer W = Σ W_h, "
+                 "A = W (Mᵀ)⁻¹, M = V O", fontsize=8.5, y=1 - 0.12 / height, va="top")
+    return fig
+
+
+def plot_heatmap(rep: dict, path: str) -> None:
+    """heatmap.png of a report (heatmap_figure), written atomically."""
+    _save_figure(heatmap_figure(rep), path)
 
 
 PROBE_PANELS = (("norm", "mean token norm", True), ("mean_sq_distance", "mean ‖xᵢ − xⱼ‖²", True),
