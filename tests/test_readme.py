@@ -4,6 +4,7 @@ cache/).  The commands are read from the README itself, so a command added there
 only their sizes are shrunk (steps, tokens, instances) so that the whole walk takes seconds."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -83,13 +84,33 @@ def test_following_the_readme_changes_no_tracked_file(tmp_path):
     cmds = readme_commands("Quick start") + readme_commands("Reproduce a claim", blocks=False)
     assert any("train_lm.py --pe rope --lam -0.1" in c for c in cmds)           # the main job is read
     assert any("--sample" in c for c in cmds) and any("analysis.phase" in c for c in cmds)
-    run = None
-    for cmd in cmds:
-        p = subprocess.run(shrink(cmd, run, data), cwd=repo, env=ENV, capture_output=True, text=True,
-                           timeout=300)
-        assert p.returncode == 0, f"{cmd}\n{p.stderr[-2000:]}"
-        if run is None and (repo / "runs").is_dir():
-            made = sorted(x for x in (repo / "runs").iterdir() if (x / "ckpt.pt").exists())
-            run = f"runs/{made[0].name}" if made else None
-    assert run is not None, "the main job made no run folder under runs/"
+    # every command in ONE Python process of the copy (torch is imported once): each script runs as
+    # `python …` would run it (runpy, __main__, its own argv), and runs/<run> is the run just made
+    argvs = [shrink(cmd, "runs/<run>", data)[1:] for cmd in cmds]
+    p = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(argvs)], cwd=repo, env=ENV,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("ok: ") == len(argvs), p.stdout[-2000:]
     assert _git("status", "--porcelain", cwd=repo) == ""                         # nothing tracked changed
+
+
+DRIVER = """
+import glob, json, runpy, sys
+sys.path.insert(0, ".")
+for argv in json.loads(sys.argv[1]):
+    made = sorted(glob.glob("runs/*/ckpt.pt"))
+    argv = [a.replace("runs/<run>", made[0][:-len("/ckpt.pt")]) if made else a for a in argv]
+    try:
+        if argv[0] == "-m":
+            sys.argv = [argv[1], *argv[2:]]
+            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = argv
+            runpy.run_path(argv[0], run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    if code:
+        sys.exit(f"{' '.join(argv)} exited {code}")
+    print("ok: " + " ".join(argv), flush=True)
+"""
