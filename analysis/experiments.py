@@ -67,6 +67,7 @@ import errno
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -633,6 +634,7 @@ def claims(results: Path) -> list[tuple[str, str, str, str]]:
     out: list = []
     _agreement_claims(results, out)
     _phase_claims(results, out)
+    _horizon_claims(results, out)
     reg = _load(results, "lm-regimes")
     if reg and {"convergent", "divergent"} <= set(reg):
         _claim(out, "dynamics", "regimes", "The convergence regime (ND) degrades performance against the divergence "
@@ -708,6 +710,41 @@ def _agreement_claims(results: Path, out: list) -> None:
            verdicts.CONSTRUCTION if max(map(abs, ab)) < 1e-9 else "construction check FAILED",
            "y = x + p obeys the no-PE field exactly; agreement with absolute PE minus without: "
            + ", ".join(f"{x:+.1f}" for x in ab) + " points")
+
+
+def _horizon_claims(results: Path, out: list) -> None:
+    """Whether the grid's t = 2000 fates survive a ten times longer horizon: phase-long/horizon.csv
+    (python -m analysis.phase --cells … --t-end 20000, then --report --horizon 2000)."""
+    p = results / "phase-long" / "horizon.csv"
+    if not p.exists():
+        return
+    rows = list(csv.DictReader(open(p)))
+
+    def moved(r, a, b):  # instances whose fate went from a (at t_cut) to b (at t_end)
+        m = re.search(rf"{a}→{b} (\d+)", r["moves"])
+        return int(m.group(1)) if m else 0
+    causal = [r for r in rows if "-causal-" in r["cell"]]
+    if causal:
+        k = sum(moved(r, "slower", "converges") for r in causal)
+        n = sum(int(r["slower_at_cut"]) for r in causal)
+        if n:
+            t_cut, t_end = float(causal[0]["t_cut"]), float(causal[0]["t_end"])
+            _claim(out, "dynamics", None, f"(this project's horizon check) Causal instances still falling at "
+                   f"t = {t_cut:g} (\"slower\") converge given time (most of them, by t = {t_end:g})",
+                   _proportion_verdict(k, n, 0.5),
+                   f"{verdicts.proportion(k, n)} of the 'slower' converge by t = {t_end:g} "
+                   f"({', '.join(r['cell'] for r in causal)}; results/phase-long/horizon.csv)")
+    rope = [r for r in rows if "-bidirectional-" in r["cell"] and "-rope" in r["cell"]]
+    if rope:
+        k = sum(int(r["instances"]) - int(r["converges_at_end"]) for r in rope)
+        n = sum(int(r["instances"]) for r in rope)
+        t_end = float(rope[0]["t_end"])
+        _claim(out, "dynamics", None, f"(this project's horizon check) Without a mask RoPE's non-convergence is not "
+               f"an artefact of the t = 2000 horizon (most do not converge by t = {t_end:g})",
+               _proportion_verdict(k, n, 0.5),
+               f"{verdicts.proportion(k, n)} not converged by t = {t_end:g}; "
+               + "; ".join(f"{r['cell']}: converges {r['converges_at_cut']} → {r['converges_at_end']} of "
+                           f"{r['instances']}, grows {r['grows_at_cut']} → {r['grows_at_end']}" for r in rope))
 
 
 def _phase_claims(results: Path, out: list) -> None:

@@ -65,6 +65,22 @@ def test_phase_claims_read_the_phase_table(tmp_path):
     assert "horizon-limited, not counted: d=4/n=128 (60 of 100 without PE still falling)" in ca[3]
     rho = next(v for k, v in got.items() if "non-symmetric" in k)
     assert rho[2] == "contradicted" and "V not Hurwitz in 60%" in rho[3]
+    # the horizon check: fates at t_cut against t_end, from phase-long/horizon.csv
+    (tmp_path / "phase-long").mkdir()
+    base = {"instances": 10, "t_cut": 2000.0, "t_end": 20000.0, "plateau_at_cut": 0, "plateau_at_end": 0}
+    training.write_csv(tmp_path / "phase-long" / "horizon.csv", [
+        {**base, "cell": "pe-d8-n128-none-causal-rhodefault-s1", "converges_at_cut": 1, "slower_at_cut": 9,
+         "grows_at_cut": 0, "converges_at_end": 9, "slower_at_end": 1, "grows_at_end": 0,
+         "moves": "slower→converges 8"},
+        {**base, "cell": "pe-d4-n8-rope1e4-bidirectional-rhodefault-s1", "instances": 20, "converges_at_cut": 1,
+         "slower_at_cut": 0, "grows_at_cut": 19, "converges_at_end": 2, "slower_at_end": 0, "grows_at_end": 18,
+         "moves": "grows→converges 1"}])
+    got = {c[1]: c for c in ex.claims(tmp_path)}
+    causal = next(v for k, v in got.items() if "Causal instances still falling" in k)
+    assert causal[2] == "supported" and "(8/9)" in causal[3]                     # Wilson [57, 98]% > 50%
+    rope = next(v for k, v in got.items() if "not an artefact" in k)
+    assert rope[2] == "supported" and "(18/20) not converged" in rope[3]          # Wilson [70, 97]%
+    assert "converges 1 → 2 of 20" in rope[3]
 
 
 @pytest.fixture
