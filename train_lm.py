@@ -425,7 +425,9 @@ def train(cfg: dict, args, rt: training.Runtime) -> int:
         loss_fn=lambda m, b: (m(*b), b[1].numel()), eval_fn=eval_fn, lr=cfg["lr"], warmup=cfg["warmup"],
         min_lr=cfg["min_lr"], grad_accum=cfg["grad_accum"], clip=cfg["clip"], eval_every=cfg["eval_every"],
         ckpt_every=args.ckpt_every or cfg["eval_every"], log_every=args.log_every, start_step=start,
-        unit="tok", title=title)
+        unit="tok", title=title,
+        # a word-level corpus's words go into the checkpoint, so --sample needs no corpus
+        extra_state={"itos": list(corpus.itos)} if corpus.itos else None)
     wall = time.perf_counter() - t0
     if result["status"] == "interrupted":
         return training.interrupted_exit(result, run, rt)
@@ -708,9 +710,15 @@ def sample_command(args, given: set) -> int:
     cfg = state["config"]
     itos = None
     if word_level(cfg):
-        # the checkpoint holds the vocabulary's size but not its words: the word list is the
-        # corpus's, rebuilt as training built it (WikiText's encoded ids are cached in --cache-dir)
-        itos = run_corpus(cfg, Path(run_setting(args, given, saved, "cache_dir")), download=False).itos
+        # the words are in the checkpoint (runs made since they are stored there); an older
+        # checkpoint holds only the vocabulary's size, and then the word list is the corpus's,
+        # rebuilt as training built it (WikiText's encoded ids are cached in --cache-dir)
+        itos = (state.get("extra") or {}).get("itos")
+        if itos is None:
+            itos = run_corpus(cfg, Path(run_setting(args, given, saved, "cache_dir")), download=False).itos
+        elif len(itos) != cfg["vocab_size"]:
+            raise ValueError(f"{ckpt} holds {len(itos):,} words for a {cfg['vocab_size']:,}-word model: "
+                             f"the checkpoint is inconsistent")
     ids, unknown = encode_prompt(args.prompt, itos)
     if unknown:
         print(f"note: {len(unknown)} word(s) of --prompt are not in the vocabulary and became {UNK}: "

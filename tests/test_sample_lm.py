@@ -283,3 +283,16 @@ def test_the_script_itself_exits_2_without_a_traceback(bad_runs):
                         "--device", "cpu"], env=ENV, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "corrupt or truncated" in p.stderr
     assert "Traceback" not in p.stderr and p.stdout == ""
+
+
+def test_a_word_level_run_samples_from_its_checkpoint_alone(word_run, monkeypatch, capsys):
+    """The words are stored in the checkpoint: with the corpus made unreachable, --sample still
+    works, and gives what it gives with the corpus."""
+    ck = training.load_checkpoint(word_run)
+    assert ck["extra"]["itos"] == itos_of(word_run) and len(ck["extra"]["itos"]) == ck["config"]["vocab_size"]
+    before = sample_out(capsys, word_run, "--tokens", 8, "--seed", 3)
+
+    def unreachable(*a, **k):
+        raise AssertionError("--sample read the corpus although the checkpoint holds the words")
+    monkeypatch.setattr(train_lm, "run_corpus", unreachable)
+    assert sample_out(capsys, word_run, "--tokens", 8, "--seed", 3) == before
