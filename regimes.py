@@ -170,7 +170,7 @@ def lam_interaction(W: torch.Tensor, V: torch.Tensor, lam: float = 0.0, M: torch
     return W_lam, value_form(W_lam, V)
 
 
-def _regime_rule(ew: torch.Tensor, ea: torch.Tensor, tol: float | None, cond_V=1.0) -> list[str]:
+def regime_rule(ew: torch.Tensor, ea: torch.Tensor, tol: float | None, cond_V=1.0) -> list[str]:
     """THE regime rule, on eigenvalues (B, d) of W_sym and A_sym: one name per row. classify_batch
     and regime_of apply it; classify_matrices and classify go through regime_of. A's zero threshold
     carries κ(V) when A was solved from V (cond_V: a float or one per row)."""
@@ -189,7 +189,7 @@ def classify_batch(W: torch.Tensor, A: torch.Tensor, tol: float | None = None, c
     ea = torch.linalg.eigvalsh(sym(A.double())).flatten(0, -2)
     if torch.is_tensor(cond_V) and cond_V.ndim:
         cond_V = cond_V.double().broadcast_to(W.shape[:-2]).flatten()
-    return _regime_rule(ew, ea, tol, cond_V)
+    return regime_rule(ew, ea, tol, cond_V)
 
 
 def value_abscissa(W: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
@@ -221,7 +221,7 @@ def regime_of(W: torch.Tensor, A: torch.Tensor, tol: float | None = None, cond_V
     ew, ea = torch.linalg.eigvalsh(sym(W)), torch.linalg.eigvalsh(sym(A))
     iw = tuple(int(c) for c in inertia_counts(ew, tol))
     ia = tuple(int(c) for c in inertia_counts(ea, tol, cond_V))
-    regime = _regime_rule(ew[None], ea[None], tol, cond_V)[0]
+    regime = regime_rule(ew[None], ea[None], tol, cond_V)[0]
     alpha = float(value_abscissa(W, A))
     warning = (f"the sign conditions hold but V is not Hurwitz (max Re λ(V) = {alpha:.3g} ≥ 0): "
                "the mean token does not decay" if regime == "convergent" and alpha >= 0 else "")

@@ -279,7 +279,7 @@ def _layer_core(Q, K, V, O, H: int, s: float, tol, cond_max: float = 1e10) -> di
     if math.isfinite(cond) and cond <= cond_max:
         A = torch.linalg.solve(M, W.T).T                           # A Mᵀ = W
         ea = torch.linalg.eigvalsh(regimes.sym(A))
-        out.update(A=A, eig_A_sym=ea, regime=regimes._regime_rule(ew[None], ea[None], tol, cond)[0],
+        out.update(A=A, eig_A_sym=ea, regime=regimes.regime_rule(ew[None], ea[None], tol, cond)[0],
                    inertia_A=tuple(int(c) for c in regimes.inertia_counts(ea, tol, cond)))
     else:
         A_lsq = W @ torch.linalg.pinv(M.T)                         # least squares: A Mᵀ ≈ W
@@ -462,7 +462,7 @@ def _offset_spectra(Q, K, r: dict, Rm: torch.Tensor, H: int, nh: int, rot: dict,
             Am = torch.linalg.lu_solve(*lu, Wpd.transpose(1, 2)).transpose(1, 2)   # A(m) Mᵀ = W(m)
             ea = torch.linalg.eigvalsh(regimes.sym(Am))
             # the one regime rule of regimes.py, on eigenvalues already computed
-            for i, name in zip(pd.nonzero().flatten().tolist(), regimes._regime_rule(ev[pd], ea, tol, r["cond_M"])):
+            for i, name in zip(pd.nonzero().flatten().tolist(), regimes.regime_rule(ev[pd], ea, tol, r["cond_M"])):
                 part[i] = name
         names += part
     return torch.cat(evs), names
