@@ -699,14 +699,22 @@ def emit(s: str) -> None:
     print(s.encode(enc, errors="replace").decode(enc, errors="replace"), flush=True)
 
 
-def sample_command(args, given: set) -> int:
-    """--sample RUN: print the prompt and its continuation of --tokens tokens."""
-    check_sample_args(args)
-    one_process("--sample")
-    folder, ckpt = run_checkpoint(args.sample, "--sample")
+def open_trained(args, given: set, flag: str, run: str):
+    """What --sample and --eval-only both start with: one process, RUN's folder, checkpoint and
+    saved flags, the runtime (its autocast as the run had it) and the rebuilt model.
+    Returns (folder, ckpt, saved args, rt, model, checkpoint state)."""
+    one_process(flag)
+    folder, ckpt = run_checkpoint(run, flag)
     saved = run_args(folder)
     rt = training.setup_runtime(args.device, amp=not run_setting(args, given, saved, "no_amp"))
     model, state = load_trained(ckpt, rt.device)
+    return folder, ckpt, saved, rt, model, state
+
+
+def sample_command(args, given: set) -> int:
+    """--sample RUN: print the prompt and its continuation of --tokens tokens."""
+    check_sample_args(args)
+    folder, ckpt, saved, rt, model, state = open_trained(args, given, "--sample", args.sample)
     cfg = state["config"]
     itos = None
     if word_level(cfg):
@@ -747,11 +755,7 @@ def evaluate_checkpoint(model: GPT, cfg: dict, corpus: text.Corpus, rt: training
 
 def eval_command(args, given: set) -> int:
     """--eval-only RUN: one line with the validation and test scores of RUN's checkpoint."""
-    one_process("--eval-only")
-    folder, ckpt = run_checkpoint(args.eval_only, "--eval-only")
-    saved = run_args(folder)
-    rt = training.setup_runtime(args.device, amp=not run_setting(args, given, saved, "no_amp"))
-    model, state = load_trained(ckpt, rt.device)
+    folder, ckpt, saved, rt, model, state = open_trained(args, given, "--eval-only", args.eval_only)
     cfg = state["config"]
     corpus = run_corpus(cfg, Path(run_setting(args, given, saved, "cache_dir")))
     ev = evaluate_checkpoint(model, cfg, corpus, rt)
