@@ -114,6 +114,38 @@ def test_integrate_each_freezes_blown_settled_and_over_budget_instances():
         oa.integrate_each(X0, Q, K, V, ts, max_steps=0)
 
 
+def _flushing() -> bool:
+    return float(torch.tensor(1e-310, dtype=f64) * 2.0) == 0.0
+
+
+def test_subnormal_weights_are_flushed_inside_the_integrators_only_and_change_nothing():
+    """Hard attention puts softmax weights below 2.2e-308 (subnormal): logit gaps of ~800 here.
+    integrate_each flushes them to 0 (flush_subnormals); the trajectory equals the one computed
+    without flushing to round-off, and the caller's mode is restored afterwards."""
+    g = gen(6)
+    Q, K, V = regimes.sample_instances("convergent", 4, 3, generator=g)
+    Q = Q * 12.0                                                     # logits in the hundreds
+    X0 = 3.0 * torch.randn(3, 6, 4, generator=g, dtype=f64)
+    S = (X0 @ Q) @ (X0 @ K).transpose(-1, -2)
+    w = torch.softmax(S, dim=-1)
+    assert bool(((w > 0) & (w < 2.2e-308)).any())                    # the case exists at t = 0
+    ts = torch.linspace(0, 0.01, 3, dtype=f64)
+    assert not _flushing()
+    got = oa.integrate_each(X0, Q, K, V, ts, rtol=1e-9, atol=1e-12)
+    assert not _flushing()                                           # restored
+    ref = oa.integrate_each.__wrapped__(X0, Q, K, V, ts, rtol=1e-9, atol=1e-12)   # no flushing
+    assert torch.equal(got.n_steps, ref.n_steps)
+    assert (got.X - ref.X).abs().max() <= 1e-12 * ref.X.abs().max()
+    if torch.set_flush_denormal(True):                               # an x86 CPU: it can flush
+        torch.set_flush_denormal(False)
+        with oa.flush_subnormals():
+            assert _flushing()
+            with oa.flush_subnormals():
+                pass
+            assert _flushing()                                       # nested: the outer mode kept
+        assert not _flushing()
+
+
 # ------------------------------------------------------------------------------------------------
 # The rate laws
 # ------------------------------------------------------------------------------------------------
