@@ -24,6 +24,7 @@ Results: printed, and written to --out (bench.json, bench.md).
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import time
@@ -160,54 +161,189 @@ def finish_report(rt: Runtime, out: Path, report: dict, title: str, rate: str, u
     training.teardown(rt)
 
 
-def bench_ode(device, n_inst: int, t_end: float, dt: float) -> list[dict]:
+def _interleaved(fns: dict, rounds: int, sync) -> dict:
+    """Every fn once per round, in turn (a noisy neighbour hits all alike): {name: (median s,
+    [every round's s], last result)}."""
+    times, last = {k: [] for k in fns}, {}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            last[k] = fn()
+            sync()
+            times[k].append(time.perf_counter() - t0)
+    return {k: (float(np.median(v)), v, last[k]) for k, v in times.items()}
+
+
+def _ratio(num: list, den: list) -> tuple[float, float, float]:
+    """Median and min–max over rounds of the per-round ratio num/den (same round, same load)."""
+    r = [a / b for a, b in zip(num, den)]
+    return float(np.median(r)), float(min(r)), float(max(r))
+
+
+def bench_ode(device, n_inst: int, t_end: float, dt: float, rounds: int = 3,
+              dopri_instances: int | None = None, rtols=(1e-4, 1e-6, 1e-8)) -> list[dict]:
+    """The integrator against torchdiffeq on the same instances (d = 4, n = 8, convergent: none
+    blows up, so both do the same work to t_end). Rows:
+      rk4 (float64 and float32): the same steps and evaluations; torchdiffeq given the plain field
+        oa._velocity (what a user writes: `speedup`) and our prepared field (`speedup_same_field`,
+        only the steppers and layout differ). Ratios are per round (interleaved), median [min, max].
+      dopri5 at each rtol (atol = rtol·1e−3), float64, for ours with error_norm "max" (every
+        instance within tolerance) and "rms" (the batch's RMS, torchdiffeq's norm), and
+        torchdiffeq: seconds, evaluations and the ACHIEVED error max|X(t_end) − X_ref| against a
+        float64 reference (ours, rtol 1e−12). `speedup_equal_error`: torchdiffeq's time at the same
+        achieved error (log–log interpolation over its rtols) / ours."""
     try:
         import torchdiffeq
     except ImportError:
         print("analysis.bench: torchdiffeq is not installed (pip install -r requirements-extra.txt); "
               "skipping the integrator comparison.", file=sys.stderr)
         return []
-    g = torch.Generator().manual_seed(0)
-    # convergent instances: none blows up, so both solvers do the same work to t_end
-    Q, K, V = (m.to(device) for m in regimes.sample_instances("convergent", 4, n_inst, generator=g))
-    X0 = torch.randn(n_inst, 8, 4, generator=g, dtype=torch.float64).to(device)
-    nfe = [0]
-
-    def f(_t, X):                       # torchdiffeq's signature f(t, y); counts evaluations
-        nfe[0] += 1
-        return oa._velocity(X, Q, K, V)
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    rows = []
+    g = torch.Generator().manual_seed(0)
+    Q64, K64, V64 = (m.to(device) for m in regimes.sample_instances("convergent", 4, n_inst, generator=g))
+    X64 = torch.randn(n_inst, 8, 4, generator=g, dtype=torch.float64).to(device)
     t_pts = torch.tensor([0.0, t_end], dtype=torch.float64, device=device)
-    for method, ours_kw, tdq_kw in (
-            ("rk4", dict(method="rk4", dt=dt), dict(method="rk4", options={"step_size": dt})),
-            ("dopri5", dict(method="dopri5", dt=dt, rtol=1e-6, atol=1e-9),
-             dict(method="dopri5", rtol=1e-6, atol=1e-9))):
-        best = {}
-        for who in ("ours", "torchdiffeq", "ours", "torchdiffeq"):      # two rounds, best kept
+    nfe = [0]
+    rows = []
+    for dtype in (torch.float64, torch.float32):
+        Q, K, V, X0 = (m.to(dtype) for m in (Q64, K64, V64, X64))
+        prepared = oa._prepared_field(Q, K, V)
+        tp = t_pts.to(dtype)
+
+        def tdq(field):
+            def f(_t, X):                      # torchdiffeq's signature f(t, y); counts evaluations
+                nfe[0] += 1
+                return field(X)
             nfe[0] = 0
-            sync()
-            t0 = time.perf_counter()
-            if who == "ours":
-                tr = oa.integrate(X0, Q, K, V, t_end=t_end, n_save=2, **ours_kw)
-                X1, evals = tr.X[-1], tr.n_evals
-            else:
-                X1 = torchdiffeq.odeint(f, X0, t_pts, **tdq_kw)[-1]
-                evals = nfe[0]
-            sync()
-            sec = time.perf_counter() - t0
-            if who not in best or sec < best[who][0]:
-                best[who] = (sec, evals, X1)
-        diff = float((best["ours"][2] - best["torchdiffeq"][2]).abs().max())
-        rows.append({"method": method, "instances": n_inst, "t_end": t_end,
-                     "ours_s": best["ours"][0], "ours_evals": best["ours"][1],
-                     "torchdiffeq_s": best["torchdiffeq"][0], "torchdiffeq_evals": best["torchdiffeq"][1],
-                     "speedup": best["torchdiffeq"][0] / best["ours"][0], "max_abs_diff": diff})
+            return torchdiffeq.odeint(f, X0, tp, method="rk4", options={"step_size": dt})[-1]
+        ours_tr = {}
+
+        def ours():
+            ours_tr["tr"] = oa.integrate(X0, Q, K, V, t_end=t_end, dt=dt, method="rk4", n_save=2)
+            return ours_tr["tr"].X[-1]
+        res = _interleaved({"ours": ours,
+                            "torchdiffeq": lambda: tdq(lambda X: oa._velocity(X, Q, K, V)),
+                            "torchdiffeq_same_field": lambda: tdq(lambda X: prepared(0.0, X))}, rounds, sync)
+        sp, lo, hi = _ratio(res["torchdiffeq"][1], res["ours"][1])
+        sp2, lo2, hi2 = _ratio(res["torchdiffeq_same_field"][1], res["ours"][1])
+        rows.append({"method": "rk4", "dtype": str(dtype).replace("torch.", ""), "instances": n_inst,
+                     "t_end": t_end, "rounds": rounds, "ours_s": res["ours"][0], "ours_evals": ours_tr["tr"].n_evals,
+                     "torchdiffeq_s": res["torchdiffeq"][0], "torchdiffeq_evals": nfe[0],
+                     "torchdiffeq_same_field_s": res["torchdiffeq_same_field"][0],
+                     "speedup": sp, "speedup_range": [lo, hi],
+                     "speedup_same_field": sp2, "speedup_same_field_range": [lo2, hi2],
+                     "max_abs_diff": float((res["ours"][2] - res["torchdiffeq"][2]).abs().max())})
+
+    # dopri5: work against achieved error
+    m = dopri_instances or n_inst
+    Q, K, V, X0 = Q64[:m], K64[:m], V64[:m], X64[:m]
+    ref = oa.integrate(X0, Q, K, V, t_end=t_end, dt=dt, method="dopri5", rtol=1e-12, atol=1e-15, n_save=2).X[-1]
+    f_plain = lambda _t, X: (nfe.__setitem__(0, nfe[0] + 1), oa._velocity(X, Q, K, V))[1]   # noqa: E731
+    per = {}
+    for rtol in rtols:
+        runs = {}
+        for mode in ("max", "rms"):
+            runs[f"ours_{mode}"] = (lambda mode=mode: oa.integrate(
+                X0, Q, K, V, t_end=t_end, dt=dt, method="dopri5", rtol=rtol, atol=rtol * 1e-3,
+                n_save=2, error_norm=mode))
+
+        def tdq_run():
+            nfe[0] = 0
+            X1 = torchdiffeq.odeint(f_plain, X0, t_pts, method="dopri5", rtol=rtol, atol=rtol * 1e-3)[-1]
+            return X1, nfe[0]
+        runs["torchdiffeq"] = tdq_run
+        res = _interleaved(runs, rounds, sync)
+        per[rtol] = res
+    # torchdiffeq's (error, time) curve over the rtols, for the equal-error comparison
+    curve = sorted((float((per[r]["torchdiffeq"][2][0] - ref).abs().max()), per[r]["torchdiffeq"][0]) for r in rtols)
+
+    def tdq_time_at(err: float) -> float | None:
+        """log-log interpolation of torchdiffeq's time at achieved error `err` (None outside its range)."""
+        le = [math.log(e) for e, _ in curve]
+        lt = [math.log(t) for _, t in curve]
+        x = math.log(err)
+        if not le[0] <= x <= le[-1]:
+            return None
+        return math.exp(float(np.interp(x, le, lt)))
+    for rtol in rtols:
+        res = per[rtol]
+        X_t, ev_t = res["torchdiffeq"][2]
+        err_t = float((X_t - ref).abs().max())
+        for mode in ("max", "rms"):
+            tr = res[f"ours_{mode}"][2]
+            err = float((tr.X[-1] - ref).abs().max())
+            t_eq = tdq_time_at(err)
+            sp, lo, hi = _ratio(res["torchdiffeq"][1], res[f"ours_{mode}"][1])
+            rows.append({"method": "dopri5", "error_norm": mode, "dtype": "float64", "rtol": rtol,
+                         "instances": m, "t_end": t_end, "rounds": rounds,
+                         "ours_s": res[f"ours_{mode}"][0], "ours_evals": tr.n_evals, "ours_error": err,
+                         "torchdiffeq_s": res["torchdiffeq"][0], "torchdiffeq_evals": ev_t,
+                         "torchdiffeq_error": err_t, "speedup": sp, "speedup_range": [lo, hi],
+                         "speedup_equal_error": None if t_eq is None else t_eq / res[f"ours_{mode}"][0],
+                         "max_abs_diff": float((tr.X[-1] - X_t).abs().max())})
     return rows
+
+
+def bench_scaling(device, rounds: int = 3, steps: int = 10, quick: bool = False) -> list[dict]:
+    """Instance-steps per second of oa.integrate (RK4, float64, `steps` steps of 0.05) over the
+    batch (n = 8, d = 4: 10²…10⁵), n (8, 32, 128 at d = 16) and d (4, 16, 64 at n = 8), with the
+    layout integrate() chose ("auto") and, where the batch-last one applies, the batch-first one
+    beside it. Each shape's batch is sized to a few hundred MB of work at most."""
+    shapes = ([(8, 4, b) for b in (100, 1000, 10_000, 100_000)] + [(32, 16, 300), (128, 16, 30)]
+              + [(8, 16, 2000), (8, 64, 300)] + [(32, 4, 2000), (128, 64, 10)])
+    if quick:
+        shapes = [(8, 4, 100), (8, 16, 50)]
+    rows = []
+    for n, d, B in shapes:
+        g = torch.Generator().manual_seed(1)
+        Q, K, V = (t.to(device) for t in regimes.sample_instances("convergent", d, B, generator=g))
+        X0 = (torch.randn(B, n, d, generator=g, dtype=torch.float64) / math.sqrt(d)).to(device)
+        kw = dict(t_end=0.05 * steps, dt=0.05, method="rk4", n_save=2)
+        fns = {"auto": lambda: oa.integrate(X0, Q, K, V, **kw)}
+        suits = oa._batch_last_suits(n, d, B, {})
+        if suits:
+            fns["batch-first"] = lambda: oa.integrate(X0, Q, K, V, layout="batch-first", **kw)
+        res = _interleaved(fns, rounds, lambda: torch.cuda.synchronize() if device.type == "cuda" else None)
+        row = {"n": n, "d": d, "batch": B, "steps": steps, "layout": "batch-last" if suits else "batch-first",
+               "instance_steps_per_s": B * steps / res["auto"][0],
+               "instance_steps_per_s_range": [B * steps / max(res["auto"][1]), B * steps / min(res["auto"][1])]}
+        if suits:
+            row["batch_first_instance_steps_per_s"] = B * steps / res["batch-first"][0]
+            row["layout_speedup"] = _ratio(res["batch-first"][1], res["auto"][1])
+        rows.append(row)
+    return rows
+
+
+def plot_scaling(rows: list, path: Path) -> None:
+    """The log–log figure of bench_scaling: instance-steps/s against the batch (n = 8, d = 4), and
+    each other shape as a point labelled (n, d)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    sweep = [r for r in rows if (r["n"], r["d"]) == (8, 4)]
+    ax.loglog([r["batch"] for r in sweep], [r["instance_steps_per_s"] for r in sweep], "o-", label="n 8, d 4 (auto)")
+    bf = [r for r in sweep if "batch_first_instance_steps_per_s" in r]
+    if bf:
+        ax.loglog([r["batch"] for r in bf], [r["batch_first_instance_steps_per_s"] for r in bf], "s--",
+                  label="n 8, d 4 (batch-first)")
+    for r in rows:
+        if (r["n"], r["d"]) != (8, 4):
+            ax.loglog([r["batch"]], [r["instance_steps_per_s"]], "^", color="C2")
+            ax.annotate(f"n {r['n']}, d {r['d']}", (r["batch"], r["instance_steps_per_s"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("instances in the batch")
+    ax.set_ylabel("RK4 instance-steps per second")
+    ax.set_title("integrate(): throughput by batch and shape (float64)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -286,19 +422,28 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=None, help="default 4 on CPU, 16 on GPU")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--dopri-instances", type=int, default=2000,
+                   help="instances of the dopri5 work-precision comparison (default 2000)")
+    p.add_argument("--scaling", action="store_true",
+                   help="also the integrator's throughput by batch, n and d (table + scaling.png)")
     p.add_argument("--suite", action="store_true", help="also time `python -m pytest -q`")
     # an ignored folder by default: the committed results/speed is written only when asked for
     # (--out results/speed, as analysis.experiments does)
     p.add_argument("--out", default="out/speed", help="output folder (default out/speed)")
     a = p.parse_args(argv)
-    if a.instances <= 0 or not (a.t_end > 0 and 0 < a.dt <= a.t_end) or a.rounds < 1 or a.steps < 1:
-        raise ValueError("need --instances > 0, 0 < --dt <= --t-end, --rounds >= 1 and --steps >= 1")
+    if a.instances <= 0 or not (a.t_end > 0 and 0 < a.dt <= a.t_end) or a.rounds < 1 or a.steps < 1 \
+            or a.dopri_instances <= 0:
+        raise ValueError("need --instances > 0, --dopri-instances > 0, 0 < --dt <= --t-end, --rounds >= 1 "
+                         "and --steps >= 1")
     training.check_folder(a.out, "--out")          # before minutes of timing, not after
     rt = training.setup_runtime(a.device)
     gpu = rt.device.type == "cuda"
     report = {"device": torch.cuda.get_device_name() if gpu else "cpu", "threads": torch.get_num_threads(),
               "versions": training.versions()}
-    report["ode"] = bench_ode(rt.device, a.instances, a.t_end, a.dt)
+    report["ode"] = bench_ode(rt.device, a.instances, a.t_end, a.dt, rounds=a.rounds,
+                              dopri_instances=min(a.dopri_instances, a.instances))
+    if a.scaling:
+        report["scaling"] = bench_scaling(rt.device, rounds=a.rounds)
     report["lm"] = bench_lm(rt, a.d_model, a.n_layers or (6 if gpu else 2), a.n_heads,
                             a.seq_len or (1024 if gpu else 256), a.batch_size or (16 if gpu else 4),
                             a.rounds, a.steps)
@@ -311,14 +456,44 @@ def main(argv=None) -> int:
                            "summary": (r.stdout.strip().splitlines() or [""])[-1]}
     lines = [f"device: {report['device']} ({report['threads']} threads)", ""]
     if report["ode"]:
-        lines += ["| integrator | instances | ours (s) | ours: evaluations | torchdiffeq (s) | torchdiffeq: evaluations | speed-up | max abs. difference |",
-                  "|---|---|---|---|---|---|---|---|"]
+        rk = [r for r in report["ode"] if r["method"] == "rk4"]
+        lines += ["Fixed-step RK4, the same steps and evaluations (ratio = torchdiffeq's time / ours, per "
+                  f"interleaved round: median [min, max] of {rk[0]['rounds']}):", "",
+                  "| integrator | dtype | instances | ours (s) | evaluations | torchdiffeq, plain field (s) "
+                  "| speed-up | torchdiffeq, our field (s) | speed-up, same field | max abs. difference |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rk:
+            lines.append(f"| rk4 to t = {r['t_end']:g} | {r['dtype']} | {r['instances']:,} | {r['ours_s']:.2f} | "
+                         f"{r['ours_evals']} / {r['torchdiffeq_evals']} | {r['torchdiffeq_s']:.2f} | "
+                         f"{r['speedup']:.2f}× [{r['speedup_range'][0]:.2f}, {r['speedup_range'][1]:.2f}] | "
+                         f"{r['torchdiffeq_same_field_s']:.2f} | {r['speedup_same_field']:.2f}× "
+                         f"[{r['speedup_same_field_range'][0]:.2f}, {r['speedup_same_field_range'][1]:.2f}] | "
+                         f"{r['max_abs_diff']:.1e} |")
+        dp = [r for r in report["ode"] if r["method"] == "dopri5"]
+        lines += ["", f"Dormand–Prince 5(4), float64, {dp[0]['instances']:,} instances to t = {dp[0]['t_end']:g}, "
+                  "atol = rtol·1e-3; achieved error = max |X(t_end) − X_ref| (X_ref: rtol 1e-12). "
+                  "Equal-error speed-up: torchdiffeq's time at our achieved error (log–log "
+                  "interpolation over its rtols; '-' outside its range) / ours:", "",
+                  "| rtol | error norm | ours (s) | evaluations | achieved error | torchdiffeq (s) | evaluations "
+                  "| achieved error | speed-up, same rtol | speed-up, equal error |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in dp:
+            eq = "-" if r["speedup_equal_error"] is None else f"**{r['speedup_equal_error']:.2f}×**"
+            lines.append(f"| {r['rtol']:g} | {r['error_norm']} | {r['ours_s']:.2f} | {r['ours_evals']} | "
+                         f"{r['ours_error']:.1e} | {r['torchdiffeq_s']:.2f} | {r['torchdiffeq_evals']} | "
+                         f"{r['torchdiffeq_error']:.1e} | {r['speedup']:.2f}× | {eq} |")
     else:                                 # no header over an empty table: say why there are no rows
         lines.append("integrator vs torchdiffeq: not measured (torchdiffeq is not installed: "
                      "pip install -r requirements-extra.txt)")
-    for r in report["ode"]:
-        lines.append(f"| {r['method']} to t = {r['t_end']:g} | {r['instances']:,} | {r['ours_s']:.2f} | {r['ours_evals']} | "
-                     f"{r['torchdiffeq_s']:.2f} | {r['torchdiffeq_evals']} | {r['speedup']:.2f}× | {r['max_abs_diff']:.1e} |")
+    if report.get("scaling"):
+        lines += ["", "Throughput of integrate() (RK4, float64; instance-steps/s, median of the rounds "
+                  "[slowest, fastest]; the layout 'auto' chose, and batch-first beside it where that differs):", "",
+                  "| n | d | batch | layout | instance-steps/s | batch-first | layout speed-up |", "|---|---|---|---|---|---|---|"]
+        for r in report["scaling"]:
+            lo, hi = r["instance_steps_per_s_range"]
+            bf = f"{r['batch_first_instance_steps_per_s']:,.0f}" if "batch_first_instance_steps_per_s" in r else "-"
+            ls = f"{r['layout_speedup'][0]:.2f}×" if "layout_speedup" in r else "-"
+            lines.append(f"| {r['n']} | {r['d']} | {r['batch']:,} | {r['layout']} | {r['instance_steps_per_s']:,.0f} "
+                         f"[{lo:,.0f}, {hi:,.0f}] | {bf} | {ls} |")
     s = report["lm_shape"]
     lines += ["", f"LM training step, {s['n_layers']} × {s['d_model']}, seq {s['seq_len']}, batch {s['batch']}:", "",
               "| model | parameters | tokens/s | × plain | MFU |", "|---|---|---|---|---|"]
@@ -331,7 +506,11 @@ def main(argv=None) -> int:
     print(text)
     out = Path(a.out)
     # both files or neither: a disk that fills up leaves no new bench.md beside an old bench.json
-    training.atomic_write_all({out / "bench.md": lambda tmp: Path(tmp).write_text(text),
+    if report.get("scaling"):
+        files = {out / "scaling.png": lambda tmp: plot_scaling(report["scaling"], Path(tmp))}
+    else:
+        files = {}
+    training.atomic_write_all({**files, out / "bench.md": lambda tmp: Path(tmp).write_text(text),
                                out / "bench.json": lambda tmp: Path(tmp).write_text(
                                    json.dumps(report, indent=2, default=str))})
     training.teardown(rt)

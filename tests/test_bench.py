@@ -15,16 +15,33 @@ def test_bench_runs_and_the_solvers_agree(tmp_path):
                        "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--seq-len", "16",
                        "--batch-size", "2", "--rounds", "1", "--steps", "1", "--out", str(tmp_path)]) == 0
     rep = json.loads((tmp_path / "bench.json").read_text())
-    assert [r["method"] for r in rep["ode"]] == ["rk4", "dopri5"]
+    rk, dp = [r for r in rep["ode"] if r["method"] == "rk4"], [r for r in rep["ode"] if r["method"] == "dopri5"]
+    assert [r["dtype"] for r in rk] == ["float64", "float32"]
+    assert [(r["rtol"], r["error_norm"]) for r in dp] == [(t, m) for t in (1e-4, 1e-6, 1e-8) for m in ("max", "rms")]
     for r in rep["ode"]:
         assert r["ours_s"] > 0 and r["torchdiffeq_s"] > 0
-    # classical RK4 vs torchdiffeq's 3/8 rule: both O(h⁴), they differ by ~2e-5 here; dopri5 closer
-    assert rep["ode"][0]["max_abs_diff"] < 1e-4 and rep["ode"][1]["max_abs_diff"] < 1e-5
-    assert rep["ode"][0]["ours_evals"] == rep["ode"][0]["torchdiffeq_evals"] == 40   # 10 steps × 4
+    # classical RK4 vs torchdiffeq's 3/8 rule: both O(h⁴), they differ by ~2e-5 here
+    assert rk[0]["max_abs_diff"] < 1e-4 and rk[1]["max_abs_diff"] < 1e-4
+    assert rk[0]["ours_evals"] == rk[0]["torchdiffeq_evals"] == 40                  # 10 steps × 4
+    # dopri5: the achieved error falls with rtol; the batch RMS norm never needs more evaluations
+    # than bounding every instance, and bounding every instance never ends less accurate
+    for mode in ("max", "rms"):
+        errs = [r["ours_error"] for r in dp if r["error_norm"] == mode]
+        assert errs[0] > errs[2] and all(e < 1e-2 for e in errs)
+    for a, b in zip(dp[::2], dp[1::2]):
+        assert b["ours_evals"] <= a["ours_evals"] and a["ours_error"] <= 1.5 * b["ours_error"]
     ours, plain = rep["lm"]
     assert ours["parameters"] == plain["parameters"]               # the same shape, to the weight
     assert plain["ratio_to_plain"] == 1.0 and ours["tokens_per_s"] > 0
-    assert "| rk4 to t = 0.5 |" in (tmp_path / "bench.md").read_text()
+    assert "| rk4 to t = 0.5 | float64 |" in (tmp_path / "bench.md").read_text()
+
+
+def test_the_scaling_sweep_reports_both_layouts_and_draws_its_figure(tmp_path):
+    rows = bench.bench_scaling(torch.device("cpu"), rounds=1, steps=2, quick=True)
+    assert [(r["n"], r["d"], r["layout"]) for r in rows] == [(8, 4, "batch-last"), (8, 16, "batch-first")]
+    assert rows[0]["batch_first_instance_steps_per_s"] > 0 and "layout_speedup" not in rows[1]
+    bench.plot_scaling(rows, tmp_path / "s.png")
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_flops_per_token_counts_weight_matrices_and_attention():
