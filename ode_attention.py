@@ -816,8 +816,11 @@ class Attention(nn.Module):
 
     regime != "free" (the paper's PD/HD/ND runs, docs/dynamics.md §3.1): W = S_W + T_W and
     A = S_A + T_A, S = L D Lᵀ of fixed inertia (regimes.PrescribedInertia), T antisymmetric. Q (d × d)
-    is free and regimes.keys_values solves K, V at every forward so that Q Kᵀ = W (the realised logit
-    form Σₕ QₕKₕᵀ is exactly W) and A Vᵀ = W (the value map gives exactly A); no output projection (V
+    is free and K, V are computed at every forward so that Q Kᵀ = W (the realised logit form
+    Σₕ QₕKₕᵀ is exactly W) and A Vᵀ = W (the value map gives exactly A) — regimes.WarmKeysValues: on
+    CUDA by Newton–Schulz from the last call's inverses, checked to round-off, with an LU solve where
+    the check fails; the LU solve on a CPU. (A is invertible in the definite regimes, σ_min(A) ≥
+    min|λ(A_sym)|; the intermediate regime's indefinite A can pass near singular.) No output projection (V
     is the full d × d value map) and no biases whatever `bias` says (a value bias would make
     Attn(0) = b_v, an affine layer, not the field). W_sym ≻ 0 always; A_sym ≻ 0 (divergent, PD), ⌊d/2⌋ negative
     eigenvalues (intermediate, HD), ≺ 0 (convergent, ND). Unlike the authors' code the constraint is
@@ -871,6 +874,11 @@ class Attention(nn.Module):
             self.Q = nn.Parameter(torch.nn.init.orthogonal_(torch.empty(d, d)))  # free query map
             self.W_form = regimes.PrescribedInertia(d, n_neg=0, init_scale=0.15)     # W_sym ≻ 0
             self.A_form = regimes.PrescribedInertia(d, n_neg=n_neg, init_scale=0.15)  # A_sym inertia
+            # K, V from (Q, W, A): Newton–Schulz from the last call's inverses on CUDA, the LU
+            # solve on a CPU (regimes.WarmKeysValues). A plain attribute, not a module or buffer:
+            # no parameters, nothing in state_dict (checkpoints unchanged), nothing for DDP to
+            # broadcast; it re-starts from an LU after .to() / .double()
+            self.kv = regimes.WarmKeysValues()
 
     def qkv_matrices(self):
         """(Q, K, V) in our row convention (queries = x Q etc.) and the output map O (None = identity)."""
@@ -882,9 +890,10 @@ class Attention(nn.Module):
         with torch.autocast(device_type=self.Q.device.type, enabled=False):
             Q = self.Q.to(dt)
             W, A = self.W_form().to(dt), self.A_form().to(dt)
-            # Kᵀ = Q⁻¹ W, Vᵀ = A⁻¹ W without the host sync of error checking (A is invertible by
-            # construction; Q is checked below, off the hot path)
-            K, V, singular = regimes.keys_values(Q, W, A)
+            # Kᵀ = Q⁻¹ W, Vᵀ = A⁻¹ W: on CUDA by Newton–Schulz from the last call's inverses, checked to
+            # round-off, with an LU solve where the check fails (regimes.WarmKeysValues); the LU solve
+            # on a CPU. No error raised inside (Q is checked below, off the hot path)
+            K, V, singular = self.kv(Q, W, A)
         if not self.training and bool(singular):
             raise ValueError("the constrained attention's query map Q became singular.")
         return Q, K, V, None
@@ -912,7 +921,12 @@ class Attention(nn.Module):
         if positions is None:
             if self.pe != "rope":
                 raise ValueError(f"pe={self.pe!r} needs (n, 2) patch positions.")
-            positions = torch.arange(n, device=t.device)
+            # positions i = 0 … n − 1: cos, sin of i θ_k from rope_table's cache (built once per shape)
+            cos, sin = rope_mod.rope_table(n, self.d_h, self.rope_base, t.dtype, t.device)
+            if self.rope_heads == self.n_heads:
+                return rope_mod.rotate(t, cos, sin, self.rope_pairing)             # qᵢ R(i)ᵀ, every head
+            r = rope_mod.rotate(t[:, : self.rope_heads], cos, sin, self.rope_pairing)
+            return torch.cat((r, t[:, self.rope_heads:]), dim=1)                  # the rest unrotated
         positions = torch.as_tensor(positions, device=t.device)
         # tokens before the first positioned one (e.g. a class token) are not rotated
         n_pre = n - positions.shape[0]
@@ -925,7 +939,11 @@ class Attention(nn.Module):
             r = rope_mod.apply_rope_2d(r, positions, base=self.rope_base, pairing=self.rope_pairing)
         else:  # RoPE-Mixed holds frequencies for every head: rotate all, keep the first rope_heads
             r = self.rope_mixed(t[:, :, n_pre:], positions)[:, : self.rope_heads]
-        return torch.cat((torch.cat((keep, r), dim=2), t[:, self.rope_heads:]), dim=1)
+        if n_pre:
+            r = torch.cat((keep, r), dim=2)                                       # prefix unrotated
+        if self.rope_heads < self.n_heads:
+            r = torch.cat((r, t[:, self.rope_heads:]), dim=1)                     # heads ≥ rope_heads
+        return r
 
     def forward(self, x: torch.Tensor, *, positions=None, attn_bias: torch.Tensor | None = None,
                 key_padding_mask: torch.Tensor | None = None,
@@ -954,7 +972,10 @@ class Attention(nn.Module):
             q = torch.cat((q, lam_x), dim=-1)                                   # q̃ᵢ
             k = torch.cat((k, xh), dim=-1)                                      # k̃ⱼ
         mask, is_causal = attention_mask(n, q.dtype, x.device, attn_bias, key_padding_mask, self.causal)
-        # softmax(q̃ k̃ᵀ / √d_h + bias) v  — fused on GPU
+        # softmax(q̃ k̃ᵀ / √d_h + bias) v  — fused on GPU. With λ, q̃, k̃ (2d_h) and v (d_h) differ in
+        # width, which the flash kernels refuse: the GPU takes cuDNN / memory-efficient attention, the
+        # CPU its math kernel (zero-padding v admits flash but was slower on the H100; see
+        # results/speed/h100/README.md)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0,
                                            scale=self.scale)

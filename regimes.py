@@ -49,6 +49,7 @@ the regime reports of checkpoints and pretrained models (analysis/reports.py).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -337,10 +338,135 @@ def keys_values(Q: torch.Tensor, W: torch.Tensor, A: torch.Tensor):
     Q, W, A are (..., d, d). Returns (K, V, singular): `singular` is a bool tensor of the batch shape,
     True where Q or A is not invertible. No error checking inside the solves (no host sync): the
     caller decides when to look at `singular`. Used by sample_instances and by the constrained
-    attention layer (ode_attention.Attention with regime != "free")."""
+    attention layer (ode_attention.Attention with regime != "free"), there through WarmKeysValues,
+    which gets the same K, V by matmuls from the last step's inverses on a GPU."""
     Kt, info_q = torch.linalg.solve_ex(Q, W, check_errors=False)
     Vt, info_a = torch.linalg.solve_ex(A, W, check_errors=False)
     return Kt.transpose(-1, -2), Vt.transpose(-1, -2), (info_q != 0) | (info_a != 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# keys_values without two LU factorisations per forward: Newton–Schulz from the last call's inverse
+# ------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _exact_matmul(device: torch.device):
+    """Matmuls in the tensors' own precision here, whatever the run set: no autocast and, on CUDA,
+    no TF32 (its 10-bit mantissa would stall Newton–Schulz at ~1e-3 instead of round-off)."""
+    with torch.autocast(device_type=device.type, enabled=False):
+        if device.type != "cuda":
+            yield
+            return
+        old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = old
+
+
+class _InverseTimes(torch.autograd.Function):
+    """Y = M⁻¹ W for a batch M (B, d, d) and one W (d, d), given X ≈ M⁻¹ (a constant, checked).
+
+    forward   Y = X W                                       (a matmul instead of an LU solve)
+    backward  the adjoint of the solve Y = M⁻¹ W, with M⁻ᵀ applied as Xᵀ:
+              W̄ = Σ_b M_b⁻ᵀ Ȳ_b,    M̄ = −M⁻ᵀ Ȳ Yᵀ
+    so the gradients are the solve's to O(‖I − M X‖), i.e. to round-off once the check passed."""
+
+    @staticmethod
+    def forward(ctx, M, W, X):
+        Y = X @ W
+        ctx.save_for_backward(X, Y)
+        return Y
+
+    @staticmethod
+    def backward(ctx, G):
+        X, Y = ctx.saved_tensors
+        with _exact_matmul(G.device):
+            GW = X.transpose(-1, -2) @ G                            # M⁻ᵀ Ȳ, one per matrix
+            GM = -GW @ Y.transpose(-1, -2) if ctx.needs_input_grad[0] else None
+        return GM, GW.sum(0), None
+
+
+class WarmKeysValues:
+    """keys_values(Q, W, A) for one constrained layer, with matmuls instead of two LU solves per
+    forward (the LU is latency-bound on a GPU: ~0.9 ms for 512 × 512 on an H100).
+
+    K, V depend on the parameters only, and those move a little per optimiser step, so the last
+    call's inverses X ≈ [Q⁻¹, A⁻¹] are a good start for this call's. For M = [Q, A] (batched):
+        Newton–Schulz  X ← X (2I − M X) = X + X R,   R = I − M X        (then R ← R²)
+    n_iter times (measured, float32: Q needs ≤ 2 from the warm start, A 3–6 at the enwik8 lr);
+        check          ‖I − M X‖_F ≤ min(τ ε ‖M‖_F ‖X‖_F, √ε)          (per matrix)
+    i.e. the residual is round-off of the product M X (NS stalls at ≈ 0.12 of that bound, at
+    any d and condition number; √ε caps it where κ(M) is so large that it would not be); then
+        Kᵀ = X_Q W,  Vᵀ = X_A W     and the backward is the solve's adjoint (`_InverseTimes`).
+    Where the check fails — the warm start was too far (the first Adam steps move A's inverse by
+    ‖ΔA A⁻¹‖ > 1; the intermediate regime's A passes near singular matrices), or M is singular or
+    too ill-conditioned — that matrix takes today's LU solve instead (values, gradients and the
+    `singular` flag as keys_values), and its X restarts from the same LU.
+
+    The check is one host read per call (one sync per layer per forward). It cannot be avoided
+    while staying exact at every step: a device-side torch.where can only choose between results
+    already computed, i.e. the LU would run every step anyway, and checking every k steps would let
+    the first Adam steps run with an inexact V (measured: there the warm start of A fails in every
+    layer). On a GPU-bound step the sync costs the re-launch gap, tens of µs (an estimate).
+    (Nor is the work skipped when the parameters did not change: their `_version` would say so,
+    but the fused AdamW that trains on CUDA here does not bump it — measured.)
+
+    method: "newton" (the above), "solve" (keys_values), "auto" (newton on CUDA; the solve
+    elsewhere — on a CPU, flop-bound, the 2·(2 n_iter + 4) d × d matmuls of a forward + backward
+    cost more than the two LUs: 1.5× at d = 128, 2.5× at d = 512, measured).
+    Not kept in checkpoints (the first call restarts from an LU): K, V agree with an unbroken run to
+    round-off, not bit for bit. Q, W, A: (d, d) each; returns (K, V, singular) as keys_values.
+    """
+
+    def __init__(self, method: str = "auto", n_iter: int = 6, tau: float = 1.0):
+        if method not in ("auto", "newton", "solve"):
+            raise ValueError(f"unknown method {method!r}; choose auto, newton or solve.")
+        self.method, self.n_iter, self.tau = method, n_iter, tau
+        self.X = None                                           # [Q⁻¹, A⁻¹] of the last call
+        self.calls = self.fallbacks = 0                         # fallbacks: matrices solved by LU
+
+    @torch.compiler.disable                                     # host logic: runs eagerly
+    def __call__(self, Q: torch.Tensor, W: torch.Tensor, A: torch.Tensor):
+        if self.method == "solve" or (self.method == "auto" and Q.device.type != "cuda"):
+            return keys_values(Q, W, A)
+        self.calls += 1
+        M = torch.stack((Q, A))                                 # (2, d, d): both at once
+        d, eps = M.shape[-1], torch.finfo(M.dtype).eps
+        with torch.no_grad(), _exact_matmul(M.device):
+            Md, I = M.detach(), torch.eye(d, dtype=M.dtype, device=M.device)
+            X = self.X
+            if X is None or X.shape != Md.shape or X.dtype != Md.dtype or X.device != Md.device:
+                X = torch.linalg.inv_ex(Md)[0]                  # first call: start from an LU
+            # Newton–Schulz: X ← X + X R with R = I − M X, so that the new R is R²
+            for _ in range(self.n_iter):
+                X = X + X @ (I - Md @ X)
+            # the check: ‖I − M X‖_F ≤ min(τ ε ‖M‖_F ‖X‖_F, √ε), per matrix (NaN and inf fail it;
+            # a pass also proves M invertible: ‖I − M X‖ < 1)
+            r = torch.linalg.matrix_norm(I - Md @ X)
+            tol = self.tau * eps * torch.linalg.matrix_norm(Md) * torch.linalg.matrix_norm(X)
+            ok = (r <= tol.clamp(max=eps ** 0.5)).tolist()      # the one host read
+        with _exact_matmul(M.device):
+            singular = torch.zeros((), dtype=torch.bool, device=M.device)
+            if all(ok):
+                Y = _InverseTimes.apply(M, W, X)                # [Kᵀ; Vᵀ] = X W
+            else:                                               # (a failed X may be inf: keep it
+                rows, inv = [], []                              #  out of every product)
+                for i, good in enumerate(ok):
+                    if good:
+                        rows.append(_InverseTimes.apply(M[i:i + 1], W, X[i:i + 1])[0])
+                        inv.append(X[i])
+                        continue
+                    self.fallbacks += 1
+                    # today's solve M_i Y_i = W, by one LU that also restarts X_i
+                    LU, piv, info = torch.linalg.lu_factor_ex(M[i])
+                    rows.append(torch.linalg.lu_solve(LU, piv, W))
+                    with torch.no_grad():
+                        inv.append(torch.linalg.lu_solve(LU, piv, I))
+                    singular = singular | (info != 0)
+                Y, X = torch.stack(rows), torch.stack(inv)
+        self.X = X
+        return Y[0].transpose(-1, -2), Y[1].transpose(-1, -2), singular
 
 
 def sample_instances(regime: str, d: int, count: int, *, symmetric_A: bool = False, rho: float | None = None,

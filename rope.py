@@ -45,6 +45,7 @@ in bf16 would lose the low bits of the angle for long sequences.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -81,8 +82,26 @@ def rope_frequencies(dim: int, base: float = 10000.0, device=None,
     return (base ** (-2.0 * k / dim)).to(dtype)
 
 
+def _complex_view_ok(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """True when the pairs (2k, 2k+1) of x can be read as complex numbers in place and the complex
+    product is the quicker form: eager CPU, float32/float64 throughout (no complex bf16 exists), x's
+    features adjacent (stride 1) and every other stride and the offset even (torch.view_as_complex).
+    On CUDA the real form below is kept: torch.compile fuses it into one kernel, and Inductor has no
+    complex code generation (it would fall back to eager kernels)."""
+    return (x.device.type == "cpu" and not torch.compiler.is_compiling()
+            and x.dtype in (torch.float32, torch.float64) and cos.dtype == x.dtype and sin.dtype == x.dtype
+            and x.dim() > 0 and x.stride(-1) == 1 and x.storage_offset() % 2 == 0
+            and all(s % 2 == 0 for s in x.stride()[:-1]))
+
+
 def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairing: str) -> torch.Tensor:
     """Rotate each feature pair (a, b) of x to (a cos − b sin, a sin + b cos)."""
+    if pairing == "interleaved" and _complex_view_ok(x, cos, sin):
+        # CPU: the pair (a, b) is the complex number a + ib, and the rotation one complex product,
+        # (a + ib)(cos + i sin) = (a cos − b sin) + i(a sin + b cos): one kernel forward and one
+        # backward instead of seven on strided halves (equal to round-off, not always bit for bit)
+        z = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
+        return torch.view_as_real(z * torch.complex(cos, sin)).flatten(-2)
     if pairing == "interleaved":
         a, b = x[..., 0::2], x[..., 1::2]                     # pairs (2k, 2k+1)
         out = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1)
@@ -110,19 +129,49 @@ def apply_rope(x: torch.Tensor, positions, base: float = 10000.0, pairing: str =
     if rd <= 0 or rd % 2 or rd > d:
         raise ValueError(f"rotary_dim must be even and in [2, {d}], got {rd}.")
     pos = torch.as_tensor(positions, device=x.device)
-    adt = _angle_dtype(x)
-    theta = rope_frequencies(rd, base, device=x.device, dtype=adt)
+    theta = rope_frequencies(rd, base, device=x.device, dtype=_angle_dtype(x))
     if not _broadcasts(tuple(pos.shape), tuple(x.shape[:-1])):
         raise ValueError(f"positions of shape {tuple(pos.shape)} do not fit x of shape {tuple(x.shape)}.")
-    # angle_{t,k} = t θ_k  (computed in float32/float64, then cast to x's dtype)
-    ang = pos.to(adt).unsqueeze(-1) * theta
-    return rotate(x, ang.cos().to(x.dtype), ang.sin().to(x.dtype), pairing)
+    return rotate(x, *_cos_sin(pos, theta, x.dtype), pairing)
+
+
+def _cos_sin(pos: torch.Tensor, theta: torch.Tensor, dtype: torch.dtype):
+    """cos and sin of angle_{t,k} = t θ_k, (..., len(θ)) each: computed in θ's dtype (float32 or
+    float64, see _angle_dtype), then cast to `dtype`."""
+    ang = pos.to(theta.dtype).unsqueeze(-1) * theta
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def rope_table(n: int, rotary_dim: int, base: float = 10000.0, dtype: torch.dtype = torch.float32,
+               device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) of the angles t θ_k for the positions t = 0 … n − 1, (n, rotary_dim/2) each, for an
+    x of `dtype`: the very table apply_rope(x, torch.arange(n), base) builds, so that
+    rotate(x, *rope_table(n, d, base, x.dtype, x.device)) == apply_rope(x, torch.arange(n), base).
+
+    Built once per (n, rotary_dim, base, dtype, device) and then shared (an attention layer rotates
+    the same positions 0 … n − 1 at every step): read it, never write into it. Not cached inside
+    torch.compile (the table is then part of the compiled graph) nor under inference mode (a table
+    made there could not be saved for a later backward)."""
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+        return _rope_table(n, rotary_dim, float(base), dtype, torch.device(device or "cpu"))
+    return _rope_table_cached(n, rotary_dim, float(base), dtype, torch.device(device or "cpu"))
+
+
+def _rope_table(n: int, rotary_dim: int, base: float, dtype: torch.dtype, device: torch.device):
+    # θ_k in float32 (float64 for float64 x), angles t θ_k for t = 0 … n − 1, as in apply_rope
+    adt = torch.float64 if dtype == torch.float64 else torch.float32
+    theta = rope_frequencies(rotary_dim, base, device=device, dtype=adt)
+    return _cos_sin(torch.arange(n, device=device), theta, dtype)
+
+
+_rope_table_cached = functools.lru_cache(maxsize=64)(_rope_table)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairing: str = "interleaved") -> torch.Tensor:
     """apply_rope with the angles' cos and sin given, (..., rotary_dim/2) each: the first rotary_dim
     features of x are rotated, the rest pass through. For a caller that rotates the same positions
-    many times (the ODE field, evaluated thousands of times) and computes the table once."""
+    many times (the ODE field, evaluated thousands of times; an attention layer at every step) and
+    computes the table once (rope_table for the positions 0 … n − 1)."""
     rd = 2 * cos.shape[-1]
     if rd == x.shape[-1]:
         return _rotate_pairs(x, cos, sin, pairing)

@@ -51,6 +51,23 @@ ROOT = Path(__file__).resolve().parent.parent          # the project folder (ana
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense
 
 
+def measured_matmul_tflops(device, n: int = 8192, reps: int = 20, dtype=torch.bfloat16) -> float:
+    """The chip's achieved dense matmul rate (TFLOP/s) on an n × n × n product in `dtype`: the
+    ceiling an MFU should be read against beside the datasheet peak (2 n³ FLOPs per product)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
+
+
 def add_bench_args(p, variants: dict) -> None:
     """The flags of the training-step benchmarks (analysis.bench_lm, analysis.bench_vit): timing,
     the GPU's peak, and --bench-variants over the keys of `variants` (see select_variants)."""
@@ -440,6 +457,9 @@ def main(argv=None) -> int:
     gpu = rt.device.type == "cuda"
     report = {"device": torch.cuda.get_device_name() if gpu else "cpu", "threads": torch.get_num_threads(),
               "versions": training.versions()}
+    if gpu:
+        report["matmul_bf16_tflops_measured"] = measured_matmul_tflops(rt.device)
+        report["matmul_bf16_tflops_datasheet"] = peak_tflops(rt)
     report["ode"] = bench_ode(rt.device, a.instances, a.t_end, a.dt, rounds=a.rounds,
                               dopri_instances=min(a.dopri_instances, a.instances))
     if a.scaling:
@@ -455,6 +475,11 @@ def main(argv=None) -> int:
         report["suite"] = {"seconds": time.perf_counter() - t0, "returncode": r.returncode,
                            "summary": (r.stdout.strip().splitlines() or [""])[-1]}
     lines = [f"device: {report['device']} ({report['threads']} threads)", ""]
+    if "matmul_bf16_tflops_measured" in report:
+        ds = report["matmul_bf16_tflops_datasheet"]
+        lines += [f"bf16 8192² matmul: measured {report['matmul_bf16_tflops_measured']:.0f} TFLOP/s"
+                  + (f" (datasheet dense peak {ds:.0f}); MFU below is against the datasheet, "
+                     f"× {ds / report['matmul_bf16_tflops_measured']:.2f} for the measured rate" if ds else ""), ""]
     if report["ode"]:
         rk = [r for r in report["ode"] if r["method"] == "rk4"]
         lines += ["Fixed-step RK4, the same steps and evaluations (ratio = torchdiffeq's time / ours, per "

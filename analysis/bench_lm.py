@@ -4,6 +4,11 @@ regime, against the plain model (--lam 0, free attention), on random bytes, as r
     python -m analysis.bench_lm                   # GPU: the enwik8 preset; CPU: 2 of its layers, seq 256
     python -m analysis.bench_lm --device cpu --bench-rounds 5 --bench-steps 5
     python -m analysis.bench_lm --device cuda --bench-variants plain,lam-identity,divergent
+    python -m analysis.bench_lm --device cpu --bench-preset small --pe learned --bench-rounds 20 --bench-steps 2
+        --bench-variants rope,rope-lam-identity,rope-lam-softplus      (one command line: RoPE ± λ vs learned PE)
+
+The rope* variants (opt-in: only when --bench-variants names them) switch the model to --pe rope,
+so with --pe learned their ratio is RoPE's cost against the learned-PE model of the same shape.
 
 One process, one run: every variant is built, then timed in interleaved rounds (the median of the
 rounds is kept, so a noisy neighbour on a shared machine hits all variants alike).
@@ -14,8 +19,8 @@ MFU = F · tokens/s / peak.  The constrained variants' K, V solves (O(d³) per l
 are not counted, so their MFU is "plain-model FLOPs per second".
 
 Flags: train_lm.py's (the model ones are used: --pe, --d-model, --n-layers, --n-heads, --seq-len;
---batch-size is the micro-batch), plus --bench-variants, --bench-steps, --bench-rounds and
---peak-tflops (was `train_lm.py --bench`).  Output: --out/bench.json (default runs/bench-<time>),
+--batch-size is the micro-batch), plus --bench-variants, --bench-preset, --bench-steps,
+--bench-rounds and --peak-tflops (was `train_lm.py --bench`).  Output: --out/bench.json (default runs/bench-<time>),
 and a table on the console.
 """
 from __future__ import annotations
@@ -37,6 +42,10 @@ BENCH_VARIANTS = {"plain": ("plain (--lam 0)", {}),
                   "lam-identity": ("lam identity -0.1", dict(lam=-0.1, lam_mode="identity")),
                   "lam-softplus": ("lam softplus-diag 0.05", dict(lam=0.05, lam_mode="softplus-diag")),
                   **{r: (f"regime {r}", dict(regime=r)) for r in ("divergent", "intermediate", "convergent")}}
+# opt-in variants (never in the default set): the same model with --pe rope, plain and with each λ mode
+PE_VARIANTS = {"rope": ("rope", dict(pe="rope")),
+               "rope-lam-identity": ("rope + lam identity -0.1", dict(pe="rope", lam=-0.1, lam_mode="identity")),
+               "rope-lam-softplus": ("rope + lam softplus 0.05", dict(pe="rope", lam=0.05, lam_mode="softplus-diag"))}
 
 
 def build_parser() -> training.ArgParser:
@@ -44,7 +53,10 @@ def build_parser() -> training.ArgParser:
     p.description = ("Training tokens/s of every λ mode and regime of train_lm.py's GPT against the "
                      "plain model (--lam 0), on random bytes (was train_lm.py --bench).")
     p.epilog = None
-    add_bench_args(p, BENCH_VARIANTS)
+    add_bench_args(p, BENCH_VARIANTS | PE_VARIANTS)
+    p.add_argument("--bench-preset", choices=tuple(train_lm.PRESETS),
+                   help="time this train_lm.py preset's model and micro-batch (default: enwik8's, cut to "
+                        "2 layers, seq 256, batch 4 on CPU)")
     return p
 
 
@@ -52,15 +64,21 @@ def bench(args) -> int:
     """Time every variant (see the module docstring); write bench.json to --out and print the table."""
     rt = training.setup_runtime(args.device, amp=not args.no_amp)
     gpu = rt.device.type == "cuda"
-    # width 512 everywhere; on a GPU the enwik8 preset itself, on CPU a 2-layer cut of it
+    # --bench-preset: that preset's model and micro-batch; otherwise width 512 everywhere: on a GPU
+    # the enwik8 preset itself, on CPU a 2-layer cut of it
     presets = train_lm.PRESETS
-    cfg = dict(presets["enwik8"] if gpu else presets["enwik8"] | dict(n_layers=2, seq_len=256, batch_size=4, grad_accum=1))
-    cfg.update(pe=args.pe or cfg["pe"], vocab_size=256)
+    if args.bench_preset:
+        cfg = dict(presets[args.bench_preset])
+    else:
+        cfg = dict(presets["enwik8"] if gpu else
+                   presets["enwik8"] | dict(n_layers=2, seq_len=256, batch_size=4, grad_accum=1))
+    cfg.update(pe=args.pe or cfg["pe"], vocab_size=256, cutoffs="")     # random bytes: no adaptive softmax
     for k in ("d_model", "n_layers", "n_heads", "seq_len"):
         if getattr(args, k, None) is not None:
             cfg[k] = getattr(args, k)
-    micro = args.batch_size or (16 if gpu else 4)
-    variants = select_variants(BENCH_VARIANTS, args.bench_variants)
+    micro = args.batch_size or (cfg["batch_size"] // cfg["grad_accum"] if args.bench_preset else 16 if gpu else 4)
+    variants = (select_variants(BENCH_VARIANTS | PE_VARIANTS, args.bench_variants) if args.bench_variants
+                else list(BENCH_VARIANTS.values()))
     gen = torch.Generator().manual_seed(0)
     data = torch.randint(0, 256, (micro, cfg["seq_len"] + 1), generator=gen).to(rt.device)
     x, y = data[:, :-1], data[:, 1:]

@@ -960,9 +960,13 @@ def write_report(results: Path, budget: str, state: dict) -> None:
         b = json.loads(sp.read_text())
         lines += ["", f"## Speed against peers ({b['device']}, {b['threads']} threads; `python -m analysis.bench`)", ""]
         for r in b.get("ode", []):
-            lines.append(f"- {r['method']}, {r['instances']:,} instances: ours {r['ours_s']:.2f} s ({r['ours_evals']} "
+            what = (f"{r['method']} {r.get('dtype', 'float64')}" if r["method"] == "rk4" else
+                    f"{r['method']} rtol {r.get('rtol', 1e-6):g}, error norm {r.get('error_norm', 'max')}")
+            eq = r.get("speedup_equal_error")
+            lines.append(f"- {what}, {r['instances']:,} instances: ours {r['ours_s']:.2f} s ({r['ours_evals']} "
                          f"evaluations) vs torchdiffeq {r['torchdiffeq_s']:.2f} s ({r['torchdiffeq_evals']}): "
-                         f"**{r['speedup']:.2f}×** (torchdiffeq's time / ours)")
+                         f"**{r['speedup']:.2f}×** (torchdiffeq's time / ours)"
+                         + ("" if eq is None else f"; at equal achieved error **{eq:.2f}×**"))
         for r in b.get("lm", []):
             lines.append(f"- {r['model']}: {r['tokens_per_s']:,.0f} tokens/s, **{r['ratio_to_plain']:.3f}×** the plain GPT")
         if "suite" in b:
