@@ -257,12 +257,14 @@ class _BatchLastField:
 
 def _batch_last_suits(n: int, d: int, B: int, options: dict) -> bool:
     """Route a fixed-step integration through _BatchLastField? Only for the plain / causal field
-    and small instances, where it was measured faster (one thread, float64, field evaluations per
-    second against _prepared_field): n = 8, d = 4: 3.2×; n = 32, d = 4: 1.5×; n = 8, d = 16:
-    1.1×; n = 128, d = 16: 0.44× and d = 64: 0.2–0.6× (a batched matmul wins once the matrices
-    are not tiny). Also B ≥ 64: the batch is the vector length."""
+    and small instances, where it was measured faster. The field alone (one thread, float64, vs
+    _prepared_field): n = 8, d = 4: 3.2×; n = 8, d = 16: 1.1×; n = 128, d = 16: 0.44×; d = 64:
+    0.2–0.6× (a batched matmul wins once the matrices are not tiny). Whole RK4 runs of integrate()
+    (`python -m analysis.bench --scaling`, 2 threads, quiet machine), batch-last / batch-first at
+    n = 8, d = 4: 1.09× (B = 10²), 1.48× (10³), 1.94× (10⁴), 1.28× (10⁵); n = 32, d = 4: 0.72×.
+    Hence n ≤ 16, d ≤ 8, and B ≥ 64 (the batch is the vector length)."""
     plain = all(k == "causal" for k in options)
-    return plain and d <= 8 and n <= 32 and B >= 64
+    return plain and d <= 8 and n <= 16 and B >= 64
 
 
 def _euler_lean(f, x, h, y):
@@ -419,7 +421,8 @@ def integrate(X0: torch.Tensor, Q: torch.Tensor, K: torch.Tensor, V: torch.Tenso
     "rms" when the RMS over the whole batch is ≤ 1 (torchdiffeq's norm: fewer steps, and no bound
     on any one instance's error).
     layout: "auto" runs the fixed-step methods on small plain / causal instances in the batch-last
-    layout (_BatchLastField, 1.5–3× faster there; the same trajectories to round-off), everything
+    layout (_BatchLastField; whole runs 1.1–1.9× faster there, measured; the same trajectories to
+    round-off), everything
     else batch-first; "batch-first" / "batch-last" force one (batch-last: euler / rk4 and the plain
     or causal field only).
     """
