@@ -255,6 +255,11 @@ class _BatchLastField:
         return out
 
 
+def _plain_field(options: dict) -> bool:
+    """The field options leave the plain (or causal) field: no absolute PE, no RoPE, no λ-term."""
+    return options.get("pos") is None and not options.get("rope", False) and options.get("lam", 0.0) == 0.0
+
+
 def _batch_last_suits(n: int, d: int, B: int, options: dict) -> bool:
     """Route a fixed-step integration through _BatchLastField? Only for the plain / causal field
     and small instances, where it was measured faster. The field alone (one thread, float64, vs
@@ -263,8 +268,7 @@ def _batch_last_suits(n: int, d: int, B: int, options: dict) -> bool:
     (`python -m analysis.bench --scaling`, 2 threads, quiet machine), batch-last / batch-first at
     n = 8, d = 4: 1.09× (B = 10²), 1.48× (10³), 1.94× (10⁴), 1.28× (10⁵); n = 32, d = 4: 0.72×.
     Hence n ≤ 16, d ≤ 8, and B ≥ 64 (the batch is the vector length)."""
-    plain = all(k == "causal" for k in options)
-    return plain and d <= 8 and n <= 16 and B >= 64
+    return _plain_field(options) and d <= 8 and n <= 16 and B >= 64
 
 
 def _euler_lean(f, x, h, y):
@@ -514,11 +518,10 @@ def integrate(X0: torch.Tensor, Q: torch.Tensor, K: torch.Tensor, V: torch.Tenso
             raise ValueError(f"t_end/dt needs {N} steps, more than max_steps={max_steps}.")
         h = t_end / N                                                  # lands exactly on t_end
         save_at = set(torch.round(t_save / h).long().tolist())
-        plain = options.get("pos") is None and not options.get("rope", False) and options.get("lam", 0.0) == 0.0
-        if layout == "batch-last" and not plain:
+        if layout == "batch-last" and not _plain_field(options):
             raise ValueError("layout='batch-last' takes the plain or causal field only (no pos, rope or lam).")
-        batch_last = layout == "batch-last" or (layout == "auto" and plain and _batch_last_suits(
-            X0.shape[-2], X0.shape[-1], B, {"causal": options.get("causal", False)}))
+        batch_last = layout == "batch-last" or (
+            layout == "auto" and _batch_last_suits(X0.shape[-2], X0.shape[-1], B, options))
     if method != "dopri5" and batch_last:
         # the same loop in the batch-last layout: state xt (n, d, active), lean steppers into two
         # buffers; x (batch-first) is written only at save times, blow-ups and the end
@@ -575,8 +578,8 @@ def integrate(X0: torch.Tensor, Q: torch.Tensor, K: torch.Tensor, V: torch.Tenso
             scale = atol + rtol * torch.maximum(xa.abs(), torch.nan_to_num(x5.abs(), nan=0.0))
             err = torch.nan_to_num((x5_minus_x4 / scale).pow(2).flatten(-2).mean(-1).sqrt(), nan=math.inf)
             # the controlled error: the worst instance's, or the batch's RMS (error_norm)
-            err_max = float(err.max() if error_norm == "max" else err.pow(2).mean().sqrt())
-            if err_max > 1.0 and h < 1e-10 * t_end:
+            err_ctl = float(err.max() if error_norm == "max" else err.pow(2).mean().sqrt())
+            if err_ctl > 1.0 and h < 1e-10 * t_end:
                 # the step has shrunk to nothing. An instance whose trial state overflows or passes
                 # max_norm is blowing up: accepted below, advance() freezes it as blown. One that
                 # stays finite and bounded is stiff, not blown: freeze it as "stalled", say so, and
@@ -596,7 +599,7 @@ def integrate(X0: torch.Tensor, Q: torch.Tensor, K: torch.Tensor, V: torch.Tenso
                     continue
             # accept within tolerance — or, once the step has shrunk to nothing, the instances that
             # are blowing up (advance() freezes and drops them instead of stalling everyone)
-            if err_max <= 1.0 or h < 1e-10 * t_end:
+            if err_ctl <= 1.0 or h < 1e-10 * t_end:
                 t += h
                 bad = advance(x5, t)
                 k1 = k7[~bad]                                              # FSAL: f(x5) is next k1
@@ -609,7 +612,7 @@ def integrate(X0: torch.Tensor, Q: torch.Tensor, K: torch.Tensor, V: torch.Tenso
             else:
                 n_rej += 1
             # step-size controller: h ← h · clip(0.9 err^(−1/5), 0.2, 5)
-            h *= 5.0 if err_max == 0 else min(5.0, max(0.2, 0.9 * err_max ** -0.2))
+            h *= 5.0 if err_ctl == 0 else min(5.0, max(0.2, 0.9 * err_ctl ** -0.2))
     bar.close()
     if t > ts[-1]:
         # stopped early (every instance blew up) between save times: keep the frozen final state

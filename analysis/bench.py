@@ -178,18 +178,16 @@ def finish_report(rt: Runtime, out: Path, report: dict, title: str, rate: str, u
     training.teardown(rt)
 
 
-def _interleaved(fns: dict, rounds: int, sync) -> dict:
-    """Every fn once per round, in turn (a noisy neighbour hits all alike): {name: (median s,
-    [every round's s], last result)}."""
-    times, last = {k: [] for k in fns}, {}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            sync()
-            t0 = time.perf_counter()
-            last[k] = fn()
-            sync()
-            times[k].append(time.perf_counter() - t0)
-    return {k: (float(np.median(v)), v, last[k]) for k, v in times.items()}
+def _interleaved(fns: dict, rounds: int, device) -> dict:
+    """time_variants over zero-argument fns, one call per variant and round, keeping what each
+    returned last: {name: (median s, [every round's s], last result)}."""
+    last = {}
+
+    def keep(name, fn):
+        return lambda: last.__setitem__(name, fn())
+    raw: dict = {}
+    med = time_variants([(k, keep(k, fn)) for k, fn in fns.items()], Runtime(device=device), rounds, 1, raw=raw)
+    return {k: (med[k], raw[k], last[k]) for k in fns}
 
 
 def _ratio(num: list, den: list) -> tuple[float, float, float]:
@@ -217,10 +215,6 @@ def bench_ode(device, n_inst: int, t_end: float, dt: float, rounds: int = 3,
               "skipping the integrator comparison.", file=sys.stderr)
         return []
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     g = torch.Generator().manual_seed(0)
     Q64, K64, V64 = (m.to(device) for m in regimes.sample_instances("convergent", 4, n_inst, generator=g))
     X64 = torch.randn(n_inst, 8, 4, generator=g, dtype=torch.float64).to(device)
@@ -245,7 +239,7 @@ def bench_ode(device, n_inst: int, t_end: float, dt: float, rounds: int = 3,
             return ours_tr["tr"].X[-1]
         res = _interleaved({"ours": ours,
                             "torchdiffeq": lambda: tdq(lambda X: oa._velocity(X, Q, K, V)),
-                            "torchdiffeq_same_field": lambda: tdq(lambda X: prepared(0.0, X))}, rounds, sync)
+                            "torchdiffeq_same_field": lambda: tdq(lambda X: prepared(0.0, X))}, rounds, device)
         sp, lo, hi = _ratio(res["torchdiffeq"][1], res["ours"][1])
         sp2, lo2, hi2 = _ratio(res["torchdiffeq_same_field"][1], res["ours"][1])
         rows.append({"method": "rk4", "dtype": str(dtype).replace("torch.", ""), "instances": n_inst,
@@ -274,7 +268,7 @@ def bench_ode(device, n_inst: int, t_end: float, dt: float, rounds: int = 3,
             X1 = torchdiffeq.odeint(f_plain, X0, t_pts, method="dopri5", rtol=rtol, atol=rtol * 1e-3)[-1]
             return X1, nfe[0]
         runs["torchdiffeq"] = tdq_run
-        res = _interleaved(runs, rounds, sync)
+        res = _interleaved(runs, rounds, device)
         per[rtol] = res
     # torchdiffeq's (error, time) curve over the rtols, for the equal-error comparison
     curve = sorted((float((per[r]["torchdiffeq"][2][0] - ref).abs().max()), per[r]["torchdiffeq"][0]) for r in rtols)
@@ -325,7 +319,7 @@ def bench_scaling(device, rounds: int = 3, steps: int = 10, quick: bool = False)
         suits = oa._batch_last_suits(n, d, B, {})
         if suits:
             fns["batch-first"] = lambda: oa.integrate(X0, Q, K, V, layout="batch-first", **kw)
-        res = _interleaved(fns, rounds, lambda: torch.cuda.synchronize() if device.type == "cuda" else None)
+        res = _interleaved(fns, rounds, device)
         row = {"n": n, "d": d, "batch": B, "steps": steps, "layout": "batch-last" if suits else "batch-first",
                "instance_steps_per_s": B * steps / res["auto"][0],
                "instance_steps_per_s_range": [B * steps / max(res["auto"][1]), B * steps / min(res["auto"][1])]}
