@@ -292,6 +292,53 @@ def _rk4_lean(f, x, h, y, acc):
     return acc.add_(f(0.0, y), alpha=h / 6)                              # + h/6 k₄
 
 
+# The compiled path (integrate(compile=...)): one whole fixed step of the plain / causal field as a
+# pure function of tensors, M = [W | V] and the mask passed in (not closed over), so that
+# torch.compile traces one graph and keeps it when instances drop out (the batch dimension turns
+# dynamic after the first change instead of recompiling for every size). The eager functions are the
+# reference; the compiled ones are torch.compile of exactly these.
+def _plain_field_M(X, M, mask):
+    """softmax(X W Xᵀ) X V from M = [W | V] (d, 2d), −inf where mask (causal) is True."""
+    d = X.shape[-1]
+    Z = X @ M                                                          # [X W | X V]
+    S = Z[..., :d] @ X.transpose(-1, -2)                               # (xᵢᵀ W) xⱼ
+    if mask is not None:
+        S = S.masked_fill(mask, float("-inf"))
+    return torch.softmax(S, dim=-1) @ Z[..., d:]
+
+
+def _rk4_plain(X, M, h, mask):
+    """rk4_step of the plain field, h a 0-d tensor (a Python float would be baked into the graph)."""
+    k1 = _plain_field_M(X, M, mask)
+    k2 = _plain_field_M(X + 0.5 * h * k1, M, mask)
+    k3 = _plain_field_M(X + 0.5 * h * k2, M, mask)
+    k4 = _plain_field_M(X + h * k3, M, mask)
+    return X + (h / 6.0) * (k1 + 2 * k2 + 2 * k3 + k4)
+
+
+def _euler_plain(X, M, h, mask):
+    return X + h * _plain_field_M(X, M, mask)
+
+
+_COMPILED: dict = {}
+
+
+def _compiled_stepper(method: str, backend: str):
+    """torch.compile of _rk4_plain / _euler_plain (one per method and backend, made on first use)."""
+    if (method, backend) not in _COMPILED:
+        fn = {"rk4": _rk4_plain, "euler": _euler_plain}[method]
+        _COMPILED[method, backend] = torch.compile(fn, backend=backend, dynamic=None, fullgraph=True)
+    return _COMPILED[method, backend]
+
+
+def _compile_suits(device, B: int, N: int) -> bool:
+    """compile="auto": compile only where it was measured to pay. On a CPU it does not: a compiled
+    RK4 step of 10⁴ instances (n 8, d 4, float64) ran 1.10× the eager one for 20–60 s of compiling
+    (`python -m analysis.bench`, its compiled row). On a GPU — unmeasured here (analysis/gpu_speed.sh
+    measures it) — only for many instances and many steps, where a compile of ~1 min can be repaid."""
+    return device.type == "cuda" and B >= 10_000 and N >= 1_000
+
+
 # ================================================================================================
 # 2. Integrators: pure steppers step(f, t, x, dt) for Euler, RK4 and Dormand–Prince 5(4), then the
 #    batched, blow-up-aware driver. f(t, x) is the field (autonomous here: t is passed, unused).
@@ -411,7 +458,7 @@ def integrate(X0: torch.Tensor, Q: torch.Tensor, K: torch.Tensor, V: torch.Tenso
               dt: float, method: str = "rk4", *, rtol: float = 1e-6, atol: float = 1e-9,
               max_norm: float = 1e6, n_save: int = 201, max_steps: int = 1_000_000,
               progress: bool = False, layout: str = "auto", error_norm: str = "max",
-              **options) -> Trajectory:
+              compile: bool | str = "auto", **options) -> Trajectory:
     """Integrate dX/dt = velocity(X, Q, K, V, **options) from t = 0 to t_end.
 
     method: "euler" or "rk4" (fixed step: dt, shortened to fit t_end), or "dopri5" (adaptive: each
@@ -429,6 +476,11 @@ def integrate(X0: torch.Tensor, Q: torch.Tensor, K: torch.Tensor, V: torch.Tenso
     round-off), everything
     else batch-first; "batch-first" / "batch-last" force one (batch-last: euler / rk4 and the plain
     or causal field only).
+    compile (fixed-step methods, plain or causal field, batch-first): True runs each step as
+    torch.compile of _rk4_plain / _euler_plain (inductor); a backend name ("aot_eager", …) compiles
+    with that backend; False never; "auto" only where it pays (_compile_suits: never on a CPU, where
+    it was measured at 1.10× for a 20–60 s compile). The eager loop is the reference: the compiled
+    one gives the same trajectories to round-off (tested).
     """
     _check_inputs(X0, Q, K, V, **options)                              # validate everything once
     if layout not in ("auto", "batch-first", "batch-last"):
@@ -444,6 +496,12 @@ def integrate(X0: torch.Tensor, Q: torch.Tensor, K: torch.Tensor, V: torch.Tenso
             raise ValueError(f"{name} must be a positive finite number, got {v!r}.")
     if not isinstance(n_save, int) or n_save < 2:
         raise ValueError(f"n_save must be an integer >= 2, got {n_save!r}.")
+    if not (isinstance(compile, bool) or (isinstance(compile, str) and compile)):
+        raise ValueError(f"compile must be True, False, 'auto' or a torch.compile backend name, got {compile!r}.")
+    if compile not in (False, "auto") and (method == "dopri5" or layout == "batch-last"
+                                            or not _plain_field(options)):
+        raise ValueError("compile takes the fixed-step methods (euler, rk4) on the plain or causal field "
+                         "in the batch-first layout (no dopri5, batch-last, pos, rope or lam).")
 
     # Flatten every batched tensor to (B, ...) so that instances can be dropped once they blow up.
     tensors = {"Q": Q, "K": K, "V": V}
@@ -522,7 +580,33 @@ def integrate(X0: torch.Tensor, Q: torch.Tensor, K: torch.Tensor, V: torch.Tenso
             raise ValueError("layout='batch-last' takes the plain or causal field only (no pos, rope or lam).")
         batch_last = layout == "batch-last" or (
             layout == "auto" and _batch_last_suits(X0.shape[-2], X0.shape[-1], B, options))
-    if method != "dopri5" and batch_last:
+        compiled = compile not in (False, "auto") or (
+            compile == "auto" and layout != "batch-last" and _plain_field(options)
+            and _compile_suits(X0.device, B, N))
+        batch_last = batch_last and not compiled
+    if method != "dopri5" and compiled:
+        # each step one compiled graph of the whole stage sequence; M = [W | V] per instance, gathered
+        # again only when instances drop out (advance() shrinks act)
+        cstep = _compiled_stepper(method, "inductor" if compile in (True, "auto") else compile)
+        M_all = torch.cat((flat(Q) @ flat(K).transpose(-1, -2), flat(V)), dim=-1)   # (B, d, 2d)
+        M_act = M_all
+        mask = _causal_mask(X0.shape[-2], X0.device) if options.get("causal", False) else None
+        h_t = torch.tensor(h, dtype=X0.dtype, device=X0.device)
+        for s in range(1, N + 1):
+            if M_act.shape[0] != act.numel():
+                M_act = M_all[act]
+            x_new = cstep(x if act.numel() == B else x[act], M_act, h_t, mask)
+            n_evals += evals
+            t = s * h
+            advance(x_new, t)
+            n_steps += 1
+            if s in save_at:
+                ts.append(t)
+                xs.append(x.clone())
+            bar.update(h)
+            if act.numel() == 0:
+                break
+    elif method != "dopri5" and batch_last:
         # the same loop in the batch-last layout: state xt (n, d, active), lean steppers into two
         # buffers; x (batch-first) is written only at save times, blow-ups and the end
         F_ = _BatchLastField(flat(Q), flat(K), flat(V), bool(options.get("causal", False)))
@@ -800,6 +884,35 @@ def attention_mask(n: int, dtype, device, attn_bias=None, key_padding_mask=None,
     return mask, False
 
 
+@functools.lru_cache(maxsize=16)
+def _causal_bias(n: int, dtype, device) -> torch.Tensor:
+    """(1, n, n) additive causal mask: 0 on and below the diagonal, −inf above it (j > i)."""
+    bias = torch.zeros(n, n, dtype=dtype, device=device)
+    return bias.masked_fill_(torch.ones(n, n, dtype=torch.bool, device=device).triu(1), float("-inf"))[None]
+
+
+def _explicit_attention(q, k, v, mask, is_causal: bool, dropout_p: float, scale: float):
+    """softmax(q kᵀ · scale + mask) v for (B, H, n, ·) tensors, as SDPA's math kernel computes it,
+    with the logits made by one batched multiply-add (baddbmm: bias + scale · q kᵀ). No padded keys
+    (a fully masked row would be NaN here, 0 in SDPA): Attention sends those to SDPA."""
+    B, H, n, w = q.shape
+    if mask is None and is_causal:
+        mask = _causal_bias(n, q.dtype, q.device)
+    if mask is not None and mask.dim() == 4 and mask.shape[:2] == (1, 1):
+        mask = mask[0]                                                        # (1, n, n) broadcasts
+    q3, k3 = q.reshape(B * H, n, w), k.reshape(B * H, n, w)
+    if mask is None:
+        S = torch.bmm(q3, k3.transpose(1, 2)).mul_(scale)
+    elif mask.dim() == 3:
+        S = torch.baddbmm(mask, q3, k3.transpose(1, 2), alpha=scale)           # bias + scale q kᵀ
+    else:
+        S = (torch.bmm(q3, k3.transpose(1, 2)) * scale).view(B, H, n, n) + mask
+    P = torch.softmax(S.view(B, H, n, n), dim=-1)
+    if dropout_p > 0.0:
+        P = F.dropout(P, p=dropout_p)
+    return P @ v
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with RoPE, the λ-term and definiteness-constrained weights.
 
@@ -978,13 +1091,18 @@ class Attention(nn.Module):
             q = torch.cat((q, lam_x), dim=-1)                                   # q̃ᵢ
             k = torch.cat((k, xh), dim=-1)                                      # k̃ⱼ
         mask, is_causal = attention_mask(n, q.dtype, x.device, attn_bias, key_padding_mask, self.causal)
-        # softmax(q̃ k̃ᵀ / √d_h + bias) v  — fused on GPU. With λ, q̃, k̃ (2d_h) and v (d_h) differ in
-        # width, which the flash kernels refuse: the GPU takes cuDNN / memory-efficient attention, the
-        # CPU its math kernel (zero-padding v admits flash but was slower on the H100; see
-        # results/speed/h100/README.md)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           dropout_p=self.dropout if self.training else 0.0,
-                                           scale=self.scale)
+        dropout_p = self.dropout if self.training else 0.0
+        if self.use_lam and x.device.type == "cpu" and key_padding_mask is None:
+            # softmax(q̃ k̃ᵀ / √d_h + bias) v written out: with λ, q̃, k̃ (2d_h) and v (d_h) differ in
+            # width, which sends SDPA on a CPU to its math kernel; the same three steps written here
+            # run faster (measured in analysis/bench_lm.py, see the README's speed section)
+            y = _explicit_attention(q, k, v, mask, is_causal, dropout_p, self.scale)
+        else:
+            # fused on GPU. With λ the flash kernels refuse the unequal widths: the GPU takes cuDNN /
+            # memory-efficient attention (zero-padding v admits flash but was slower on the H100;
+            # see results/speed/h100/README.md)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                               dropout_p=dropout_p, scale=self.scale)
         if head_mask is not None:
             y = y * head_mask.to(y.dtype)[None, :, None, None]
         y = y.transpose(1, 2).reshape(B, n, d)                                   # concat heads

@@ -4,6 +4,7 @@ that analysis/bench_lm.py and analysis/bench_vit.py share.
 
     python -m analysis.bench                 # ODE integrator vs torchdiffeq, our GPT vs a plain SDPA GPT
     python -m analysis.bench --suite         # ... and the test suite's wall time
+    python -m analysis.bench --all           # every ratio in one run: + --scaling --compiled --variants
     python -m analysis.bench --device cuda   # the same on a GPU
 
 1. The batched ODE integrator (ode_attention.integrate) against torchdiffeq.odeint on the same
@@ -40,6 +41,7 @@ import ode_attention as oa
 import regimes
 import train_lm
 import training
+from analysis import bench_lm
 from training import Runtime, autocast, wrap_model
 
 ROOT = Path(__file__).resolve().parent.parent          # the project folder (analysis/ is inside it)
@@ -300,6 +302,47 @@ def bench_ode(device, n_inst: int, t_end: float, dt: float, rounds: int = 3,
     return rows
 
 
+def bench_compiled(device, n_inst: int, t_end: float, dt: float, rounds: int = 3) -> dict:
+    """integrate(compile=True) — torch.compile (inductor) of the whole RK4 step — against the eager
+    loop on the same instances as bench_ode's (convergent, d = 4, n = 8, float64): the first call's
+    seconds (compile + run), then interleaved rounds against eager batch-first (the compiled path's
+    own reference) and eager "auto" (what integrate() runs by default: batch-last at this size)."""
+    g = torch.Generator().manual_seed(0)
+    Q, K, V = (m.to(device) for m in regimes.sample_instances("convergent", 4, n_inst, generator=g))
+    X0 = torch.randn(n_inst, 8, 4, generator=g, dtype=torch.float64).to(device)
+    kw = dict(t_end=t_end, dt=dt, method="rk4", n_save=2)
+    t0 = time.perf_counter()
+    first = oa.integrate(X0, Q, K, V, compile=True, **kw)
+    first_s = time.perf_counter() - t0
+    res = _interleaved({"compiled": lambda: oa.integrate(X0, Q, K, V, compile=True, **kw),
+                        "eager_batch_first": lambda: oa.integrate(X0, Q, K, V, compile=False,
+                                                                  layout="batch-first", **kw),
+                        "eager_auto": lambda: oa.integrate(X0, Q, K, V, compile=False, **kw)}, rounds, device)
+    sp, lo, hi = _ratio(res["eager_batch_first"][1], res["compiled"][1])
+    sp2, lo2, hi2 = _ratio(res["eager_auto"][1], res["compiled"][1])
+    return {"instances": n_inst, "t_end": t_end, "steps": first.n_steps, "first_call_s": first_s,
+            "compiled_s": res["compiled"][0], "eager_batch_first_s": res["eager_batch_first"][0],
+            "eager_auto_s": res["eager_auto"][0], "speedup_vs_batch_first": sp,
+            "speedup_vs_batch_first_range": [lo, hi], "speedup_vs_auto": sp2, "speedup_vs_auto_range": [lo2, hi2],
+            "max_abs_diff": float((res["compiled"][2].X[-1] - res["eager_batch_first"][2].X[-1]).abs().max())}
+
+
+def bench_variants(device: str, rounds: int, steps: int, shape: list | None = None) -> tuple[dict, str]:
+    """analysis.bench_lm's variants in this run: on a CPU the `small` preset against --pe learned
+    (RoPE, RoPE + each λ mode, each λ mode, the constrained convergent regime); on a GPU the enwik8
+    preset at batch 16 (each λ mode, RoPE + λ, the constrained regime). shape: bench_lm flags that
+    override the preset's model (the tests' tiny run). Returns (report, title)."""
+    gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    argv = (["--device", device, "--bench-preset", "enwik8", "--batch-size", "16", "--bench-variants",
+             "lam-identity,lam-softplus,convergent,rope-lam-identity"] if gpu else
+            ["--device", device, "--bench-preset", "small", "--pe", "learned", "--bench-variants",
+             "rope,rope-lam-identity,rope-lam-softplus,lam-identity,lam-softplus,convergent"])
+    args = bench_lm.build_parser().parse_args(argv + (shape or []) + ["--bench-rounds", str(rounds),
+                                                                        "--bench-steps", str(steps)])
+    _, report, title = bench_lm.measure(args)
+    return report, title.strip()
+
+
 def bench_scaling(device, rounds: int = 3, steps: int = 10, quick: bool = False) -> list[dict]:
     """Instance-steps per second of oa.integrate (RK4, float64, `steps` steps of 0.05) over the
     batch (n = 8, d = 4: 10²…10⁵), n (8, 32, 128 at d = 16) and d (4, 16, 64 at n = 8), with the
@@ -393,7 +436,7 @@ class PlainGPT(nn.Module):
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
-def bench_lm(rt, d: int, layers: int, heads: int, seq_len: int, batch: int, rounds: int, steps: int) -> list[dict]:
+def bench_gpt(rt, d: int, layers: int, heads: int, seq_len: int, batch: int, rounds: int, steps: int) -> list[dict]:
     cfg = dict(vocab_size=256, d_model=d, n_layers=layers, n_heads=heads, seq_len=seq_len, pe="learned",
                lam=0.0, lam_mode="identity", regime="free", mlp_ratio=4.0, dropout=0.0, cutoffs="")
     g = torch.Generator().manual_seed(0)
@@ -437,15 +480,23 @@ def main(argv=None) -> int:
                    help="instances of the dopri5 work-precision comparison (default 2000)")
     p.add_argument("--scaling", action="store_true",
                    help="also the integrator's throughput by batch, n and d (table + scaling.png)")
+    p.add_argument("--compiled", action="store_true",
+                   help="also integrate(compile=True) against the eager loop (compiles for 20-60 s)")
+    p.add_argument("--variants", action="store_true",
+                   help="also every λ mode, RoPE and the constrained regime against the plain model "
+                        "(analysis.bench_lm: the small preset on a CPU, enwik8 at batch 16 on a GPU)")
+    p.add_argument("--variant-rounds", type=int, default=12,
+                   help="interleaved rounds of --variants (2 steps each; default 12)")
+    p.add_argument("--all", action="store_true", help="--scaling --compiled --variants: every ratio in one run")
     p.add_argument("--suite", action="store_true", help="also time `python -m pytest -q`")
     # an ignored folder by default: the committed results/speed is written only when asked for
     # (--out results/speed, as analysis.experiments does)
     p.add_argument("--out", default="out/speed", help="output folder (default out/speed)")
     a = p.parse_args(argv)
     if a.instances <= 0 or not (a.t_end > 0 and 0 < a.dt <= a.t_end) or a.rounds < 1 or a.steps < 1 \
-            or a.dopri_instances <= 0:
-        raise ValueError("need --instances > 0, --dopri-instances > 0, 0 < --dt <= --t-end, --rounds >= 1 "
-                         "and --steps >= 1")
+            or a.dopri_instances <= 0 or a.variant_rounds < 1:
+        raise ValueError("need --instances > 0, --dopri-instances > 0, 0 < --dt <= --t-end, --rounds >= 1, "
+                         "--variant-rounds >= 1 and --steps >= 1")
     training.check_folder(a.out, "--out")          # before minutes of timing, not after
     rt = training.setup_runtime(a.device)
     gpu = rt.device.type == "cuda"
@@ -456,9 +507,15 @@ def main(argv=None) -> int:
         report["matmul_bf16_tflops_datasheet"] = peak_tflops(rt)
     report["ode"] = bench_ode(rt.device, a.instances, a.t_end, a.dt, rounds=a.rounds,
                               dopri_instances=min(a.dopri_instances, a.instances))
+    if a.all:
+        a.scaling = a.compiled = a.variants = True
+    if a.compiled:
+        report["compiled"] = bench_compiled(rt.device, a.instances, a.t_end, a.dt, rounds=a.rounds)
     if a.scaling:
         report["scaling"] = bench_scaling(rt.device, rounds=a.rounds)
-    report["lm"] = bench_lm(rt, a.d_model, a.n_layers or (6 if gpu else 2), a.n_heads,
+    if a.variants:
+        report["variants"], variants_title = bench_variants(a.device, a.variant_rounds, 2)
+    report["lm"] = bench_gpt(rt, a.d_model, a.n_layers or (6 if gpu else 2), a.n_heads,
                             a.seq_len or (1024 if gpu else 256), a.batch_size or (16 if gpu else 4),
                             a.rounds, a.steps)
     report["lm_shape"] = {"d_model": a.d_model, "n_layers": a.n_layers or (6 if gpu else 2),
@@ -513,6 +570,25 @@ def main(argv=None) -> int:
             ls = f"{r['layout_speedup'][0]:.2f}×" if "layout_speedup" in r else "-"
             lines.append(f"| {r['n']} | {r['d']} | {r['batch']:,} | {r['layout']} | {r['instance_steps_per_s']:,.0f} "
                          f"[{lo:,.0f}, {hi:,.0f}] | {bf} | {ls} |")
+    if report.get("compiled"):
+        c = report["compiled"]
+        lines += ["", f"RK4 compiled (torch.compile, inductor) against the eager loop, {c['instances']:,} instances, "
+                  f"{c['steps']} steps, float64 (ratio = eager's time / compiled, median [min, max] of the rounds):", "",
+                  "| first call (compile + run) | compiled (s) | eager batch-first (s) | speed-up | eager auto (s) "
+                  "| speed-up | max abs. difference |", "|---|---|---|---|---|---|---|",
+                  f"| {c['first_call_s']:.1f} s | {c['compiled_s']:.2f} | {c['eager_batch_first_s']:.2f} | "
+                  f"{c['speedup_vs_batch_first']:.2f}× [{c['speedup_vs_batch_first_range'][0]:.2f}, "
+                  f"{c['speedup_vs_batch_first_range'][1]:.2f}] | {c['eager_auto_s']:.2f} | {c['speedup_vs_auto']:.2f}× "
+                  f"[{c['speedup_vs_auto_range'][0]:.2f}, {c['speedup_vs_auto_range'][1]:.2f}] | {c['max_abs_diff']:.1e} |"]
+    if report.get("variants"):
+        v = report["variants"]
+        lines += ["", f"Training-step variants ({variants_title.rstrip(':')}; ratio = tokens/s / the first row's, "
+                  "median of the rounds [min, max of the per-round ratio]):", "",
+                  "| variant | tokens/s | × first row | MFU |", "|---|---|---|---|"]
+        for r in v["rows"]:
+            mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+            lines.append(f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {r['ratio_to_plain']:.3f} "
+                         f"[{r['ratio_range'][0]:.2f}, {r['ratio_range'][1]:.2f}] | {mfu} |")
     s = report["lm_shape"]
     lines += ["", f"LM training step, {s['n_layers']} × {s['d_model']}, seq {s['seq_len']}, batch {s['batch']}:", "",
               "| model | parameters | tokens/s | × plain | MFU |", "|---|---|---|---|---|"]

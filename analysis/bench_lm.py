@@ -33,8 +33,9 @@ import torch
 
 import train_lm
 import training
-from analysis.bench import (add_bench_args, bench_step, build_and_time, finish_report, flops_per_token,
-                            peak_tflops, select_variants)
+# the shared benchmark helpers, read as kit.NAME when called: analysis.bench imports this module
+# for its --variants table, so at import time either of the two may be half-initialised
+from analysis import bench as kit
 
 ROOT = Path(__file__).resolve().parent.parent          # the project folder (analysis/ is inside it)
 
@@ -53,7 +54,7 @@ def build_parser() -> training.ArgParser:
     p.description = ("Training tokens/s of every λ mode and regime of train_lm.py's GPT against the "
                      "plain model (--lam 0), on random bytes (was train_lm.py --bench).")
     p.epilog = None
-    add_bench_args(p, BENCH_VARIANTS | PE_VARIANTS)
+    kit.add_bench_args(p, BENCH_VARIANTS | PE_VARIANTS)
     p.add_argument("--bench-preset", choices=tuple(train_lm.PRESETS),
                    help="time this train_lm.py preset's model and micro-batch (default: enwik8's, cut to "
                         "2 layers, seq 256, batch 4 on CPU)")
@@ -62,6 +63,15 @@ def build_parser() -> training.ArgParser:
 
 def bench(args) -> int:
     """Time every variant (see the module docstring); write bench.json to --out and print the table."""
+    rt, report, title = measure(args)
+    out = Path(args.out or ROOT / "runs" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}")
+    kit.finish_report(rt, out, report, title, "tokens_per_s", "tokens/s", 26, ",.0f")
+    return 0
+
+
+def measure(args) -> tuple:
+    """Build and time every variant: (runtime, report with one row per variant, table title).
+    Each row's ratio_range is the min–max over rounds of the per-round ratio to plain."""
     rt = training.setup_runtime(args.device, amp=not args.no_amp)
     gpu = rt.device.type == "cuda"
     # --bench-preset: that preset's model and micro-batch; otherwise width 512 everywhere: on a GPU
@@ -77,7 +87,7 @@ def bench(args) -> int:
         if getattr(args, k, None) is not None:
             cfg[k] = getattr(args, k)
     micro = args.batch_size or (cfg["batch_size"] // cfg["grad_accum"] if args.bench_preset else 16 if gpu else 4)
-    variants = (select_variants(BENCH_VARIANTS | PE_VARIANTS, args.bench_variants) if args.bench_variants
+    variants = (kit.select_variants(BENCH_VARIANTS | PE_VARIANTS, args.bench_variants) if args.bench_variants
                 else list(BENCH_VARIANTS.values()))
     gen = torch.Generator().manual_seed(0)
     data = torch.randint(0, 256, (micro, cfg["seq_len"] + 1), generator=gen).to(rt.device)
@@ -85,32 +95,31 @@ def bench(args) -> int:
     def make(over):
         c = dict(cfg, lam=0.0, lam_mode="identity", regime="free") | over
         model = train_lm.build_lm(c).to(rt.device)
-        return model, bench_step(model, train_lm.make_optimizer(model, c, rt.device), rt, lambda fwd: fwd(x, y),
+        return model, kit.bench_step(model, train_lm.make_optimizer(model, c, rt.device), rt, lambda fwd: fwd(x, y),
                                  compile=False if args.no_compile else None)
 
-    runs, sec_per_step, rounds = build_and_time(variants, make, rt, args)
+    runs, sec_per_step, rounds = kit.build_and_time(variants, make, rt, args)
     tokens = micro * cfg["seq_len"]
-    peak = peak_tflops(rt, args.peak_tflops)
+    peak = kit.peak_tflops(rt, args.peak_tflops)
     # F = 6 N + 12 L n d of the plain model, for every variant
     plain = runs[0][1]
-    flops = flops_per_token(plain, cfg["n_layers"], cfg["seq_len"], cfg["d_model"])
+    flops = kit.flops_per_token(plain, cfg["n_layers"], cfg["seq_len"], cfg["d_model"])
     rows, base = [], None
     for name, model, _ in runs:
         sec = sec_per_step[name]
         tps = tokens / sec
         base = base or tps
+        per_round = [p / v for p, v in zip(rounds[runs[0][0]], rounds[name])]
         rows.append({"variant": name, "tokens_per_s": tps, "ratio_to_plain": tps / base,
+                     "ratio_range": [min(per_round), max(per_round)],
                      "step_s": sec, "step_s_rounds": rounds[name],
                      "mfu": (flops * tps / (peak * 1e12)) if peak else None})
-    out = Path(args.out or ROOT / "runs" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}")
     report = {"device": str(torch.cuda.get_device_name() if gpu else "cpu"), "threads": torch.get_num_threads(),
               "amp": str(rt.amp_dtype), "compile": gpu and not args.no_compile, "micro_batch": micro,
               "config": {k: cfg[k] for k in ("d_model", "n_layers", "n_heads", "seq_len", "pe")},
               "peak_tflops": peak, "rows": rows}
-    finish_report(rt, out, report, f"\n{report['device']}, {cfg['n_layers']}×{cfg['d_model']} ({cfg['n_heads']} heads), "
-                  f"seq {cfg['seq_len']}, batch {micro}, pe {cfg['pe']}, amp {report['amp']}:",
-                  "tokens_per_s", "tokens/s", 26, ",.0f")
-    return 0
+    return rt, report, (f"\n{report['device']}, {cfg['n_layers']}×{cfg['d_model']} ({cfg['n_heads']} heads), "
+                        f"seq {cfg['seq_len']}, batch {micro}, pe {cfg['pe']}, amp {report['amp']}:")
 
 
 def main(argv=None) -> int:

@@ -77,3 +77,26 @@ def test_without_torchdiffeq_the_integrator_table_is_one_sentence(tmp_path, monk
     md = (tmp_path / "bench.md").read_text()
     assert "| integrator |" not in md and "not measured (torchdiffeq is not installed" in md
     assert json.loads((tmp_path / "bench.json").read_text())["ode"] == []
+
+
+def test_the_compiled_row_and_the_variants_table_come_in_the_same_run(tmp_path, monkeypatch):
+    # --all's two new parts at a tiny size: compiled vs eager RK4 (same answer to round-off: the
+    # instances are convergent), and bench_lm's variants with a spread per variant
+    real = bench.bench_variants
+    monkeypatch.setattr(bench, "bench_variants", lambda dev, r, s: real(dev, r, s, shape=[
+        "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--seq-len", "16", "--batch-size", "2"]))
+    monkeypatch.setattr(bench, "bench_ode", lambda *a, **k: [])
+    assert bench.main(["--device", "cpu", "--instances", "64", "--t-end", "0.5", "--dt", "0.05", "--compiled",
+                       "--variants", "--variant-rounds", "1", "--d-model", "32", "--n-layers", "1", "--n-heads",
+                       "2", "--seq-len", "16", "--batch-size", "2", "--rounds", "1", "--steps", "1",
+                       "--out", str(tmp_path)]) == 0
+    rep = json.loads((tmp_path / "bench.json").read_text())
+    c = rep["compiled"]
+    assert c["steps"] == 10 and c["max_abs_diff"] < 1e-12 and c["first_call_s"] > 0 and c["speedup_vs_auto"] > 0
+    names = [r["variant"] for r in rep["variants"]["rows"]]
+    assert names[0] == "plain (--lam 0)" and "rope + lam identity -0.1" in names and "regime convergent" in names
+    assert rep["variants"]["config"]["pe"] == "learned"
+    for r in rep["variants"]["rows"]:
+        assert r["ratio_range"][0] <= r["ratio_range"][1] and r["tokens_per_s"] > 0
+    md = (tmp_path / "bench.md").read_text()
+    assert "RK4 compiled" in md and "| rope + lam identity -0.1 |" in md

@@ -91,3 +91,37 @@ def test_the_batch_rms_error_norm_takes_fewer_steps_and_is_checked():
     assert err_a <= err_b < 1e-4                                     # ... and every instance pays less care
     with pytest.raises(ValueError, match="error_norm"):
         oa.integrate(X0, Q, K, V, 1.0, 0.1, method="dopri5", error_norm="mean")
+
+
+@pytest.mark.parametrize("backend,causal", [(True, False), ("aot_eager", True)])
+def test_the_compiled_steps_integrate_what_the_eager_loop_does(backend, causal):
+    # True = inductor (generated C++), "aot_eager" = the traced graph run eagerly. A mixed batch:
+    # the divergent half leaves ‖x‖ ≤ 50 at different times, so the compiled step must also take the
+    # batch shrinking (one recompile with a dynamic batch dimension) and freeze exactly the same ones
+    Qd, Kd, Vd, Xd = _batch("divergent", 4, 6, 40, 2, scale=2.0)
+    Qc, Kc, Vc, Xc = _batch("convergent", 4, 6, 40, 5)
+    Q, K, V, X0 = (torch.cat(p) for p in ((Qd, Qc), (Kd, Kc), (Vd, Vc), (Xd, Xc)))
+    kw = dict(t_end=4.0, dt=0.02, method="rk4", n_save=9, max_norm=50.0, causal=causal)
+    ref = oa.integrate(X0, Q, K, V, compile=False, layout="batch-first", **kw)
+    got = oa.integrate(X0, Q, K, V, compile=backend, **kw)
+    assert 0 < int(ref.blown.sum()) < 80
+    assert torch.equal(got.blown, ref.blown) and torch.equal(got.t_blow, ref.t_blow)
+    assert got.status == ref.status and got.n_steps == ref.n_steps and torch.equal(got.t, ref.t)
+    conv = slice(40, 80)                                             # contracting: round-off stays round-off
+    assert (got.X[:, conv] - ref.X[:, conv]).abs().max() <= 1e-11 * ref.X[:, conv].abs().max()
+    # growing instances amplify the compiled kernels' different summation order, nothing more
+    assert ((got.X - ref.X).abs() <= 1e-6 * (1 + ref.X.abs())).all()
+
+
+def test_compile_auto_stays_eager_on_a_cpu_and_refuses_what_it_does_not_do(monkeypatch):
+    assert not oa._compile_suits(torch.device("cpu"), 10**6, 10**6)  # measured 1.10x: never on CPU
+    assert oa._compile_suits(torch.device("cuda"), 10**4, 10**3)
+    assert not oa._compile_suits(torch.device("cuda"), 10**3, 10**5)
+    monkeypatch.setattr(oa, "_compiled_stepper", lambda *a: pytest.fail("compiled on a CPU"))
+    Q, K, V, X0 = _batch("convergent", 4, 20, 20, 7)
+    oa.integrate(X0, Q, K, V, 0.5, 0.1, compile="auto")
+    for kw, what in ((dict(rope=True), "plain or causal"), (dict(method="dopri5"), "fixed-step"),
+                     (dict(layout="batch-last"), "batch-first"), (dict(compile=1), "compile must"),
+                     (dict(compile=""), "compile must")):
+        with pytest.raises(ValueError, match=what):
+            oa.integrate(X0, Q, K, V, 1.0, 0.1, **{"compile": True, **kw})

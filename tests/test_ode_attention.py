@@ -438,20 +438,47 @@ def test_attention_bias_and_padding_mask():
     assert torch.allclose(full[:, :5], enc(x[:, :5]), atol=1e-12)   # padding keys are invisible
 
 
-def test_lambda_term_goes_through_sdpa_and_zero_lambda_is_plain(monkeypatch):
+def test_lambda_term_folds_into_the_features_and_zero_lambda_is_plain(monkeypatch):
+    # q̃ = [q, λx⁽ʰ⁾], k̃ = [k, x⁽ʰ⁾] (2 d_h wide). On a CPU that pair goes through the written-out
+    # softmax (_explicit_attention: SDPA would take its slow math kernel); padded keys and everything
+    # without λ go through SDPA
     calls = []
-    real = F.scaled_dot_product_attention
+    real_sdpa, real_explicit = F.scaled_dot_product_attention, oa._explicit_attention
 
     def spy(q, k, v, **kw):
-        calls.append((q.shape[-1], k.shape[-1], v.shape[-1]))
-        return real(q, k, v, **kw)
+        calls.append(("sdpa", q.shape[-1], k.shape[-1], v.shape[-1]))
+        return real_sdpa(q, k, v, **kw)
+
+    def spy_explicit(q, k, v, *a):
+        calls.append(("explicit", q.shape[-1], k.shape[-1], v.shape[-1]))
+        return real_explicit(q, k, v, *a)
     monkeypatch.setattr(oa.F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(oa, "_explicit_attention", spy_explicit)
     x = torch.randn(2, 5, 16)
     for kw in ({"lam": -0.1}, {"lam": 0.05, "lam_mode": "softplus-diag"}, {"regime": "divergent"}):
         oa.Attention(16, 2, causal=True, **kw)(x)
-    assert calls[:2] == [(16, 16, 8), (16, 16, 8)]                   # q̃, k̃ carry the λ features
-    assert calls[2] == (8, 8, 8)
+    assert calls == [("explicit", 16, 16, 8), ("explicit", 16, 16, 8), ("sdpa", 8, 8, 8)]
+    oa.Attention(16, 2, lam=-0.1)(x, key_padding_mask=torch.ones(2, 5, dtype=torch.bool))
+    assert calls[-1] == ("sdpa", 16, 16, 8)
     assert not any(isinstance(m, torch.nn.Parameter) for m in [getattr(oa.Attention(16, 2), "lam", None)])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_written_out_lambda_attention_is_sdpas_in_value_and_gradient(causal):
+    # float64, every mask kind that reaches it: none, causal, a float bias (ALiBi-like), bias + causal;
+    # the reference is SDPA itself on the same q̃, k̃, v, and the λ and input gradients follow
+    torch.manual_seed(3)
+    for lam_kw in ({"lam": -0.1}, {"lam": 0.05, "lam_mode": "softplus-diag"}):
+        for bias in (None, torch.randn(2, 6, 6, dtype=f64)):
+            att = oa.Attention(16, 2, causal=causal, pe="rope", **lam_kw).double()
+            x = torch.randn(3, 6, 16, dtype=f64, requires_grad=True)
+            y = att(x, attn_bias=bias)                               # written out
+            y_ref = att(x, attn_bias=bias, key_padding_mask=torch.ones(3, 6, dtype=torch.bool))  # SDPA
+            assert (y - y_ref).abs().max() <= 1e-13
+            params = [x] + [p for n, p in att.named_parameters() if "lam" in n]
+            g = torch.autograd.grad(y.square().sum(), params)
+            g_ref = torch.autograd.grad(y_ref.square().sum(), params)
+            assert all((a - b).abs().max() <= 1e-12 for a, b in zip(g, g_ref))
 
 
 def test_constrained_attention_realises_W_and_A_exactly():
