@@ -821,6 +821,78 @@ def integrate_each(X0: torch.Tensor, Q: torch.Tensor, K: torch.Tensor, V: torch.
     return Fates(t=t_save, X=out, t_reached=t_reached, blown=blown, settled=settled, n_steps=steps)
 
 
+# The fate of an instance over a long horizon (analysis/phase.py's rule; train_tied.py's probe of a
+# trained layer's own field): the late log–log slope of the mean token norm decides it.
+FATES = ("converges", "slower", "plateau", "grows")
+FATE_MIN_NORM, FATE_MAX_NORM = 1e-8, 1e6      # settled below, blown up above (every token norm)
+
+
+def late_slopes(t: torch.Tensor, N: torch.Tensor, t_reached: torch.Tensor):
+    """Least-squares slopes of log N against log t (the power) and against t (the exponential
+    rate) over the saved times in [t_r/10, t_r] of each instance (t_r = how far it got). N: (T, B)."""
+    logN = N.clamp_min(1e-300).log()
+    power, rate = [], []
+    for b in range(N.shape[1]):
+        tr = float(t_reached[b])
+        sel = (t >= tr / 10) & (t <= tr * (1 + 1e-12)) & (t > 0)
+        if int(sel.sum()) < 3:
+            power.append(math.nan)
+            rate.append(math.nan)
+            continue
+        y = logN[sel, b]
+        for x, out in ((t[sel].log(), power), (t[sel], rate)):
+            xc = x - x.mean()
+            out.append(float((xc * (y - y.mean())).sum() / (xc * xc).sum()))
+    return power, rate
+
+
+def fate(slope: float, settled: bool, blown: bool) -> str:
+    """An instance's fate from the late log–log slope p of its mean token norm: "grows" if it blew
+    up or p ≥ 0.05; "converges" if it settled (every token below FATE_MIN_NORM) or p ≤ −0.35 (the
+    algebraic t^(−1/2) rate and faster); "slower" for −0.35 < p ≤ −0.05; "plateau" for |p| < 0.05."""
+    if blown:
+        return "grows"
+    if settled or slope <= -0.35:
+        return "converges"
+    if slope <= -0.05:
+        return "slower"
+    if slope < 0.05:
+        return "plateau"
+    return "grows"
+
+
+def field_fates(Q, K, V, X0, t_save, *, max_steps: int = 10_000, **opts) -> dict:
+    """Integrate dX/dt = velocity(X, Q, K, V, **opts) from each X0[b] (per-instance dopri5, rtol
+    1e-6) through the save times t_save, and classify each instance's fate by its late log–log
+    slope (`fate`). Also a trained layer's fate probe (train_tied.py). Q, K, V: (B, d, ·)."""
+    W = Q @ K.transpose(-1, -2)
+    A = regimes.value_form(W, V)
+    fr = integrate_each(X0, Q, K, V, t_save, rtol=1e-6, atol=1e-12, min_norm=FATE_MIN_NORM,
+                        max_norm=FATE_MAX_NORM, max_steps=max_steps, **opts)
+    N = token_norm(fr.X)                                              # (T, B) mean token norm
+    power, rate = late_slopes(fr.t, N, fr.t_reached)
+    Xe = fr.X[-1]
+    v = velocity(Xe, Q, K, V, **opts)
+    rel = (torch.linalg.vector_norm(v, dim=(-2, -1))
+           / torch.linalg.vector_norm(Xe, dim=(-2, -1)).clamp_min(1e-300))
+    return {"fate": [fate(p, bool(s), bool(bl)) for p, s, bl in zip(power, fr.settled, fr.blown)],
+            "slope": power, "rate": rate, "rel_speed": rel.tolist(),
+            # α(V) = max Re λ(V) read off V itself (regimes.value_abscissa's A⁻¹W, the same spectrum,
+            # needs A invertible: a layer with W = 0 has A = 0)
+            "alpha_V": torch.linalg.eigvals(V.double()).real.amax(-1).tolist(),
+            "rho": regimes.antisymmetry_ratio(A).tolist(),
+            "t_reached": fr.t_reached.tolist(), "steps": fr.n_steps.tolist(), "final_norm": N[-1].tolist(),
+            "settled": fr.settled.tolist(), "blown": fr.blown.tolist(),
+            # the mean token norm at every save time (T × B), so any decade's slope can be read later
+            "times": fr.t.tolist(), "norms": N.T.tolist()}
+
+
+def log_times(t_end: float, n_save: int = 61) -> torch.Tensor:
+    """0, then n_save log-spaced times from 0.1 to t_end (the slope window is the last decade)."""
+    return torch.cat([torch.zeros(1, dtype=torch.float64),
+                      torch.logspace(-1, math.log10(t_end), n_save, dtype=torch.float64)])
+
+
 # ================================================================================================
 # 3. The energy E of (I) and the token-geometry probes (docs/dynamics.md §5.4): X (..., n, d) -> (...,)
 # ================================================================================================
@@ -943,13 +1015,15 @@ class Attention(nn.Module):
     is the full d × d value map) and no biases whatever `bias` says (a value bias would make
     Attn(0) = b_v, an affine layer, not the field). W_sym ≻ 0 always; A_sym ≻ 0 (divergent, PD), ⌊d/2⌋ negative
     eigenvalues (intermediate, HD), ≺ 0 (convergent, ND). Unlike the authors' code the constraint is
-    exact (docs/dynamics.md §3.1, the convention caveat).
+    exact (docs/dynamics.md §3.1, the convention caveat). symmetric_A: no antisymmetric part in A
+    (train_tied.py's arms; the authors' runs leave T_A free, and training grows it).
     """
 
     def __init__(self, d: int, n_heads: int, *, causal: bool = False, pe: str = "none",
                  rope_base: float = 10000.0, rope_pairing: str = "interleaved",
                  rope_heads: int | None = None, lam: float = 0.0, lam_mode: str = "identity",
-                 regime: str = "free", bias: bool = False, dropout: float = 0.0):
+                 regime: str = "free", bias: bool = False, dropout: float = 0.0,
+                 symmetric_A: bool = False):
         super().__init__()
         if d <= 0 or n_heads <= 0 or d % n_heads:
             raise ValueError(f"model width {d} must be a positive multiple of n_heads={n_heads}.")
@@ -972,6 +1046,8 @@ class Attention(nn.Module):
         self.rope_heads = n_heads if rope_heads is None else rope_heads
         if not 0 <= self.rope_heads <= n_heads:
             raise ValueError(f"rope_heads must be in [0, {n_heads}], got {rope_heads}.")
+        if symmetric_A and regime == "free":
+            raise ValueError("symmetric_A constrains A, so it needs a constrained regime, not 'free'.")
         self.regime, self.lam_mode, self.dropout = regime, lam_mode, dropout
         self.scale = 1.0 / math.sqrt(self.d_h)
         if pe == "rope-mixed":
@@ -992,7 +1068,10 @@ class Attention(nn.Module):
             n_neg = {"divergent": 0, "intermediate": d // 2, "convergent": d}[regime]
             self.Q = nn.Parameter(torch.nn.init.orthogonal_(torch.empty(d, d)))  # free query map
             self.W_form = regimes.PrescribedInertia(d, n_neg=0, init_scale=0.15)     # W_sym ≻ 0
-            self.A_form = regimes.PrescribedInertia(d, n_neg=n_neg, init_scale=0.15)  # A_sym inertia
+            # A = S_A + T_A, or S_A alone when symmetric_A (T_A = 0: then V = Wᵀ A⁻¹ is Hurwitz in the
+            # convergent regime by construction, λ(V) = v*Wv / v*Av)
+            self.A_form = regimes.PrescribedInertia(d, n_neg=n_neg, init_scale=0.15,   # A_sym inertia
+                                                    antisymmetric=not symmetric_A)
             # K, V from (Q, W, A): Newton–Schulz from the last call's inverses on CUDA, the LU
             # solve on a CPU (regimes.WarmKeysValues). A plain attribute, not a module or buffer:
             # no parameters, nothing in state_dict (checkpoints unchanged), nothing for DDP to

@@ -31,6 +31,10 @@ Run from the project folder. Experiments (each training run is its own process,
                    skipped without it)                                         → results/lm/pe-enwiki*
     vit-pe         none / learned / sin2d / rope-axial / rope-mixed and three λ variants on the
                    embedded `shapes` images                                    → results/vit/pe-lam*
+    tied-mlm       the weight-tied ODE model (train_tied.py): free / PD / HD / ND (symmetric A) at
+                   horizons T = 1, 4, 16 on masked bytes, 5 seeds; realised regime and field fate
+                                                                               → results/tied/mlm*
+    tied-trigger   the same on the Spectral paper's Task 1                     → results/tied/trigger*
     agreement      python -m analysis.agreement --instances N for each seed, then mean ± std
                                                                                → results/core/agreement*
     phase          python -m analysis.phase: fates of convergent-predicted instances to t = 2000 over
@@ -82,14 +86,16 @@ import numpy as np
 from tqdm import tqdm
 
 import train_lm
+import train_tied
 import train_vit
 import training
 from analysis import verdicts
+from ode_attention import FATES
 from spectral import tasks as stt
 
 ROOT = Path(__file__).resolve().parent.parent          # the project folder (analysis/ is inside it)
 PY = sys.executable
-SCRIPTS = {"train_lm.py": train_lm, "train_vit.py": train_vit}
+SCRIPTS = {"train_lm.py": train_lm, "train_vit.py": train_vit, "train_tied.py": train_tied}
 
 # ------------------------------------------------------------------------------------------------
 # 1. What runs: experiments, their variants, and the budgets
@@ -105,6 +111,9 @@ VIT_PE = {"none": ["--pe", "none"], "learned": ["--pe", "learned"], "sin2d": ["-
           "rope-axial-lam-0.1": ["--pe", "rope-axial", "--lam", "-0.1"],
           "rope-axial-lam+0.05-softplus": ["--pe", "rope-axial", "--lam", "0.05", "--lam-mode", "softplus-diag"],
           "learned-lam-0.1": ["--pe", "learned", "--lam", "-0.1"]}
+# the weight-tied ODE model (train_tied.py): every arm at every horizon T (h = T/K = 1/4 throughout)
+TIED_ARMS, TIED_T = ("free", "divergent", "intermediate", "convergent"), (1, 4, 16)
+TIED = {f"{arm}-T{T}": ["--regime", arm, "--T", str(T)] for T in TIED_T for arm in TIED_ARMS}
 SPECTRAL_PES = "none,sin,learned,t5,alibi,rope,rope-partial:1,sin+rope,mla"
 # The pretrained token probe has no seed: its randomness is the text. Seed 0 is analysis.reports'
 # own paragraph; seeds 1, 2 are these two, of the same length and register.
@@ -127,23 +136,29 @@ BUDGETS = {
                                         "--n-layers", "2", "--n-heads", "2"],
                   vit=["--steps", "3", "--eval-images", "64", "--probe-batch", "2"], agreement=20,
                   spectral=["--preset", "tiny", "--seeds", "0,1", "--pes", "none,rope", "--device", "cpu"], device="cpu",
-                  speed=None, phase=None),
+                  speed=None, phase=None,
+                  tied=["--steps", "3", "--eval-every", "3", "--d-model", "8", "--seq-len", "16", "--batch-size", "4",
+                        "--fate-t", "5", "--fate-seqs", "2"], tied_seeds=2),
     # a laptop: ~3 CPU-hours in all, 400-step language models, 1,000-step ViTs (see README)
     "cpu-small": dict(seeds=3, jobs=None, lm=["--steps", "400", "--eval-every", "0"], vit=[],
                       agreement=1000, spectral=["--preset", "small", "--seeds", "0,1,2", "--pes", SPECTRAL_PES, "--device", "cpu"],
-                      device="cpu", speed=["--suite"], phase=["--instances", "102", "--t-end", "2000"]),
+                      device="cpu", speed=["--suite"], phase=["--instances", "102", "--t-end", "2000"],
+                      tied=[], tied_seeds=5),
     # one GPU: a 6 × 256 language model for 3,000 steps, 4,000-step ViTs, the Spectral paper's model
     "gpu": dict(seeds=3, jobs=1, lm=["--d-model", "256", "--n-layers", "6", "--n-heads", "8", "--seq-len", "256",
                                      "--steps", "3000", "--eval-every", "0", "--device", "cuda"],
                 vit=["--steps", "4000", "--device", "cuda"], agreement=10000,
                 spectral=["--preset", "medium", "--seeds", "0,1,2", "--pes", SPECTRAL_PES, "--device", "cuda"],
-                device="cuda", speed=["--device", "cuda"], phase=["--instances", "102", "--t-end", "2000"]),
+                device="cuda", speed=["--device", "cuda"], phase=["--instances", "102", "--t-end", "2000"],
+                tied=[], tied_seeds=5),
 }
 TRAINING = {  # experiment → (script, variants, budget key, results sub-folder, corpus flags)
     "lm-regimes": ("train_lm.py", LM_REGIMES, "lm", "lm/regimes", []),
     "lm-pe": ("train_lm.py", LM_PE, "lm", "lm/pe", []),
     "lm-pe-enwiki": ("train_lm.py", LM_PE, "lm", "lm/pe-enwiki", ["--data", "ENWIKI"]),
     "vit-pe": ("train_vit.py", VIT_PE, "vit", "vit/pe-lam", []),
+    "tied-mlm": ("train_tied.py", TIED, "tied", "tied/mlm", ["--task", "mlm"]),
+    "tied-trigger": ("train_tied.py", TIED, "tied", "tied/trigger", ["--task", "trigger"]),
 }
 ONE_SHOT = ("agreement", "phase", "pretrained", "spectral", "speed")
 EXPERIMENTS = tuple(TRAINING) + ONE_SHOT
@@ -195,7 +210,7 @@ def plan_training(exp: str, budget: str, results: Path, runs: Path, enwiki: Path
     b = BUDGETS[budget]
     corpus = [str(enwiki) if c == "ENWIKI" else c for c in corpus]
     rows, jobs = [], []
-    for seed in range(b["seeds"]):
+    for seed in range(b.get(f"{key}_seeds", b["seeds"])):
         for name, flags in variants.items():
             argv = [*corpus, *flags, *b[key], "--seed", str(seed)]
             kept, run = results / sub / f"{name}-s{seed}", runs / exp / f"{name}-s{seed}"
@@ -260,7 +275,7 @@ def run_training(exp: str, budget: str, results: Path, runs: Path, n_jobs: int, 
         raise RuntimeError(f"{exp}: {len(failed)} run(s) failed; the first: {failed[0]}")
     for _, _, run, kept in jobs:                                      # keep the small files in results/
         _keep(run, kept)
-    tabulate(exp, rows, results)
+    (tabulate_tied if TRAINING[exp][0] == "train_tied.py" else tabulate)(exp, rows, results)
 
 
 def _run_lock(folder: Path) -> training.FolderLock | None:
@@ -454,6 +469,84 @@ def plot(exp: str, data: dict, path: Path, lm: bool, metric: str) -> None:
         plt.close(fig)
 
 
+def collect_tied(rows: list) -> dict:
+    """variant → per-seed lists from the tied runs' summary.json: the headline metric, and at the
+    end of training V's spectral abscissa, h·ρ(V), ρ_A, whether the run stayed a faithful Euler
+    solve (h·ρ(V) < 1 at init and end), and the field-fate counts (end and init)."""
+    data: dict = {}
+    for name, seed, kept in rows:
+        s = json.loads((kept / "summary.json").read_text())
+        d = data.setdefault(name, {"seed": [], "val": [], "wall_s": []})
+        end, init = s["end"], s["init"]
+        d["seed"].append(seed)
+        d["metric"] = s["metric"]
+        d["val"].append(s["val"][s["metric"]])
+        d["wall_s"].append(s["wall_s"])
+        for k in ("abscissa_V", "h_rho_V", "rho_A"):
+            d.setdefault(k, []).append(end["regime"][k])
+        d.setdefault("regime_end", []).append(end["regime"]["regime"])
+        d.setdefault("faithful", []).append(bool(s["faithful"]))
+        d.setdefault("diverged", []).append(s.get("diverged"))         # "loss nan at step …" or None
+        for when, rec in (("end", end), ("init", init)):
+            for f, c in rec["fate"]["counts"].items():
+                d.setdefault(f"fate_{when}", {}).setdefault(f, []).append(c)
+    return data
+
+
+def tabulate_tied(exp: str, rows: list, results: Path) -> None:
+    """results/tied/<task>.md / .csv / .png and results/summary/<exp>.json for the weight-tied runs."""
+    data = collect_tied(rows)
+    metric = next(iter(data.values()))["metric"]
+    head = (f"| arm | T | seeds | validation {metric} | diverged in training | α(V) at the end | h·ρ(V) at the end | faithful runs | "
+            "regime at the end | field fate at the end (conv./slower/plateau/grows) | at init | s / run |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    table = []
+    for name, d in data.items():
+        arm, T = name.rsplit("-T", 1)
+        fates = {w: "/".join(str(sum(d[f"fate_{w}"][f])) for f in FATES) for w in ("end", "init")}
+        regimes_end = ", ".join(f"{r} {d['regime_end'].count(r)}" for r in sorted(set(d["regime_end"])))
+        div = [x for x in d["diverged"] if x]
+        lines.append(f"| {arm} | {T} | {len(d['seed'])} | {fmt(d['val'], 4 if metric == 'bpb' else 2)} | "
+                     f"{len(div)} of {len(d['seed'])}{' (' + '; '.join(div) + ')' if div else ''} | "
+                     f"{fmt(d['abscissa_V'])} | {fmt(d['h_rho_V'])} | {sum(d['faithful'])} of {len(d['seed'])} | "
+                     f"{regimes_end} | {fates['end']} | {fates['init']} | {st.mean(d['wall_s']):.0f} |")
+        table.append({"variant": name, "arm": arm, "T": float(T), "seeds": len(d["seed"]),
+                      "val": mean_std(d["val"])[0], "val_std": mean_std(d["val"])[1],
+                      "abscissa_V": mean_std(d["abscissa_V"])[0], "h_rho_V": mean_std(d["h_rho_V"])[0],
+                      "faithful": sum(d["faithful"]), "diverged": sum(1 for x in d["diverged"] if x),
+                      **{f"{f}_end": sum(d["fate_end"][f]) for f in FATES}})
+    out = results / TRAINING[exp][3]
+    text = "\n".join(lines) + "\n"
+    _write(out.with_suffix(".md"), text)
+    training.write_csv(out.with_suffix(".csv"), table, list(table[0]))
+    _write((results / "summary" / exp).with_suffix(".json"), json.dumps(data, indent=1))
+    plot_tied(exp, data, out.with_suffix(".png"), metric)
+    print(text)
+
+
+def plot_tied(exp: str, data: dict, path: Path, metric: str) -> None:
+    """The headline metric against the horizon T, one line per arm (mean ± std over seeds)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for arm in TIED_ARMS:
+        pts = [(float(n.rsplit("-T", 1)[1]), *mean_std(d["val"])) for n, d in data.items() if n.rsplit("-T", 1)[0] == arm]
+        if pts:
+            T, m, s = zip(*sorted(pts))
+            ax.errorbar(T, m, yerr=s, marker="o", capsize=3, label=arm)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("horizon T (K = 4T Euler steps)")
+    ax.set_ylabel(f"validation {metric}")
+    ax.set_title(f"{exp}: the weight-tied ODE model, mean ± std over seeds")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        training.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
+
+
 # ------------------------------------------------------------------------------------------------
 # 3. One-shot steps: agreement, pretrained, spectral, speed
 # ------------------------------------------------------------------------------------------------
@@ -591,7 +684,7 @@ def combine_agreement(results: Path, seeds: int) -> None:
 # ------------------------------------------------------------------------------------------------
 # The smallest effect of interest δ of each metric (for the equivalence test, TOST): a claim that
 # an arm is better is "no effect ≥ δ" when the data exclude every difference of δ or more.
-DELTA = {"bpb": 0.01, "loss": 0.01, "top1": 1.0, "accuracy": 1.0, "cosine": 0.01, "epochs": 1.0}
+DELTA = {"bpb": 0.01, "loss": 0.01, "top1": 1.0, "accuracy": 1.0, "acc": 1.0, "cosine": 0.01, "epochs": 1.0}
 FAMILIES = ("regimes", "PE", "λ", "Spectral")          # Holm-adjusted within each
 
 
@@ -666,6 +759,7 @@ def claims(results: Path) -> list[tuple[str, str, str, str]]:
                    "so validation loss)", _test(vit, lam, "rope-axial", "val", "loss", True))
         _claim(out, "dynamics", "λ", "The λ-term (−0.1) improves a learned-PE ViT (embedded shapes)",
                _test(vit, "learned-lam-0.1", "learned", "top1", "top1", False))
+    _tied_claims(results, out)
     _pretrained_claims(results, out)
     _spectral_claims(results, out)
     # judge each family's tests together (Holm), then one line per claim
@@ -683,6 +777,44 @@ def claims(results: Path) -> list[tuple[str, str, str, str]]:
         else:
             rows.append((c["paper"], c["claim"], c["test"], c["numbers"]))
     return rows
+
+
+def _tied_claims(results: Path, out: list) -> None:
+    """The Dynamics paper's regime claim where it applies: the weight-tied model (train_tied.py). ND
+    (symmetric A ≺ 0: V Hurwitz by construction) against PD at each horizon, paired by seed, and
+    whether ND's deficit grows from T = 1 to T = 16 (the per-seed gap at 16 against the gap at 1).
+    Each line names the realised regime and the fate of the arms' own fields."""
+    for exp, task in (("tied-mlm", "masked bytes"), ("tied-trigger", "Task 1")):
+        data = _load(results, exp)
+        if not data:
+            continue
+        metric = next(iter(data.values()))["metric"]
+        lower = metric == "bpb"                                       # bpb: lower is better; acc: higher
+
+        def realised(name):
+            d = data[name]
+            f = d["fate_end"]
+            div = sum(1 for x in d.get("diverged", []) if x)
+            return (f"{name}: α(V) {fmt(d['abscissa_V'])}, faithful {sum(d['faithful'])}/{len(d['seed'])}, "
+                    f"diverged in training {div}/{len(d['seed'])} (evaluated before it), "
+                    f"field fate c/s/p/g {'/'.join(str(sum(f[k])) for k in FATES)}")
+        gaps = {}
+        for T in TIED_T:
+            nd, pd = f"convergent-T{T}", f"divergent-T{T}"
+            if nd not in data or pd not in data:
+                continue
+            _claim(out, "dynamics", "regimes", f"In the weight-tied ODE model the convergence regime (ND, symmetric A) "
+                   f"does worse than the divergence regime (PD) at T = {T} ({task})",
+                   _test(data, pd, nd, "val", metric, lower), f"{realised(nd)}; {realised(pd)}")
+            a, b = _by_seed(data[nd], "val"), _by_seed(data[pd], "val")
+            gaps[T] = {s: (a[s] - b[s]) * (1 if lower else -1) for s in set(a) & set(b)}   # ND's deficit
+        if 1 in gaps and 16 in gaps:
+            seeds = sorted(set(gaps[1]) & set(gaps[16]))
+            res = verdicts.compare([gaps[16][s] for s in seeds], [gaps[1][s] for s in seeds], paired=True,
+                                   delta=DELTA[metric], direction="greater")
+            res["label"] = f"ND's {metric} deficit against PD at T = 16 {res['mean_a']:.4g} vs at T = 1 {res['mean_b']:.4g}"
+            _claim(out, "dynamics", "regimes", f"In the weight-tied ODE model ND's deficit against PD grows with the "
+                   f"horizon, T = 1 → 16 ({task})", res)
 
 
 def _agreement_claims(results: Path, out: list) -> None:

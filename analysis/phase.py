@@ -53,15 +53,16 @@ import ode_attention as oa
 import regimes
 import training
 from analysis import verdicts
+# the fate rule and its probe live beside the integrators (train_tied.py uses them too)
+from ode_attention import FATE_MAX_NORM as MAX_NORM, FATE_MIN_NORM as MIN_NORM, FATES, fate, field_fates, \
+    late_slopes, log_times
 
-FATES = ("converges", "slower", "plateau", "grows")
 DS, NS = (4, 8, 16, 32, 64), (8, 32, 128)
 PES = ("none", "rope1e2", "rope1e4", "rope1e6", "rope-quarter")
 MASKS = ("bidirectional", "causal")
 RHOS = (0.0, 0.5, 1.0, 2.0, 4.0)
 SCALES = (0.5, 1.0, 2.0)
 SEEDS = (0, 1, 2)
-MIN_NORM, MAX_NORM = 1e-8, 1e6
 
 
 def pe_options(pe: str, d: int) -> dict:
@@ -106,38 +107,6 @@ def instances(c: dict, per_seed: int, seed: int):
     return Q, K, V, c["scale"] * X0
 
 
-def late_slopes(t: torch.Tensor, N: torch.Tensor, t_reached: torch.Tensor):
-    """Least-squares slopes of log N against log t (the power) and against t (the exponential
-    rate) over the saved times in [t_r/10, t_r] of each instance (t_r = how far it got). N: (T, B)."""
-    logN = N.clamp_min(1e-300).log()
-    power, rate = [], []
-    for b in range(N.shape[1]):
-        tr = float(t_reached[b])
-        sel = (t >= tr / 10) & (t <= tr * (1 + 1e-12)) & (t > 0)
-        if int(sel.sum()) < 3:
-            power.append(math.nan)
-            rate.append(math.nan)
-            continue
-        y = logN[sel, b]
-        for x, out in ((t[sel].log(), power), (t[sel], rate)):
-            xc = x - x.mean()
-            out.append(float((xc * (y - y.mean())).sum() / (xc * xc).sum()))
-    return power, rate
-
-
-def fate(slope: float, settled: bool, blown: bool) -> str:
-    """The fate rule of the module docstring."""
-    if blown:
-        return "grows"
-    if settled or slope <= -0.35:
-        return "converges"
-    if slope <= -0.05:
-        return "slower"
-    if slope < 0.05:
-        return "plateau"
-    return "grows"
-
-
 def run_cell(c: dict, n_inst: int, t_end: float, n_save: int = 61, max_steps: int = 10_000) -> dict:
     """Integrate one cell's instances (n_inst, split over SEEDS) and summarise their fates."""
     t0 = time.time()
@@ -145,28 +114,10 @@ def run_cell(c: dict, n_inst: int, t_end: float, n_save: int = 61, max_steps: in
     opts = pe_options(c["pe"], c["d"])
     if c["mask"] == "causal":
         opts["causal"] = True
-    # save times: 0, then log-spaced from 0.1 to t_end (the slope window is the last decade)
-    t_save = torch.cat([torch.zeros(1, dtype=torch.float64),
-                        torch.logspace(-1, math.log10(t_end), n_save, dtype=torch.float64)])
+    t_save = log_times(t_end, n_save)
     # the three sampling seeds' instances integrate as one batch (one step-size per instance)
     Q, K, V, X0 = (torch.cat(m) for m in zip(*(instances(c, per_seed, seed) for seed in SEEDS)))
-    W = Q @ K.transpose(-1, -2)
-    A = regimes.value_form(W, V)
-    fr = oa.integrate_each(X0, Q, K, V, t_save, rtol=1e-6, atol=1e-12, min_norm=MIN_NORM,
-                           max_norm=MAX_NORM, max_steps=max_steps, **opts)
-    N = oa.token_norm(fr.X)                                              # (T, B) mean token norm
-    power, rate = late_slopes(fr.t, N, fr.t_reached)
-    Xe = fr.X[-1]
-    v = oa.velocity(Xe, Q, K, V, **opts)
-    rel = (torch.linalg.vector_norm(v, dim=(-2, -1))
-           / torch.linalg.vector_norm(Xe, dim=(-2, -1)).clamp_min(1e-300))
-    rec = {"fate": [fate(p, bool(s), bool(bl)) for p, s, bl in zip(power, fr.settled, fr.blown)],
-           "slope": power, "rate": rate, "rel_speed": rel.tolist(),
-           "alpha_V": regimes.value_abscissa(W, A).tolist(), "rho": regimes.antisymmetry_ratio(A).tolist(),
-           "t_reached": fr.t_reached.tolist(), "steps": fr.n_steps.tolist(), "final_norm": N[-1].tolist(),
-           "settled": fr.settled.tolist(), "blown": fr.blown.tolist(),
-           # the mean token norm at every save time (T × B), so any decade's slope can be read later
-           "times": fr.t.tolist(), "norms": N.T.tolist()}
+    rec = field_fates(Q, K, V, X0, t_save, max_steps=max_steps, **opts)
     return {"cell": c, "instances": len(rec["fate"]), "t_end": t_end, "seconds": round(time.time() - t0, 2),
             "records": rec}
 

@@ -171,9 +171,10 @@ def test_every_budget_plans_runs_the_scripts_accept(tmp_path, budget):
     """Each budget's flags go through the training scripts' own parsers and resolve_config (a typo
     in a budget would otherwise surface only hours into `--budget gpu`)."""
     enwiki = tmp_path / "enwiki-sample.xml.bz2"          # planning does not open it
-    for exp, (script, variants, *_rest) in ex.TRAINING.items():
+    for exp, (script, variants, key, *_rest) in ex.TRAINING.items():
         rows, jobs = ex.plan_training(exp, budget, tmp_path / "r", tmp_path / "w", enwiki)
-        assert len(rows) == len(jobs) == len(variants) * ex.BUDGETS[budget]["seeds"]
+        b = ex.BUDGETS[budget]
+        assert len(rows) == len(jobs) == len(variants) * b.get(f"{key}_seeds", b["seeds"])
         assert all(j[0][1] == str(ex.ROOT / script) and "--out" in j[0] for j in jobs)
     for step in ex.ONE_SHOT:
         for cmd in ex.one_shot_commands(step, budget, tmp_path / "r", tmp_path / "w", 2):
@@ -638,3 +639,34 @@ def test_list_prints_each_planned_command_and_a_time_from_the_runs_made(tmp_path
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before     # nothing written
     assert ex.estimate([], 3, 1).startswith("time unknown")
     assert ex.estimate([7200.0, 3600.0], 4, 2).startswith("about 3.0 h (1.5 h per run × 4 / 2 at a time")
+
+
+def test_the_tied_experiments_plan_5_seeds_tabulate_and_judge_nd_against_pd(tmp_path):
+    rows, jobs = ex.plan_training("tied-mlm", "cpu-small", tmp_path / "res", tmp_path / "runs", None)
+    assert len(rows) == 4 * 3 * 5 == len(jobs)                         # 4 arms × T ∈ {1, 4, 16} × 5 seeds
+    assert jobs[0][0][2:] == ["--task", "mlm", "--regime", "free", "--T", "1", "--seed", "0", "--out",
+                              str(tmp_path / "runs" / "tied-mlm" / "free-T1-s0")]
+    # fake kept runs: ND worse than PD by 0.1 bpb at every T on 5 paired seeds, more at T = 16
+    fake = []
+    for name, seed, kept in rows:
+        arm, T = name.rsplit("-T", 1)
+        bpb = 4.0 + 0.01 * seed + (0.1 + 0.05 * (T == "16") + 0.002 * seed if arm == "convergent" else 0.0)
+        reg = {"regime": arm if arm != "free" else "intermediate", "abscissa_V": -0.02 if arm == "convergent" else 0.3,
+               "h_rho_V": 0.2, "rho_A": 0.0}
+        fate = {"counts": {"converges": 8 if arm == "convergent" else 0, "slower": 0, "plateau": 0,
+                           "grows": 0 if arm == "convergent" else 8}}
+        kept.mkdir(parents=True)
+        (kept / "summary.json").write_text(json.dumps({
+            "metric": "bpb", "val": {"bpb": bpb}, "wall_s": 1.0, "faithful": True,
+            "diverged": "loss nan at step 280" if arm == "divergent" and seed == 0 else None,
+            "init": {"regime": reg, "fate": fate}, "end": {"regime": reg, "fate": fate}}))
+        fake.append((name, seed, kept))
+    ex.tabulate_tied("tied-mlm", fake, tmp_path / "res")
+    md = (tmp_path / "res" / "tied" / "mlm.md").read_text()
+    assert "| convergent | 16 | 5 | 4.1740 ± 0.0190 | 0 of 5 |" in md
+    assert "| divergent | 4 | 5 | 4.0200 ± 0.0158 | 1 of 5 (loss nan at step 280) |" in md
+    assert "| 40/0/0/0 |" in md                                      # ND's fields: 5 seeds × 8 sequences converge
+    lines = [r for r in ex.claims(tmp_path / "res") if "weight-tied" in r[1]]
+    assert len(lines) == 4
+    assert all(r[2] == "supported" for r in lines)                  # ND loses at each T, and more at 16
+    assert "diverged in training 1/5" in lines[0][3]

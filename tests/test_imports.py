@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # layer of each top-level project name; data/ and spectral/ share a layer but do not import each other
 LAYER = {"rope": 0, "regimes": 1, "ode_attention": 2, "training": 3, "data": 4, "spectral": 4,
-         "train_lm": 5, "train_vit": 5, "analysis": 6}
+         "train_lm": 5, "train_vit": 5, "train_tied": 5, "analysis": 6}
 PACKAGES = ("data", "spectral", "analysis")
 
 
