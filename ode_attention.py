@@ -186,16 +186,16 @@ def _prepared_field(Q, K, V, **options):
 
     def f(t, X):
         n = X.shape[-2]
+        mask = _causal_mask(n, X.device) if causal else None
+        if not rope:
+            return _plain_field_M(X, M, mask)                     # softmax((yᵢᵀ W) yⱼ) Y V
         Z = X @ M
-        if rope:
-            cos, sin = _rope_table(n, rd, base, X.dtype, X.device)
-            q = rope_mod.rotate(Z[..., :dk], cos, sin, pairing)    # qᵢ R(i)ᵀ
-            k = rope_mod.rotate(Z[..., dk:2 * dk], cos, sin, pairing)
-            S = q @ k.transpose(-1, -2)                           # yᵢᵀ Q R(j−i) Kᵀ yⱼ
-        else:
-            S = Z[..., :d] @ X.transpose(-1, -2)                  # (yᵢᵀ W) yⱼ
-        if causal:
-            S = S.masked_fill(_causal_mask(n, X.device), float("-inf"))
+        cos, sin = _rope_table(n, rd, base, X.dtype, X.device)
+        q = rope_mod.rotate(Z[..., :dk], cos, sin, pairing)        # qᵢ R(i)ᵀ
+        k = rope_mod.rotate(Z[..., dk:2 * dk], cos, sin, pairing)
+        S = q @ k.transpose(-1, -2)                               # yᵢᵀ Q R(j−i) Kᵀ yⱼ
+        if mask is not None:
+            S = S.masked_fill(mask, float("-inf"))
         return torch.softmax(S, dim=-1) @ Z[..., -d:]             # Σⱼ Pᵢⱼ yⱼᵀ V
 
     return f
@@ -332,10 +332,11 @@ def _compiled_stepper(method: str, backend: str):
 
 
 def _compile_suits(device, B: int, N: int) -> bool:
-    """compile="auto": compile only where it was measured to pay. On a CPU it does not: a compiled
-    RK4 step of 10⁴ instances (n 8, d 4, float64) ran 1.10× the eager one for 20–60 s of compiling
-    (`python -m analysis.bench`, its compiled row). On a GPU — unmeasured here (analysis/gpu_speed.sh
-    measures it) — only for many instances and many steps, where a compile of ~1 min can be repaid."""
+    """compile="auto": compile only where it was measured to pay. On a CPU it does not: 10⁴
+    instances (n 8, d 4, float64, 100 RK4 steps) ran 1.24× the eager batch-first loop but 0.58× the
+    default batch-last one, after a first call of 18.9 s (`python -m analysis.bench --compiled`). On
+    a GPU — unmeasured here (analysis/gpu_speed.sh measures it) — only for many instances and many
+    steps, where a compile of ~20 s can be repaid."""
     return device.type == "cuda" and B >= 10_000 and N >= 1_000
 
 
@@ -479,7 +480,7 @@ def integrate(X0: torch.Tensor, Q: torch.Tensor, K: torch.Tensor, V: torch.Tenso
     compile (fixed-step methods, plain or causal field, batch-first): True runs each step as
     torch.compile of _rk4_plain / _euler_plain (inductor); a backend name ("aot_eager", …) compiles
     with that backend; False never; "auto" only where it pays (_compile_suits: never on a CPU, where
-    it was measured at 1.10× for a 20–60 s compile). The eager loop is the reference: the compiled
+    it did not beat the eager default). The eager loop is the reference: the compiled
     one gives the same trajectories to round-off (tested).
     """
     _check_inputs(X0, Q, K, V, **options)                              # validate everything once

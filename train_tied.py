@@ -46,7 +46,7 @@ What every run records (summary.json, probe.csv)
 
 If the Dynamics paper is right, ND loses to PD and the gap grows with T; a constant or reversed gap
 contradicts it in the setting it describes (run all arms and horizons with
-`python -m analysis.experiments --only tied`).
+`python -m analysis.experiments --only tied-mlm`, `tied-trigger`).
 """
 from __future__ import annotations
 
