@@ -111,7 +111,7 @@ VIT_PE = {"none": ["--pe", "none"], "learned": ["--pe", "learned"], "sin2d": ["-
           "rope-axial-lam-0.1": ["--pe", "rope-axial", "--lam", "-0.1"],
           "rope-axial-lam+0.05-softplus": ["--pe", "rope-axial", "--lam", "0.05", "--lam-mode", "softplus-diag"],
           "learned-lam-0.1": ["--pe", "learned", "--lam", "-0.1"]}
-# the weight-tied ODE model (train_tied.py): every arm at every horizon T (h = T/K = 1/4 throughout)
+# the weight-tied ODE model (train_tied.py): every arm at every horizon T (K = 64 steps, h = T/64)
 TIED_ARMS, TIED_T = ("free", "divergent", "intermediate", "convergent"), (1, 4, 16)
 TIED = {f"{arm}-T{T}": ["--regime", arm, "--T", str(T)] for T in TIED_T for arm in TIED_ARMS}
 SPECTRAL_PES = "none,sin,learned,t5,alibi,rope,rope-partial:1,sin+rope,mla"
@@ -536,7 +536,7 @@ def plot_tied(exp: str, data: dict, path: Path, metric: str) -> None:
             T, m, s = zip(*sorted(pts))
             ax.errorbar(T, m, yerr=s, marker="o", capsize=3, label=arm)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("horizon T (K = 4T Euler steps)")
+    ax.set_xlabel(f"horizon T (K = {train_tied.DEFAULT_K} Euler steps, h = T/K)")
     ax.set_ylabel(f"validation {metric}")
     ax.set_title(f"{exp}: the weight-tied ODE model, mean ± std over seeds")
     ax.legend(fontsize=8)
