@@ -400,6 +400,13 @@ def train(cfg: dict, args, rt: training.Runtime) -> int:
 
     n_params = sum(p.numel() for p in model.parameters())
     metric = corpus.metric
+    # the realised regime of every layer and the fate of its own field, at init and at the end, on
+    # the same validation windows (training.layer_fields; the init record survives a resume)
+    n_probe = max(1, min(args.probe_batch, (len(corpus.val) - 1) // cfg["seq_len"]))
+    starts = np.arange(n_probe)[:, None] * cfg["seq_len"] + np.arange(cfg["seq_len"])
+    x_probe = torch.from_numpy(corpus.val[starts].astype(np.int64)).to(rt.device)
+    if start == 0 and rt.is_main:
+        run.write_json("layers-init.json", training.layer_fields(model, x_probe[:2]))
     title = (f"{corpus.name} pe={cfg['pe']} λ={cfg['lam']:g} ({cfg['lam_mode']}) regime={cfg['regime']} "
              f"{cfg['n_layers']}×{cfg['d_model']}")
     if rt.is_main:
@@ -433,17 +440,19 @@ def train(cfg: dict, args, rt: training.Runtime) -> int:
         return training.interrupted_exit(result, run, rt)
     if rt.is_main:
         model.eval()
-        n_probe = max(1, min(args.probe_batch, (len(corpus.val) - 1) // cfg["seq_len"]))
-        starts = np.arange(n_probe)[:, None] * cfg["seq_len"] + np.arange(cfg["seq_len"])
-        x = torch.from_numpy(corpus.val[starts].astype(np.int64)).to(rt.device)
-        training.write_probe(training.token_probe(model, x), run, title)
+        training.write_probe(training.token_probe(model, x_probe), run, title)
         ev = result["eval"]
         summary = {"step": result["step"], "wall_s": wall, "params": n_params, "metric": metric,
                    "val": ev.get("val"), "test": ev.get("test"),
                    "lam": [blk.attn.lam_values().tolist() if blk.attn.lam_values() is not None else None
                            for blk in model.blocks],
                    # constrained runs: the inertia each layer's forms really have in float32
-                   "inertia": training.realised_inertia(model)}
+                   "inertia": training.realised_inertia(model),
+                   # per layer: α(V O), #Re λ > 0, #unstable under the unit Euler step, ρ_A, and the
+                   # fate of the layer's own field from its LayerNorm'd inputs (t = 20), init and end
+                   "layers": {"init": json.loads((run.path / "layers-init.json").read_text())
+                              if (run.path / "layers-init.json").exists() else None,
+                              "end": training.layer_fields(model, x_probe[:2])}}
         run.write_json("summary.json", summary)
         print(f"done: step {result['step']}, validation {metric} {ev['val'][metric]:.4f}, "
               f"test {metric} {ev['test'][metric]:.4f}  ({wall:.0f} s; {run.path})")

@@ -43,6 +43,7 @@ value), loss.png and ckpt.pt.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import errno
 import io
@@ -900,6 +901,65 @@ def realised_inertia(model: torch.nn.Module) -> list[dict]:
                       f"L D Lᵀ has {r['realised']} (cond(L|D|^½) = {r['kappa']:.2g}): the constrained regime "
                       "is not realised", file=sys.stderr)
     return out
+
+
+def value_map_stats(attn) -> dict:
+    """The realised value map of an ode_attention.Attention, M = V O (V alone when constrained):
+    near X = 0 every softmax row is uniform, so the mean token obeys x̄' = x̄ M (x̄ ← x̄ (I + M) under
+    the block's unit Euler step). α(M) = max Re λ(M), n_re_pos = #{Re λ > 0} (the field's mean mode
+    unstable), n_euler_unstable = #{|1 + λ| > 1} (the unit step's), and ρ_A = ‖A_anti‖/‖A_sym‖ for
+    A = W M⁻ᵀ, W = Σₕ QₕKₕᵀ (for one head the identity xᵢᵀAẋᵢ = Σⱼ Pᵢⱼ xᵢᵀWxⱼ; for several, the
+    same matrices as a summary)."""
+    with torch.no_grad():
+        Q, K, V, O = (None if m is None else m.detach().double() for m in attn.qkv_matrices())
+        M = V if O is None else V @ O
+        ev = torch.linalg.eigvals(M)
+        W = Q @ K.T
+        rho = float(regimes.antisymmetry_ratio(regimes.value_form(W, M)))
+    return {"abscissa_V": float(ev.real.max()), "n_re_pos": int((ev.real > 0).sum()),
+            "n_euler_unstable": int(((1 + ev).abs() > 1).sum()), "rho_A": rho, "d": int(M.shape[0])}
+
+
+def layer_fields(model: torch.nn.Module, idx: torch.Tensor, *, t_end: float = 20.0, dt: float = 0.1,
+                 max_norm: float = 1e6) -> list[dict]:
+    """Per block l of a model with `hidden(idx, record=...)` (train_lm's GPT): value_map_stats of its
+    attention, and the fate of that layer's OWN field dX/dt = Attn_l(X) (its multi-head attention,
+    weights frozen, float64, the causal mask included) from X⁰ = LN₁(h_l), the LayerNorm'd tokens
+    that reach it on `idx`: RK4 with step dt to t_end, saved on a log grid; growth = mean token
+    norm at the end / at 0, the late log–log slope over [t_end/10, t_end] and ode_attention.fate.
+    An instance whose largest token norm passes max_norm is stopped there and grows."""
+    m = copy.deepcopy(model).double().eval()
+    n = idx.shape[1]
+    attn_bias = m.alibi[:, :n, :n] if getattr(m, "pe", None) == "alibi" else None
+    t_save = ode_attention.log_times(t_end, 31)
+    rows = []
+    with torch.no_grad():
+        states: list = []
+        m.hidden(idx, record=states)
+        for l, blk in enumerate(m.blocks):
+            x = blk.ln1(states[l])
+            f = lambda t, X, a=blk.attn: a(X, attn_bias=attn_bias)           # noqa: E731
+            N0 = ode_attention.token_norm(x)
+            norms, t, alive, t_reached = [N0], 0.0, torch.ones(len(x), dtype=torch.bool), torch.full((len(x),), t_end)
+            for ts in t_save[1:].tolist():
+                while t < ts - 1e-12:
+                    h = min(dt, ts - t)
+                    x_new = ode_attention.rk4_step(f, t, x, h)
+                    big = ~(torch.linalg.vector_norm(x_new, dim=-1).amax(-1) <= max_norm)
+                    t_reached[alive & big] = t + h
+                    alive &= ~big
+                    x = torch.where(alive[:, None, None], x_new, x)               # the blown keep their last state
+                    t += h
+                    if not alive.any():
+                        break
+                norms.append(ode_attention.token_norm(x))
+            N = torch.stack(norms)                                               # (T, B)
+            slope, _ = ode_attention.late_slopes(t_save[: len(N)], N, t_reached)
+            fates = [ode_attention.fate(p, False, not bool(a)) for p, a in zip(slope, alive)]
+            rows.append({"layer": l, **value_map_stats(blk.attn),
+                         "growth": float((N[-1] / N[0]).median()), "slope": float(np.nanmedian(slope)),
+                         "fates": {k: fates.count(k) for k in ode_attention.FATES}})
+    return rows
 
 
 def write_csv(path: str | os.PathLike, rows: list[dict], fieldnames: list | None = None) -> None:

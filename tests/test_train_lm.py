@@ -5,6 +5,7 @@ import bz2
 import csv
 import itertools
 import json
+import math
 import os
 import signal
 import subprocess
@@ -423,3 +424,30 @@ def test_an_absurd_size_is_refused_with_the_memory_it_would_need(text_file, tmp_
     assert not out.exists()
     # the bound is from below: the tiny configuration is far inside it
     assert train_lm.memory_lower_bound({"n_layers": 1, "d_model": 16, "seq_len": 16, "n_heads": 2}, 4) < 2 ** 20
+
+
+@pytest.mark.parametrize("c,fate", [(3.0, "converges"), (-0.5, "grows")])
+def test_the_layer_probe_on_layers_whose_field_is_known_in_closed_form(c, fate):
+    # W = 0 (Q = 0: uniform causal attention) and the value map V O = −c I: every token obeys
+    # ẋᵢ = −c · mean_{j ≤ i} xⱼ, so token 1 decays like e^{−ct} and the others follow (c = 3:
+    # converges; c = −0.5: grows like e^{t/2}). The mean mode's spectrum is −c: Re λ > 0 for no
+    # direction at c = 3, yet |1 + λ| = 2 > 1 for all of them (the unit Euler step is unstable)
+    cfg = dict(vocab_size=256, d_model=8, n_layers=2, n_heads=2, seq_len=12, pe="learned", lam=0.0,
+               lam_mode="identity", regime="free", mlp_ratio=2.0, dropout=0.0, cutoffs="")
+    torch.manual_seed(0)
+    model = train_lm.build_lm(cfg)
+    with torch.no_grad():
+        for blk in model.blocks:
+            w = torch.zeros(24, 8)
+            w[16:] = -c * torch.eye(8)                                  # [Q | K | V]ᵀ, V = −c I
+            blk.attn.qkv.weight.copy_(w)
+            blk.attn.proj.weight.copy_(torch.eye(8))                  # O = I
+    rows = training.layer_fields(model, torch.randint(0, 256, (3, 12)), t_end=20.0)
+    for r in rows:
+        assert r["abscissa_V"] == pytest.approx(-c)
+        assert math.isnan(r["rho_A"])                                 # W = 0 gives A = 0: no ratio to read
+        assert r["n_re_pos"] == (0 if c > 0 else 8)
+        assert r["n_euler_unstable"] == 8                             # |1 − 3| = 2 and 1 + 0.5 > 1
+        assert r["fates"][fate] == 3
+    if c < 0:
+        assert rows[0]["growth"] > 1e3                                # e^{t/2} at t = 20: ~2e4 for token 1
