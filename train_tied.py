@@ -150,8 +150,12 @@ class TiedEncoder(nn.Module):
         W = Q @ K.T
         r = regimes.regime_of(W, regimes.value_form(W, V))
         ev = torch.linalg.eigvals(V)
+        ea = r["eig_A_sym"].abs()
+        # κ(A_sym): with A ≺ 0 symmetric the energy E = Σ xᵢᵀAxᵢ never decreases, which bounds the
+        # token norms only up to √κ — a near-singular A lets tokens grow while E still rises
         return {"regime": r["regime"], "inertia_W": r["inertia_W"], "inertia_A": r["inertia_A"],
                 "abscissa_V": r["abscissa_V"], "hurwitz_V": r["hurwitz_V"], "rho_A": r["rho_A"],
+                "min_abs_eig_A_sym": float(ea.min()), "cond_A_sym": float(ea.max() / ea.min().clamp_min(1e-300)),
                 "n_eig_V_positive": int((ev.real > 0).sum()), "h_rho_V": self.h_rho(), "warning": r["warning"]}
 
 

@@ -42,6 +42,7 @@ def test_the_constrained_arms_realise_their_regimes_and_symmetric_A_makes_V_hurw
         assert r["rho_A"] < 1e-10                                    # T_A = 0 (float64)
     nd = _model("convergent").regime()
     assert nd["hurwitz_V"] and nd["abscissa_V"] < 0 and nd["n_eig_V_positive"] == 0
+    assert nd["cond_A_sym"] >= 1 and nd["min_abs_eig_A_sym"] > 0
     # a free antisymmetric part is kept only when asked for
     assert _model("convergent", antisymmetric_A=True).regime()["rho_A"] > 1e-3
     with pytest.raises(ValueError, match="constrained regime"):
