@@ -74,6 +74,9 @@ MASK_FRACTION = 0.15
 # value maps grow where the horizon is short (ρ(V) ≈ 32 after 400 steps of PD at T = 1, ≈ 3 at
 # T = 4, in the pilot), so h = 1/4 (K = 4T) left h·ρ(V) at 8 at T = 1; with K = 64, h·ρ(V) ≈ 0.5
 DEFAULT_K = 64
+# a checkpoint at every log step (every 10): a divergent arm whose loss turns NaN falls back on the
+# model of at most 10 steps before (PD at T = 16 diverged at step 90, before the first evaluation)
+CKPT_EVERY = 10
 A_INIT_SCALE = 1.5                  # |D| of the constrained arms' A = L D Lᵀ at init (see TiedEncoder)
 REGIMES = ode_attention.REGIMES     # ("free", "divergent", "intermediate", "convergent")
 TASKS = ("mlm", "trigger")
@@ -376,16 +379,20 @@ def main(argv=None) -> int:
         result = training.train_loop(model, optimizer, rt=rt, run=run, config=cfg, steps=cfg["steps"],
                                      batch_fn=batch_fn, loss_fn=loss_of, eval_fn=eval_fn, lr=cfg["lr"],
                                      warmup=min(50, cfg["steps"] // 10), min_lr=cfg["lr"] / 10, clip=1.0,
-                                     eval_every=cfg["eval_every"], ckpt_every=cfg["eval_every"], log_every=10,
+                                     eval_every=cfg["eval_every"], ckpt_every=CKPT_EVERY, log_every=CKPT_EVERY,
                                      start_step=start, unit="seq", title=title)
     except ValueError as e:
         # A divergent arm can blow its own forward pass up (tokens grow like e^{α(V) t}, and training
         # raises α(V)): that is an outcome of the arm, not a failure of the run. Keep it — the last
         # checkpoint (the model before the loss turned non-finite) is evaluated and the summary says
         # at which step training diverged. No checkpoint yet: the run fails as before.
-        if "the training loss became" not in str(e) or not run.ckpt.exists():
+        nan_loss = "the training loss became" in str(e)
+        bad_weights = not all(bool(torch.isfinite(p).all()) for p in model.parameters())
+        if not (nan_loss or bad_weights) or not run.ckpt.exists():
             raise
-        diverged = str(e).split(":")[0].replace("the training loss became", "loss").strip()
+        # seen by the loss check at a log step, or by an evaluation that met non-finite weights first
+        diverged = (str(e).split(":")[0].replace("the training loss became", "loss").strip() if nan_loss
+                    else "non-finite weights")
         step = training.restore(training.load_checkpoint(run.ckpt), model, optimizer)
         model.eval()
         with torch.no_grad():

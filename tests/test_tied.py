@@ -124,21 +124,26 @@ def test_bad_flags_are_one_sentence_and_exit_2(tmp_path, capsys, argv, what):
     assert not (tmp_path / "r" / "summary.json").exists()
 
 
-def test_a_run_whose_loss_turns_non_finite_keeps_its_last_checkpoint_and_says_so(tmp_path, monkeypatch):
+@pytest.mark.parametrize("eval_every,said", [(30, "loss nan at step 20"), (5, "non-finite weights")])
+def test_a_run_whose_loss_turns_non_finite_keeps_its_last_checkpoint_and_says_so(tmp_path, monkeypatch,
+                                                                                 eval_every, said):
     # a divergent arm can blow its own forward pass up; the run then evaluates the last good
-    # checkpoint and records where training diverged (here: the loss is made NaN from the 7th step)
+    # checkpoint and records where training diverged (here: the loss is made NaN from the 13th step;
+    # checkpoints every 10 steps; the NaN is seen by the log check at step 20, or first by the
+    # evaluation at step 15, which meets the non-finite weights)
     calls = {"n": 0}
     real = tt.loss_of
 
     def failing(model, batch):
         calls["n"] += 1
         loss, units = real(model, batch)
-        return (loss * float("nan") if calls["n"] > 6 else loss), units
+        return (loss * float("nan") if calls["n"] > 12 else loss), units
     monkeypatch.setattr(tt, "loss_of", failing)
     out = tmp_path / "run"
     assert tt.main(["--regime", "divergent", "--T", "1", "--K", "4", "--d-model", "8", "--seq-len", "16",
-                    "--batch-size", "4", "--steps", "20", "--eval-every", "5", "--fate-t", "5", "--fate-seqs", "2",
+                    "--batch-size", "4", "--steps", "30", "--eval-every", str(eval_every), "--fate-t", "5",
+                    "--fate-seqs", "2",
                     "--out", str(out)]) == 0
     s = json.loads((out / "summary.json").read_text())
-    assert s["diverged"] == "loss nan at step 10" and s["step"] == 5
+    assert s["diverged"] == said and s["step"] == 10
     assert math.isfinite(s["val"]["bpb"]) and s["end"]["regime"]["regime"] == "divergent"
