@@ -585,29 +585,7 @@ def integrate(X0: torch.Tensor, Q: torch.Tensor, K: torch.Tensor, V: torch.Tenso
             compile == "auto" and layout != "batch-last" and _plain_field(options)
             and _compile_suits(X0.device, B, N))
         batch_last = batch_last and not compiled
-    if method != "dopri5" and compiled:
-        # each step one compiled graph of the whole stage sequence; M = [W | V] per instance, gathered
-        # again only when instances drop out (advance() shrinks act)
-        cstep = _compiled_stepper(method, "inductor" if compile in (True, "auto") else compile)
-        M_all = torch.cat((flat(Q) @ flat(K).transpose(-1, -2), flat(V)), dim=-1)   # (B, d, 2d)
-        M_act = M_all
-        mask = _causal_mask(X0.shape[-2], X0.device) if options.get("causal", False) else None
-        h_t = torch.tensor(h, dtype=X0.dtype, device=X0.device)
-        for s in range(1, N + 1):
-            if M_act.shape[0] != act.numel():
-                M_act = M_all[act]
-            x_new = cstep(x if act.numel() == B else x[act], M_act, h_t, mask)
-            n_evals += evals
-            t = s * h
-            advance(x_new, t)
-            n_steps += 1
-            if s in save_at:
-                ts.append(t)
-                xs.append(x.clone())
-            bar.update(h)
-            if act.numel() == 0:
-                break
-    elif method != "dopri5" and batch_last:
+    if method != "dopri5" and batch_last:
         # the same loop in the batch-last layout: state xt (n, d, active), lean steppers into two
         # buffers; x (batch-first) is written only at save times, blow-ups and the end
         F_ = _BatchLastField(flat(Q), flat(K), flat(V), bool(options.get("causal", False)))
@@ -637,8 +615,24 @@ def integrate(X0: torch.Tensor, Q: torch.Tensor, K: torch.Tensor, V: torch.Tenso
                 break
         x[act] = xt.permute(2, 0, 1)
     elif method != "dopri5":
+        if compiled:
+            # each step one compiled graph of the whole stage sequence; M = [W | V] per instance,
+            # gathered again only when instances drop out (advance() shrinks act)
+            cstep = _compiled_stepper(method, "inductor" if compile in (True, "auto") else compile)
+            M_all = torch.cat((flat(Q) @ flat(K).transpose(-1, -2), flat(V)), dim=-1)   # (B, d, 2d)
+            M_act = [M_all]
+            mask = _causal_mask(X0.shape[-2], X0.device) if options.get("causal", False) else None
+            h_t = torch.tensor(h, dtype=X0.dtype, device=X0.device)
+
+            def one_step(xa, t):
+                if M_act[0].shape[0] != act.numel():
+                    M_act[0] = M_all[act]
+                return cstep(xa, M_act[0], h_t, mask)
+        else:
+            def one_step(xa, t):
+                return step(f, t, xa, h)                               # f: the active instances' field
         for s in range(1, N + 1):
-            x_new = step(f, t, x if act.numel() == B else x[act], h)
+            x_new = one_step(x if act.numel() == B else x[act], t)
             n_evals += evals
             t = s * h
             advance(x_new, t)
