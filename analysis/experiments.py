@@ -270,11 +270,14 @@ def run_training(exp: str, budget: str, results: Path, runs: Path, n_jobs: int, 
     todo = [(argv, log) for argv, log, _, _ in jobs if argv is not None]
     _clear_unfinished(jobs)                          # (planning never deletes: --list must be harmless)
     print(f"{exp}: {len(rows)} runs, {len(rows) - len(jobs)} already in {results}, {len(todo)} to run", flush=True)
-    failed = run_processes(todo, n_jobs, desc=exp)
+    for argv, _, run, kept in jobs:             # runs an earlier call finished under runs/: kept now
+        if argv is None:
+            _keep(run, kept)
+    folders = {log: (run, kept) for argv, log, run, kept in jobs if argv is not None}
+    failed = run_processes(todo, n_jobs, desc=exp, on_done=lambda log: _keep(*folders[log]))
     if failed:
-        raise RuntimeError(f"{exp}: {len(failed)} run(s) failed; the first: {failed[0]}")
-    for _, _, run, kept in jobs:                                      # keep the small files in results/
-        _keep(run, kept)
+        raise RuntimeError(f"{exp}: {len(failed)} run(s) failed (the finished ones are kept in {results}); "
+                           f"the first: {failed[0]}")
     (tabulate_tied if TRAINING[exp][0] == "train_tied.py" else tabulate)(exp, rows, results)
 
 
@@ -1255,9 +1258,11 @@ def _stop_children(timeout: float | None = None) -> int:
         _SIGNALS["stopping"], _SIGNALS["force"] = was, False
 
 
-def run_processes(jobs: list, n_jobs: int, desc: str = "runs") -> list[str]:
+def run_processes(jobs: list, n_jobs: int, desc: str = "runs", on_done=None) -> list[str]:
     """Run each (argv, log_path) as its own process with one thread (OMP_NUM_THREADS=1), at most
-    `n_jobs` at once, stdout and stderr to log_path. Returns one line per failed job. (Left early,
+    `n_jobs` at once, stdout and stderr to log_path. Returns one line per failed job. on_done(log_path)
+    is called for each job that exits 0, as soon as it does (the runner keeps that run in results/
+    there and then, so a long experiment cut short loses only the runs still going). (Left early,
     by a stop signal or an error, it leaves the children still running to main's _stop_children.)"""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     todo, running, failed = list(jobs), [], []
@@ -1283,6 +1288,8 @@ def run_processes(jobs: list, n_jobs: int, desc: str = "runs") -> list[str]:
                     bar.update(1)
                     if proc.returncode != 0:
                         failed.append(f"exit {proc.returncode}: {' '.join(map(str, argv[1:]))} (see {log_path})")
+                    elif on_done is not None:
+                        on_done(log_path)
     finally:
         bar.close()                                   # (its line ends before any sentence that follows)
         for *_, log in running:

@@ -151,6 +151,16 @@ def test_a_failing_run_stops_with_its_log(tmp_path, monkeypatch, capsys):
     assert rc == 1 and "lm-regimes: 1 run(s) failed" in err and "bad-s0.log" in err
 
 
+def test_each_finished_run_is_handed_on_as_it_finishes_and_a_failed_one_is_not(tmp_path):
+    """run_processes calls on_done(log) for a job that exits 0 (the runner keeps it in results/ then,
+    not only at the end), never for one that fails; the failure still comes back as a line."""
+    ok, bad = tmp_path / "ok.log", tmp_path / "bad.log"
+    done = []
+    failed = ex.run_processes([([sys.executable, "-c", "print('fine')"], ok),
+                               ([sys.executable, "-c", "raise SystemExit(3)"], bad)], 2, on_done=done.append)
+    assert done == [ok] and len(failed) == 1 and failed[0].startswith("exit 3") and str(bad) in failed[0]
+
+
 def test_spectral_resumes_from_the_runs_stored_in_results(tmp_path):
     (tmp_path / "spectral").mkdir()
     run = {"config": stt.run_config(1, "rope", "small", 2), "test_acc": 50.0}
@@ -444,7 +454,7 @@ def test_a_run_folder_owned_by_a_live_process_is_left_alone(tmp_path, two_varian
     log = run.with_suffix(".log")
     log.write_text("the live run's log\n")
     started = []
-    monkeypatch.setattr(ex, "run_processes", lambda todo, n, desc="": started.append(todo) or [])
+    monkeypatch.setattr(ex, "run_processes", lambda todo, n, desc="", on_done=None: started.append(todo) or [])
     monkeypatch.setattr(ex, "tabulate", lambda *a: None)
     args = ["--budget", "smoke", "--only", "lm-regimes", "--results", str(res), "--runs", str(runs)]
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run / ".run.lock")], stdout=subprocess.PIPE, text=True)
