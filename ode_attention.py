@@ -915,6 +915,19 @@ def sharpness(X: torch.Tensor) -> torch.Tensor:
     return pairwise_distance(X) / (2 * (N - 1) * X.pow(2).sum((-1, -2)).clamp_min(1e-300))
 
 
+def effective_rank(X: torch.Tensor) -> torch.Tensor:
+    """erank = exp(H(σ/Σσ)) of the centred, normalised tokens uᵢ − ū, uᵢ = xᵢ/‖xᵢ‖ (Roy & Vetterli
+    2007), per sequence (X: (..., n, d)): up to min(n − 1, d); 1 when the directions spread along one
+    line; 0 when they have collapsed onto one direction (σ below 1e-10, round-off of the unit
+    vectors, is 0)."""
+    U = X / torch.linalg.vector_norm(X, dim=-1, keepdim=True).clamp_min(1e-300)
+    s = torch.linalg.svdvals(U - U.mean(-2, keepdim=True))
+    s = s.masked_fill(s < 1e-10, 0.0)
+    p = s / s.sum(-1, keepdim=True).clamp_min(1e-300)
+    erank = torch.exp(-(p * p.clamp_min(1e-300).log()).sum(-1))
+    return torch.where(s.sum(-1) > 0, erank, torch.zeros_like(erank))
+
+
 def mean_cosine(X: torch.Tensor) -> torch.Tensor:
     """cosine(X) = 1/(N(N−1)) Σ_{i≠j} xᵢᵀxⱼ / (‖xᵢ‖ ‖xⱼ‖)."""
     N = X.shape[-2]
@@ -933,6 +946,10 @@ PROBES = {"norm": token_norm, "pairwise_distance": pairwise_distance,
 PE_IN_ATTENTION = ("none", "rope", "rope-axial", "rope-mixed")
 LAM_MODES = ("identity", "softplus-diag")
 REGIMES = ("free", "divergent", "intermediate", "convergent")
+# Attention's options beyond the papers' (a symmetric or ρ-capped A, and the λ-term's controls), each
+# with the value that means "off". A run or checkpoint made before an option existed was made at
+# that value (training.check_config and the experiment runner read a missing key so).
+ATTENTION_OPTIONS = {"symmetric_A": False, "rho_cap": 0.0, "lam_frozen": False, "extra_qk": False}
 
 
 def attention_mask(n: int, dtype, device, attn_bias=None, key_padding_mask=None, causal=False):
@@ -1011,14 +1028,23 @@ class Attention(nn.Module):
     Attn(0) = b_v, an affine layer, not the field). W_sym ≻ 0 always; A_sym ≻ 0 (divergent, PD), ⌊d/2⌋ negative
     eigenvalues (intermediate, HD), ≺ 0 (convergent, ND). Unlike the authors' code the constraint is
     exact (docs/dynamics.md §3.1, the convention caveat). symmetric_A: no antisymmetric part in A
-    (train_tied.py's arms; the authors' runs leave T_A free, and training grows it).
+    (train_tied.py's arms; the authors' runs leave T_A free, and training grows it). rho_cap > 0: T_A
+    is scaled down, where needed, so that ρ = ‖T_A‖₂/‖S_A‖₂ ≤ rho_cap at every forward (a cap on ρ
+    does not by itself make V Hurwitz; only ρ = 0 does in the convergent regime).
+
+    Controls for the λ-term (issue: is its gain the definiteness mechanism or extra capacity?):
+    lam_frozen keeps λ at its initial value (not trained); extra_qk adds a second, unrotated, learned
+    query/key channel of width d_h per head, q̃ = [R q, x Q_c], k̃ = [R k, x K_c]: the same extra
+    logit rank (d_h) as the λ-term's [λx, x], but with no sign and no definiteness to it (the free
+    regime only: a constrained layer's logit form must stay exactly W).
     """
 
     def __init__(self, d: int, n_heads: int, *, causal: bool = False, pe: str = "none",
                  rope_base: float = 10000.0, rope_pairing: str = "interleaved",
                  rope_heads: int | None = None, lam: float = 0.0, lam_mode: str = "identity",
                  regime: str = "free", bias: bool = False, dropout: float = 0.0,
-                 symmetric_A: bool = False):
+                 symmetric_A: bool = False, rho_cap: float = 0.0, lam_frozen: bool = False,
+                 extra_qk: bool = False):
         super().__init__()
         if d <= 0 or n_heads <= 0 or d % n_heads:
             raise ValueError(f"model width {d} must be a positive multiple of n_heads={n_heads}.")
@@ -1043,6 +1069,16 @@ class Attention(nn.Module):
             raise ValueError(f"rope_heads must be in [0, {n_heads}], got {rope_heads}.")
         if symmetric_A and regime == "free":
             raise ValueError("symmetric_A constrains A, so it needs a constrained regime, not 'free'.")
+        if not (math.isfinite(rho_cap) and rho_cap >= 0):
+            raise ValueError(f"rho_cap must be 0 (off) or a positive number, got {rho_cap}.")
+        if rho_cap and (regime == "free" or symmetric_A):
+            raise ValueError("rho_cap caps A's antisymmetric part, so it needs a constrained regime "
+                             "with an antisymmetric part (not 'free', not symmetric_A).")
+        if lam_frozen and lam == 0.0:
+            raise ValueError("lam_frozen freezes the λ-term, so it needs lam ≠ 0.")
+        if extra_qk and regime != "free":
+            raise ValueError("extra_qk adds a learned logit channel, which a constrained regime's exact "
+                             "logit form W does not allow: use it with regime 'free'.")
         self.regime, self.lam_mode, self.dropout = regime, lam_mode, dropout
         self.scale = 1.0 / math.sqrt(self.d_h)
         if pe == "rope-mixed":
@@ -1055,6 +1091,11 @@ class Attention(nn.Module):
         elif self.use_lam:
             # softplus(φ) = lam  ⇔  φ = log(exp(lam) − 1)
             self.lam_phi = nn.Parameter(torch.full((n_heads, self.d_h), math.log(math.expm1(lam))))
+        self.lam_frozen = lam_frozen
+        if lam_frozen:                          # kept in state_dict, never trained (no gradient)
+            (self.lam if lam_mode == "identity" else self.lam_phi).requires_grad_(False)
+        # the capacity control: [Q_c | K_c]ᵀ, initialised as the layer's own q/k (nn.Linear's default)
+        self.extra_qk = nn.Linear(d, 2 * d, bias=False) if extra_qk else None
 
         if regime == "free":
             self.qkv = nn.Linear(d, 3 * d, bias=bias)                            # [Q | K | V]ᵀ
@@ -1066,7 +1107,7 @@ class Attention(nn.Module):
             # A = S_A + T_A, or S_A alone when symmetric_A (T_A = 0: then V = Wᵀ A⁻¹ is Hurwitz in the
             # convergent regime by construction, λ(V) = v*Wv / v*Av)
             self.A_form = regimes.PrescribedInertia(d, n_neg=n_neg, init_scale=0.15,   # A_sym inertia
-                                                    antisymmetric=not symmetric_A)
+                                                    antisymmetric=not symmetric_A, rho_cap=rho_cap)
             # K, V from (Q, W, A): Newton–Schulz from the last call's inverses on CUDA, the LU
             # solve on a CPU (regimes.WarmKeysValues). A plain attribute, not a module or buffer:
             # no parameters, nothing in state_dict (checkpoints unchanged), nothing for DDP to
@@ -1138,12 +1179,9 @@ class Attention(nn.Module):
             r = torch.cat((r, t[:, self.rope_heads:]), dim=1)                     # heads ≥ rope_heads
         return r
 
-    def forward(self, x: torch.Tensor, *, positions=None, attn_bias: torch.Tensor | None = None,
-                key_padding_mask: torch.Tensor | None = None,
-                head_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, n, d) → (B, n, d). attn_bias: float (H, n, n) or (B, H, n, n) added to the logits.
-        key_padding_mask: bool (B, n), True where the token is real. head_mask: (H,) multiplies each
-        head's output before the output projection (0 ablates a head)."""
+    def _qkv(self, x: torch.Tensor, positions):
+        """The per-head queries, keys and values (B, H, n, ·) the softmax sees: q, k rotated by the
+        PE, then widened by the λ-term [λx, x] and the extra channel [x Q_c, x K_c] where present."""
         B, n, d = x.shape
         H, dh = self.n_heads, self.d_h
         if d != self.d:
@@ -1164,10 +1202,35 @@ class Attention(nn.Module):
                 lam_x = F.softplus(self.lam_phi).to(x.dtype)[None, :, None, :] * xh  # Λₕ xᵢ⁽ʰ⁾
             q = torch.cat((q, lam_x), dim=-1)                                   # q̃ᵢ
             k = torch.cat((k, xh), dim=-1)                                      # k̃ⱼ
+        if self.extra_qk is not None:
+            # the unrotated learned channel: logits + (x Q_c)ᵢ · (x K_c)ⱼ per head
+            qc, kc = self.extra_qk(x).view(B, n, 2, H, dh).permute(2, 0, 3, 1, 4)
+            q, k = torch.cat((q, qc), dim=-1), torch.cat((k, kc), dim=-1)
+        return q, k, v
+
+    def weights(self, x: torch.Tensor, *, positions=None, attn_bias=None, key_padding_mask=None) -> torch.Tensor:
+        """The attention probabilities P (B, H, n, n) that forward() applies (no dropout), written
+        out: softmax(q̃ k̃ᵀ / √d_h + mask) per head. For probes (entropy), not the hot path."""
+        q, k, _ = self._qkv(x, positions)
+        n = x.shape[1]
+        mask, is_causal = attention_mask(n, q.dtype, x.device, attn_bias, key_padding_mask, self.causal)
+        S = (q @ k.transpose(-1, -2)) * self.scale
+        if mask is None and is_causal:
+            mask = _causal_bias(n, S.dtype, S.device)                          # (1, n, n)
+        return torch.softmax(S if mask is None else S + mask, dim=-1)
+
+    def forward(self, x: torch.Tensor, *, positions=None, attn_bias: torch.Tensor | None = None,
+                key_padding_mask: torch.Tensor | None = None,
+                head_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, n, d) → (B, n, d). attn_bias: float (H, n, n) or (B, H, n, n) added to the logits.
+        key_padding_mask: bool (B, n), True where the token is real. head_mask: (H,) multiplies each
+        head's output before the output projection (0 ablates a head)."""
+        B, n, d = x.shape
+        q, k, v = self._qkv(x, positions)
         mask, is_causal = attention_mask(n, q.dtype, x.device, attn_bias, key_padding_mask, self.causal)
         dropout_p = self.dropout if self.training else 0.0
-        if self.use_lam and x.device.type == "cpu" and key_padding_mask is None:
-            # softmax(q̃ k̃ᵀ / √d_h + bias) v written out: with λ, q̃, k̃ (2d_h) and v (d_h) differ in
+        if q.shape[-1] != v.shape[-1] and x.device.type == "cpu" and key_padding_mask is None:
+            # softmax(q̃ k̃ᵀ / √d_h + bias) v written out: with λ (or extra_qk), q̃, k̃ and v differ in
             # width, which sends SDPA on a CPU to its math kernel; the same three steps written here
             # run faster (measured in analysis/bench_lm.py, see the README's speed section)
             y = _explicit_attention(q, k, v, mask, is_causal, dropout_p, self.scale)
@@ -1196,12 +1259,15 @@ class Block(nn.Module):
                  drop_path: float = 0.0, causal: bool = False, pe: str = "none",
                  rope_base: float = 10000.0, rope_pairing: str = "interleaved",
                  rope_heads: int | None = None, lam: float = 0.0, lam_mode: str = "identity",
-                 regime: str = "free", bias: bool = False, attn: nn.Module | None = None):
+                 regime: str = "free", bias: bool = False, attn: nn.Module | None = None,
+                 symmetric_A: bool = False, rho_cap: float = 0.0, lam_frozen: bool = False,
+                 extra_qk: bool = False):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.attn = attn if attn is not None else Attention(       # the knobs: unused if `attn` is given
             d, n_heads, causal=causal, pe=pe, rope_base=rope_base, rope_pairing=rope_pairing,
-            rope_heads=rope_heads, lam=lam, lam_mode=lam_mode, regime=regime, bias=bias, dropout=dropout)
+            rope_heads=rope_heads, lam=lam, lam_mode=lam_mode, regime=regime, bias=bias, dropout=dropout,
+            symmetric_A=symmetric_A, rho_cap=rho_cap, lam_frozen=lam_frozen, extra_qk=extra_qk)
         hidden = int(round(mlp_ratio * d))
         if hidden <= 0:
             raise ValueError(f"mlp_ratio={mlp_ratio} gives an empty MLP.")

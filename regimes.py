@@ -256,13 +256,19 @@ class PrescribedInertia(nn.Module):
     By Sylvester's law of inertia L D Lᵀ has the inertia of D for every (L_free, θ): the regime
     is fixed for all of training. Initialisation: |Dₖₖ| = init_scale (the authors' 0.15),
     L_free ~ N(0, l_std²), T_free ~ N(0, t_std²).
+    rho_cap > 0: T is scaled by min(1, rho_cap·‖S‖₂/‖T‖₂), so that ρ = ‖M_anti‖₂/‖M_sym‖₂ ≤ rho_cap
+    always (the scale is differentiable; below the cap the form is unchanged).
     """
 
     def __init__(self, d: int, n_neg: int = 0, antisymmetric: bool = True, init_scale: float = 0.15,
-                 l_std: float | None = None, t_std: float | None = None, generator=None):
+                 l_std: float | None = None, t_std: float | None = None, generator=None,
+                 rho_cap: float = 0.0):
         super().__init__()
         if d <= 0 or not 0 <= n_neg <= d:
             raise ValueError(f"need d > 0 and 0 <= n_neg <= d, got d={d}, n_neg={n_neg}.")
+        if not (math.isfinite(rho_cap) and rho_cap >= 0) or (rho_cap and not antisymmetric):
+            raise ValueError(f"rho_cap must be 0 (off) or positive, with an antisymmetric part; got {rho_cap}.")
+        self.rho_cap = float(rho_cap)
         if not init_scale > 0:
             raise ValueError(f"init_scale must be positive, got {init_scale}.")
         self.d, self.n_neg = d, n_neg
@@ -281,7 +287,13 @@ class PrescribedInertia(nn.Module):
         return ldl_form(self.L_free, self.sigma * F.softplus(self.theta))
 
     def forward(self) -> torch.Tensor:
-        return ldl_form(self.L_free, self.sigma * F.softplus(self.theta), self.T_free)
+        if not self.rho_cap:
+            return ldl_form(self.L_free, self.sigma * F.softplus(self.theta), self.T_free)
+        S = self.symmetric_part()
+        T = self.T_free - self.T_free.T                                  # antisymmetric
+        # ρ = ‖T‖₂/‖S‖₂ ≤ rho_cap: T ← T · min(1, rho_cap ‖S‖₂ / ‖T‖₂)
+        norm_S, norm_T = torch.linalg.matrix_norm(S, 2), torch.linalg.matrix_norm(T, 2)
+        return S + T * torch.clamp(self.rho_cap * norm_S / norm_T.clamp_min(1e-30), max=1.0)
 
 
 def realised_inertia(m: PrescribedInertia) -> dict:

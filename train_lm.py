@@ -124,7 +124,8 @@ LAM_MODES = ode_attention.LAM_MODES          # ("identity", "softplus-diag")
 REGIMES = ode_attention.REGIMES              # ("free", "divergent", "intermediate", "convergent")
 # a checkpoint may only be resumed by a command that agrees on these
 RESUME_KEYS = ("data", "pe", "lam", "lam_mode", "regime", "d_model", "n_layers", "n_heads",
-               "mlp_ratio", "seq_len", "cutoffs", "dropout", "vocab_size", "batch_size", "seed")
+               "mlp_ratio", "seq_len", "cutoffs", "dropout", "vocab_size", "batch_size", "seed",
+               *ode_attention.ATTENTION_OPTIONS)
 # --sample: at most this many new tokens (the loop runs the whole model once per token)
 MAX_NEW_TOKENS = 100_000
 
@@ -158,7 +159,8 @@ class GPT(nn.Module):
 
     def __init__(self, *, vocab_size: int, d_model: int, n_layers: int, n_heads: int, seq_len: int,
                  pe: str = "rope", lam: float = 0.0, lam_mode: str = "identity", regime: str = "free",
-                 mlp_ratio: float = 4.0, dropout: float = 0.0, cutoffs=()):
+                 mlp_ratio: float = 4.0, dropout: float = 0.0, cutoffs=(), **attention_options):
+        """attention_options: ode_attention.ATTENTION_OPTIONS (symmetric_A, rho_cap, lam_frozen, extra_qk)."""
         super().__init__()
         if pe not in PES:
             raise ValueError(f"unknown --pe {pe!r}: choose one of {', '.join(PES)}")
@@ -186,7 +188,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(
             ode_attention.Block(d_model, n_heads, mlp_ratio=mlp_ratio, dropout=dropout, causal=True,
                                 pe="rope" if pe == "rope" else "none", lam=lam, lam_mode=lam_mode,
-                                regime=regime) for _ in range(n_layers))
+                                regime=regime, **attention_options) for _ in range(n_layers))
         self.ln_f = nn.LayerNorm(d_model)
         self.adaptive = (nn.AdaptiveLogSoftmaxWithLoss(d_model, vocab_size, cutoffs, div_value=1.0)
                          if cutoffs else None)
@@ -248,7 +250,8 @@ def build_lm(cfg: dict) -> GPT:
     return GPT(vocab_size=cfg["vocab_size"], d_model=cfg["d_model"], n_layers=cfg["n_layers"],
                n_heads=cfg["n_heads"], seq_len=cfg["seq_len"], pe=cfg["pe"], lam=cfg["lam"],
                lam_mode=cfg["lam_mode"], regime=cfg["regime"], mlp_ratio=cfg["mlp_ratio"],
-               dropout=cfg["dropout"], cutoffs=parse_cutoffs(cfg["cutoffs"]))
+               dropout=cfg["dropout"], cutoffs=parse_cutoffs(cfg["cutoffs"]),
+               **training.attention_options(cfg))
 
 
 def parse_cutoffs(spec: str) -> list:
@@ -337,7 +340,7 @@ def resolve_config(args) -> dict:
         if v is not None:
             cfg[k] = v
     cfg.update(preset=args.preset, lam=float(args.lam), lam_mode=args.lam_mode, regime=args.regime,
-               seed=args.seed)
+               seed=args.seed, **{k: getattr(args, k) for k in ode_attention.ATTENTION_OPTIONS})
     check_sizes(**{k: cfg[k] for k in ("d_model", "n_layers", "n_heads", "seq_len", "mlp_ratio",
                                        "steps", "batch_size", "grad_accum")})
     training.check_finite(cfg)
@@ -353,6 +356,7 @@ def resolve_config(args) -> dict:
     if cfg["lam_mode"] == "softplus-diag" and cfg["lam"] < 0:
         raise ValueError(f"--lam-mode softplus-diag keeps λ positive, so --lam must be ≥ 0 (got {cfg['lam']}); "
                          f"use --lam-mode identity for a negative λ")
+    training.check_attention_options(cfg)
     parse_cutoffs(cfg["cutoffs"])
     return cfg
 
@@ -450,9 +454,12 @@ def train(cfg: dict, args, rt: training.Runtime) -> int:
                    "inertia": training.realised_inertia(model),
                    # per layer: α(V O), #Re λ > 0, #unstable under the unit Euler step, ρ_A, and the
                    # fate of the layer's own field from its LayerNorm'd inputs (t = 20), init and end
+                   # (RoPE models: also with RoPE dropped from the field, the same weights and inputs)
                    "layers": {"init": json.loads((run.path / "layers-init.json").read_text())
                               if (run.path / "layers-init.json").exists() else None,
-                              "end": training.layer_fields(model, x_probe[:2])}}
+                              "end": training.layer_fields(model, x_probe[:2]),
+                              **({"end_no_rope": training.layer_fields(model, x_probe[:2], drop_rope=True)}
+                                 if cfg["pe"] == "rope" else {})}}
         run.write_json("summary.json", summary)
         print(f"done: step {result['step']}, validation {metric} {ev['val'][metric]:.4f}, "
               f"test {metric} {ev['test'][metric]:.4f}  ({wall:.0f} s; {run.path})")

@@ -171,18 +171,6 @@ def build_model(cfg: dict, n_classes: int | None) -> TiedEncoder:
 # ==============================================================================================
 # 2. What a run records: the integration probe and the field's own fate
 # ==============================================================================================
-def effective_rank(X: torch.Tensor) -> torch.Tensor:
-    """erank = exp(H(σ/Σσ)) of the centred, normalised tokens uᵢ − ū, uᵢ = xᵢ/‖xᵢ‖ (Roy & Vetterli
-    2007), per sequence: up to min(n − 1, d); 1 when the directions spread along one line; 0 when
-    they have collapsed onto one direction (σ below 1e-10, round-off of the unit vectors, is 0)."""
-    U = X / torch.linalg.vector_norm(X, dim=-1, keepdim=True).clamp_min(1e-300)
-    s = torch.linalg.svdvals(U - U.mean(-2, keepdim=True))
-    s = s.masked_fill(s < 1e-10, 0.0)
-    p = s / s.sum(-1, keepdim=True).clamp_min(1e-300)
-    erank = torch.exp(-(p * p.clamp_min(1e-300).log()).sum(-1))
-    return torch.where(s.sum(-1) > 0, erank, torch.zeros_like(erank))
-
-
 def integration_probe(model: TiedEncoder, tokens, pad=None) -> list[dict]:
     """Per Euler step k = 0 … K (batch means, float64): mean token norm, effective rank of the
     centred normalised tokens, and the attention entropy −Σⱼ Pᵢⱼ log Pᵢⱼ (mean over the real
@@ -203,7 +191,7 @@ def integration_probe(model: TiedEncoder, tokens, pad=None) -> list[dict]:
         keep = [X[b, real[b]] for b in range(X.shape[0])]
         rows.append({"step": k, "t": k * model.h,
                      "norm": float(np.mean([float(ode_attention.token_norm(x)) for x in keep])),
-                     "effective_rank": float(np.mean([float(effective_rank(x)) for x in keep])),
+                     "effective_rank": float(np.mean([float(ode_attention.effective_rank(x)) for x in keep])),
                      "attention_entropy": float(H.mean())})
     return rows
 

@@ -127,7 +127,7 @@ REGIMES = ode_attention.REGIMES              # ("free", "divergent", "intermedia
 RESUME_KEYS = ("data", "pe", "pool", "lam", "lam_mode", "regime", "d_model", "n_layers", "n_heads",
                "mlp_ratio", "image_size", "patch_size", "rope_base", "dropout", "drop_path",
                "n_classes", "batch_size", "seed", "label_smoothing", "mixup", "cutmix",
-               "crop_min_scale", "hflip")
+               "crop_min_scale", "hflip", *ode_attention.ATTENTION_OPTIONS)
 
 
 # ==============================================================================================
@@ -168,7 +168,9 @@ class ViT(nn.Module):
     def __init__(self, *, image_size: int, patch_size: int, n_classes: int, d_model: int, n_layers: int,
                  n_heads: int, mlp_ratio: float = 4.0, pe: str = "learned", pool: str = "cls",
                  lam: float = 0.0, lam_mode: str = "identity", regime: str = "free", dropout: float = 0.0,
-                 drop_path: float = 0.0, rope_base: float = 100.0, qkv_bias: bool = True):
+                 drop_path: float = 0.0, rope_base: float = 100.0, qkv_bias: bool = True,
+                 **attention_options):
+        """attention_options: ode_attention.ATTENTION_OPTIONS (symmetric_A, rho_cap, lam_frozen, extra_qk)."""
         super().__init__()
         if pe not in PES:
             raise ValueError(f"unknown --pe {pe!r}: choose one of {', '.join(PES)}")
@@ -206,7 +208,8 @@ class ViT(nn.Module):
         self.blocks = nn.ModuleList(
             ode_attention.Block(d_model, n_heads, mlp_ratio=mlp_ratio, dropout=dropout, drop_path=r,
                                 causal=False, pe=pe if self.rope else "none", rope_base=rope_base,
-                                lam=lam, lam_mode=lam_mode, regime=regime, bias=qkv_bias)
+                                lam=lam, lam_mode=lam_mode, regime=regime, bias=qkv_bias,
+                                **attention_options)
             for r in rates)
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, n_classes)
@@ -262,7 +265,7 @@ def build_vit(cfg: dict) -> ViT:
                d_model=cfg["d_model"], n_layers=cfg["n_layers"], n_heads=cfg["n_heads"],
                mlp_ratio=cfg["mlp_ratio"], pe=cfg["pe"], pool=cfg["pool"], lam=cfg["lam"],
                lam_mode=cfg["lam_mode"], regime=cfg["regime"], dropout=cfg["dropout"],
-               drop_path=cfg["drop_path"], rope_base=cfg["rope_base"])
+               drop_path=cfg["drop_path"], rope_base=cfg["rope_base"], **training.attention_options(cfg))
 
 
 # ==============================================================================================
@@ -368,7 +371,8 @@ def resolve_config(args) -> dict:
     if args.warmup is not None:
         cfg["warmup_epochs"] = None
     cfg.update(preset=args.preset, lam=float(args.lam), lam_mode=args.lam_mode, regime=args.regime,
-               seed=args.seed, rope_base=float(args.rope_base), model="vit", causal=False, qkv_bias=True)
+               seed=args.seed, rope_base=float(args.rope_base), model="vit", causal=False, qkv_bias=True,
+               **{k: getattr(args, k) for k in ode_attention.ATTENTION_OPTIONS})
     if cfg["data"] is None:
         raise ValueError(f"the {args.preset} preset trains on ImageNet: pass --data with a folder that "
                          f"holds train/<class>/*.JPEG and val/<class>/*.JPEG")
@@ -404,6 +408,7 @@ def resolve_config(args) -> dict:
     if cfg["lam_mode"] == "softplus-diag" and cfg["lam"] < 0:
         raise ValueError(f"--lam-mode softplus-diag keeps λ positive, so --lam must be ≥ 0 (got {cfg['lam']}); "
                          f"use --lam-mode identity for a negative λ")
+    training.check_attention_options(cfg)
     return cfg
 
 

@@ -467,10 +467,12 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 
 
 def check_config(saved: dict, current: dict, keys, where: str = "the checkpoint") -> None:
-    """Refuse to resume a run whose model / data settings differ: name the first difference."""
+    """Refuse to resume a run whose model / data settings differ: name the first difference. An
+    attention option the saved config does not hold was made at its "off" value (ATTENTION_OPTIONS)."""
     for k in keys:
-        if saved.get(k) != current.get(k):
-            raise ValueError(f"{where} comes from another config: it has {k}={saved.get(k)!r} "
+        was = saved.get(k, ode_attention.ATTENTION_OPTIONS.get(k))
+        if was != current.get(k):
+            raise ValueError(f"{where} comes from another config: it has {k}={was!r} "
                              f"but this command asks for {k}={current.get(k)!r}")
 
 
@@ -921,14 +923,25 @@ def value_map_stats(attn) -> dict:
 
 
 def layer_fields(model: torch.nn.Module, idx: torch.Tensor, *, t_end: float = 20.0, dt: float = 0.1,
-                 max_norm: float = 1e6) -> list[dict]:
+                 max_norm: float = 1e6, drop_rope: bool = False) -> list[dict]:
     """Per block l of a model with `hidden(idx, record=...)` (train_lm's GPT): value_map_stats of its
     attention, and the fate of that layer's OWN field dX/dt = Attn_l(X) (its multi-head attention,
     weights frozen, float64, the causal mask included) from X⁰ = LN₁(h_l), the LayerNorm'd tokens
     that reach it on `idx`: RK4 with step dt to t_end, saved on a log grid; growth = mean token
     norm at the end / at 0, the late log–log slope over [t_end/10, t_end] and ode_attention.fate.
-    An instance whose largest token norm passes max_norm is stopped there and grows."""
+    An instance whose largest token norm passes max_norm is stopped there and grows. Also, at X⁰:
+    the attention entropy −Σⱼ Pᵢⱼ log Pᵢⱼ (mean over heads and queries) and the effective rank of the
+    centred normalised tokens (ode_attention.effective_rank; the geometry through depth).
+
+    drop_rope: the same weights, the same inputs X⁰, but RoPE removed from the field (q, k
+    unrotated): whether the layer's fate depends on the rotation (the phase diagrams predict an
+    effect without a causal mask only)."""
     m = copy.deepcopy(model).double().eval()
+    if drop_rope:
+        for blk in m.blocks:
+            if blk.attn.pe != "rope":
+                raise ValueError("drop_rope needs a model whose attention uses RoPE.")
+            blk.attn.pe = "none"                                  # _rotate then leaves q, k as they are
     n = idx.shape[1]
     attn_bias = m.alibi[:, :n, :n] if getattr(m, "pe", None) == "alibi" else None
     t_save = ode_attention.log_times(t_end, 31)
@@ -938,6 +951,9 @@ def layer_fields(model: torch.nn.Module, idx: torch.Tensor, *, t_end: float = 20
         m.hidden(idx, record=states)
         for l, blk in enumerate(m.blocks):
             x = blk.ln1(states[l])
+            P = blk.attn.weights(x, attn_bias=attn_bias)                          # (B, H, n, n)
+            entropy = float((-(P * P.clamp_min(1e-300).log()).sum(-1)).mean())
+            erank = float(ode_attention.effective_rank(x).mean())
             f = lambda t, X, a=blk.attn: a(X, attn_bias=attn_bias)           # noqa: E731
             N0 = ode_attention.token_norm(x)
             norms, t, alive, t_reached = [N0], 0.0, torch.ones(len(x), dtype=torch.bool), torch.full((len(x),), t_end)
@@ -958,7 +974,9 @@ def layer_fields(model: torch.nn.Module, idx: torch.Tensor, *, t_end: float = 20
             fates = [ode_attention.fate(p, False, not bool(a)) for p, a in zip(slope, alive)]
             rows.append({"layer": l, **value_map_stats(blk.attn),
                          "growth": float((N[-1] / N[0]).median()), "slope": float(np.nanmedian(slope)),
-                         "fates": {k: fates.count(k) for k in ode_attention.FATES}})
+                         "fates": {k: fates.count(k) for k in ode_attention.FATES},
+                         "attention_entropy": entropy, "effective_rank": erank,
+                         "rope_in_field": blk.attn.pe == "rope"})
     return rows
 
 
@@ -1020,6 +1038,38 @@ def add_attention_args(a) -> None:
       help="identity: λₕ I per head; softplus-diag: diag(softplus(φ)) > 0 (the authors')")
     a("--regime", choices=ode_attention.REGIMES, default="free",
       help="free attention, or constrained W_sym ≻ 0 with A_sym ≻ 0 / mixed / ≺ 0 (PD / HD / ND)")
+    a("--symmetric-A", action="store_true",
+      help="constrained regimes: A symmetric (no antisymmetric part T_A; ND's V is then Hurwitz)")
+    a("--rho-cap", type=float, default=0.0,
+      help="constrained regimes: keep ρ = ‖T_A‖₂/‖S_A‖₂ ≤ this (0 = no cap, default)")
+    a("--lam-frozen", action="store_true", help="keep λ at its initial value (a control: not trained)")
+    a("--extra-qk", action="store_true",
+      help="free regime: a second, unrotated, learned q/k channel of width d_h per head (the λ-term's "
+           "capacity control: the same extra logit rank, no sign)")
+
+
+def attention_options(cfg: dict) -> dict:
+    """The ode_attention.ATTENTION_OPTIONS a config asks for (a config written before an option
+    existed: that option off)."""
+    return {k: cfg.get(k, off) for k, off in ode_attention.ATTENTION_OPTIONS.items()}
+
+
+def check_attention_options(cfg: dict) -> None:
+    """The attention options' combinations, refused in one sentence naming the flags (before any
+    model is built or data read)."""
+    o = attention_options(cfg)
+    if not (math.isfinite(o["rho_cap"]) and o["rho_cap"] >= 0):
+        raise ValueError(f"--rho-cap must be 0 (off) or a positive number, got {o['rho_cap']}")
+    if (o["symmetric_A"] or o["rho_cap"]) and cfg["regime"] == "free":
+        raise ValueError("--symmetric-A and --rho-cap constrain A, so they need --regime divergent, "
+                         "intermediate or convergent")
+    if o["symmetric_A"] and o["rho_cap"]:
+        raise ValueError("--rho-cap caps A's antisymmetric part, which --symmetric-A removes: give one of them")
+    if o["lam_frozen"] and not cfg["lam"]:
+        raise ValueError("--lam-frozen freezes the λ-term, so it needs --lam ≠ 0")
+    if o["extra_qk"] and cfg["regime"] != "free":
+        raise ValueError("--extra-qk adds a learned logit channel, which a constrained regime's exact "
+                         "logit form does not allow: use it with --regime free")
 
 
 def add_run_args(a, *, default_out: str, cache_help: str, probe_help: str) -> None:

@@ -29,6 +29,11 @@ Run from the project folder. Experiments (each training run is its own process,
                    on the embedded corpus                                      → results/lm/pe*
     lm-pe-enwiki   the same on the enwiki sample given with --enwiki PATH (enwiki-sample.xml.bz2;
                    skipped without it)                                         → results/lm/pe-enwiki*
+    lm-regimes-sym free / PD / ND with a symmetric A (--symmetric-A: ND's V Hurwitz by construction),
+                   6 seeds; the realised regime and field fate of every layer  → results/lm/regimes-sym*
+    lm-lam         the λ-term with its controls on the RoPE LM, 8 seeds: rope; + softplus 0.05; λ −0.1;
+                   λ +0.1 (sign); softplus frozen; an extra learned q/k channel (capacity); NoPE;
+                   NoPE + softplus 0.05 (the authors' released code)           → results/lm/lam*
     vit-pe         none / learned / sin2d / rope-axial / rope-mixed and three λ variants on the
                    embedded `shapes` images                                    → results/vit/pe-lam*
     tied-mlm       the weight-tied ODE model (train_tied.py): free / PD / HD / ND (symmetric A) at
@@ -85,6 +90,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+import ode_attention
 import train_lm
 import train_tied
 import train_vit
@@ -106,6 +112,21 @@ LM_PE = {"none": ["--pe", "none"], "sin": ["--pe", "sin"], "learned": ["--pe", "
          "rope-lam-0.1": ["--pe", "rope", "--lam", "-0.1"],                        # the seed's sign
          "rope-lam+0.05-softplus": ["--pe", "rope", "--lam", "0.05", "--lam-mode", "softplus-diag"],  # the authors'
          "learned-lam-0.1": ["--pe", "learned", "--lam", "-0.1"]}
+# the regimes as the theory needs them: A symmetric (T_A = 0), so ND's V is Hurwitz by construction
+LM_REGIMES_SYM = {"free": ["--pe", "learned"],
+                  "divergent-sym": ["--pe", "learned", "--regime", "divergent", "--symmetric-A"],
+                  "convergent-sym": ["--pe", "learned", "--regime", "convergent", "--symmetric-A"]}
+# the λ-term with its controls (RoPE LM): sign, frozen λ, the capacity control (an extra unrotated
+# learned q/k channel of the λ-term's logit rank), and NoPE + the authors' softplus diagonal (what
+# their released WikiText code runs: it rotates q, k along the batch axis)
+LM_LAM = {"rope": ["--pe", "rope"],
+          "rope-softplus+0.05": ["--pe", "rope", "--lam", "0.05", "--lam-mode", "softplus-diag"],
+          "rope-lam-0.1": ["--pe", "rope", "--lam", "-0.1"],
+          "rope-lam+0.1": ["--pe", "rope", "--lam", "0.1"],
+          "rope-softplus+0.05-frozen": ["--pe", "rope", "--lam", "0.05", "--lam-mode", "softplus-diag", "--lam-frozen"],
+          "rope-extra-qk": ["--pe", "rope", "--extra-qk"],
+          "none": ["--pe", "none"],
+          "none-softplus+0.05": ["--pe", "none", "--lam", "0.05", "--lam-mode", "softplus-diag"]}
 VIT_PE = {"none": ["--pe", "none"], "learned": ["--pe", "learned"], "sin2d": ["--pe", "sin2d"],
           "rope-axial": ["--pe", "rope-axial"], "rope-mixed": ["--pe", "rope-mixed"],
           "rope-axial-lam-0.1": ["--pe", "rope-axial", "--lam", "-0.1"],
@@ -143,19 +164,21 @@ BUDGETS = {
     "cpu-small": dict(seeds=3, jobs=None, lm=["--steps", "400", "--eval-every", "0"], vit=[],
                       agreement=1000, spectral=["--preset", "small", "--seeds", "0,1,2", "--pes", SPECTRAL_PES, "--device", "cpu"],
                       device="cpu", speed=["--suite"], phase=["--instances", "102", "--t-end", "2000"],
-                      tied=[], tied_seeds=5),
+                      tied=[], tied_seeds=5, exp_seeds={"lm-regimes-sym": 6, "lm-lam": 8}),
     # one GPU: a 6 × 256 language model for 3,000 steps, 4,000-step ViTs, the Spectral paper's model
     "gpu": dict(seeds=3, jobs=1, lm=["--d-model", "256", "--n-layers", "6", "--n-heads", "8", "--seq-len", "256",
                                      "--steps", "3000", "--eval-every", "0", "--device", "cuda"],
                 vit=["--steps", "4000", "--device", "cuda"], agreement=10000,
                 spectral=["--preset", "medium", "--seeds", "0,1,2", "--pes", SPECTRAL_PES, "--device", "cuda"],
                 device="cuda", speed=["--device", "cuda"], phase=["--instances", "102", "--t-end", "2000"],
-                tied=[], tied_seeds=5),
+                tied=[], tied_seeds=5, exp_seeds={"lm-regimes-sym": 6, "lm-lam": 8}),
 }
 TRAINING = {  # experiment → (script, variants, budget key, results sub-folder, corpus flags)
     "lm-regimes": ("train_lm.py", LM_REGIMES, "lm", "lm/regimes", []),
     "lm-pe": ("train_lm.py", LM_PE, "lm", "lm/pe", []),
     "lm-pe-enwiki": ("train_lm.py", LM_PE, "lm", "lm/pe-enwiki", ["--data", "ENWIKI"]),
+    "lm-regimes-sym": ("train_lm.py", LM_REGIMES_SYM, "lm", "lm/regimes-sym", []),
+    "lm-lam": ("train_lm.py", LM_LAM, "lm", "lm/lam", []),
     "vit-pe": ("train_vit.py", VIT_PE, "vit", "vit/pe-lam", []),
     "tied-mlm": ("train_tied.py", TIED, "tied", "tied/mlm", ["--task", "mlm"]),
     "tied-trigger": ("train_tied.py", TIED, "tied", "tied/trigger", ["--task", "trigger"]),
@@ -184,13 +207,15 @@ def _expected_config(script: str, argv: list) -> dict:
 
 
 def _made_with(folder: Path, expected: dict) -> bool:
-    """folder's config.json has every setting of `expected` (data compared by file name)."""
+    """folder's config.json has every setting of `expected` (data compared by file name). An
+    attention option (ode_attention.ATTENTION_OPTIONS) that config.json lacks was made at its "off"
+    value: the run predates the option, so it stays kept when the option is asked off."""
     try:
         got = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return False
     for k, v in expected.items():
-        g = got.get(k)
+        g = got.get(k, ode_attention.ATTENTION_OPTIONS.get(k))
         if k == "data":
             v, g = Path(str(v)).name, Path(str(g)).name
         if g != v and not (isinstance(v, float) and isinstance(g, (int, float)) and math.isclose(v, g)):
@@ -203,6 +228,13 @@ def _matches(folder: Path, expected: dict) -> bool:
     return (folder / "summary.json").exists() and _made_with(folder, expected)
 
 
+def n_seeds(exp: str, budget: str) -> int:
+    """Seeds per arm: the experiment's own count in this budget (exp_seeds), else its script's
+    (lm_seeds, tied_seeds, ...), else the budget's."""
+    b, key = BUDGETS[budget], TRAINING[exp][2]
+    return b.get("exp_seeds", {}).get(exp, b.get(f"{key}_seeds", b["seeds"]))
+
+
 def plan_training(exp: str, budget: str, results: Path, runs: Path, enwiki: Path | None) -> tuple[list, list]:
     """(all (variant, seed, kept folder) rows, jobs still to run as (argv, log, run folder, kept folder));
     argv None: finished under runs/, only to be kept. Reads only: changes nothing on disk."""
@@ -210,7 +242,7 @@ def plan_training(exp: str, budget: str, results: Path, runs: Path, enwiki: Path
     b = BUDGETS[budget]
     corpus = [str(enwiki) if c == "ENWIKI" else c for c in corpus]
     rows, jobs = [], []
-    for seed in range(b.get(f"{key}_seeds", b["seeds"])):
+    for seed in range(n_seeds(exp, budget)):
         for name, flags in variants.items():
             argv = [*corpus, *flags, *b[key], "--seed", str(seed)]
             kept, run = results / sub / f"{name}-s{seed}", runs / exp / f"{name}-s{seed}"

@@ -510,13 +510,16 @@ def test_block_takes_the_papers_knobs_by_name_and_passes_them_on():
     assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     assert list(params) == ["d", "n_heads", "mlp_ratio", "dropout", "drop_path", "causal", "pe",
                             "rope_base", "rope_pairing", "rope_heads", "lam", "lam_mode", "regime",
-                            "bias", "attn"]
+                            "bias", "attn", *oa.ATTENTION_OPTIONS]
+    assert {k: params[k].default for k in oa.ATTENTION_OPTIONS} == oa.ATTENTION_OPTIONS
     blk = oa.Block(16, 2, causal=True, pe="rope", rope_base=500.0, rope_pairing="half", rope_heads=1,
                    lam=0.05, lam_mode="softplus-diag", regime="intermediate", bias=True, dropout=0.1)
     a = blk.attn
     assert (a.causal, a.pe, a.rope_base, a.rope_pairing, a.rope_heads, a.lam_mode, a.regime, a.dropout) == \
         (True, "rope", 500.0, "half", 1, "softplus-diag", "intermediate", 0.1)
     assert torch.allclose(a.lam_values(), torch.full((2, 8), 0.05, dtype=f64))
+    b = oa.Block(16, 2, regime="convergent", rho_cap=0.5).attn
+    assert b.A_form.rho_cap == 0.5 and oa.Block(16, 2, lam=0.1, lam_frozen=True, extra_qk=True).attn.lam_frozen
     with pytest.raises(TypeError):
         oa.Block(16, 2, temperature=2.0)
     # the same random numbers as building the Attention directly: same weights, bit for bit

@@ -52,11 +52,11 @@ def test_the_constrained_arms_realise_their_regimes_and_symmetric_A_makes_V_hurw
 def test_effective_rank_has_its_closed_forms():
     # n tokens along one direction: the centred normalised tokens vanish → 0 (collapsed)
     X = torch.randn(1, 4, dtype=f64) * torch.tensor([[1.0], [2.0], [0.5], [3.0]], dtype=f64)
-    assert float(tt.effective_rank(X)) == 0.0
+    assert float(oa.effective_rank(X)) == 0.0
     # two opposite directions: one line → 1
-    assert abs(float(tt.effective_rank(torch.cat([X, -X]))) - 1.0) < 1e-12
+    assert abs(float(oa.effective_rank(torch.cat([X, -X]))) - 1.0) < 1e-12
     # the d basis vectors: uᵢ − ū has d − 1 equal singular values → exp(log(d − 1)) = d − 1
-    assert abs(float(tt.effective_rank(torch.eye(5, dtype=f64))) - 4.0) < 1e-10
+    assert abs(float(oa.effective_rank(torch.eye(5, dtype=f64))) - 4.0) < 1e-10
 
 
 def _set_free(m, V):

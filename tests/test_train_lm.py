@@ -449,5 +449,29 @@ def test_the_layer_probe_on_layers_whose_field_is_known_in_closed_form(c, fate):
         assert r["n_re_pos"] == (0 if c > 0 else 8)
         assert r["n_euler_unstable"] == 8                             # |1 − 3| = 2 and 1 + 0.5 > 1
         assert r["fates"][fate] == 3
+        # uniform causal attention: query i (1-based) spreads over i keys, entropy log i
+        assert r["attention_entropy"] == pytest.approx(float(torch.log(torch.arange(1, 13, dtype=torch.float64)).mean()), abs=1e-12)
+        assert 0 < r["effective_rank"] <= 8 and r["rope_in_field"] is False
     if c < 0:
         assert rows[0]["growth"] > 1e3                                # e^{t/2} at t = 20: ~2e4 for token 1
+
+
+def test_the_layer_probe_drops_rope_from_the_field_only_where_asked():
+    """drop_rope leaves the weights and the inputs X⁰ alone: on a RoPE model whose queries are 0
+    (uniform attention, so the rotation changes nothing) both probes agree; on a model without
+    RoPE it is refused in one sentence."""
+    cfg = dict(vocab_size=256, d_model=8, n_layers=2, n_heads=2, seq_len=12, pe="rope", lam=0.0,
+               lam_mode="identity", regime="free", mlp_ratio=2.0, dropout=0.0, cutoffs="")
+    torch.manual_seed(0)
+    model = train_lm.build_lm(cfg)
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.qkv.weight[:8].zero_()                           # Q = 0
+    idx = torch.randint(0, 256, (2, 12))
+    kept, dropped = (training.layer_fields(model, idx, t_end=5.0, drop_rope=d) for d in (False, True))
+    for a, b in zip(kept, dropped):
+        assert a["rope_in_field"] and not b["rope_in_field"]
+        assert a["fates"] == b["fates"] and a["growth"] == pytest.approx(b["growth"], rel=1e-10)
+        assert a["attention_entropy"] == pytest.approx(b["attention_entropy"], abs=1e-12)
+    with pytest.raises(ValueError, match="RoPE"):
+        training.layer_fields(train_lm.build_lm(dict(cfg, pe="learned")), idx, drop_rope=True)
