@@ -19,8 +19,12 @@ Tasks
            the read-out is tied to the embedding (logits = LN(x) Eᵀ).
   trigger  the Spectral paper's Task 1 (spectral.tasks.make_task1: classify the distance between two
            trigger words): mean over the real tokens, a linear head, top-1 accuracy (%).
-The input is x⁽⁰⁾ = E[token] + P[position] (a learned absolute table: position enters the initial
-condition only, the field itself is the plain one).
+Position (--pe): learned (default) — x⁽⁰⁾ = E[token] + P[position], a learned absolute table, so
+position enters the initial condition only and the field itself is the plain one; rope — x⁽⁰⁾ =
+E[token] and the field rotates queries and keys (RoPE, base 10⁴: position lives in the field);
+none — x⁽⁰⁾ = E[token], no position at all (the model sees a bag of bytes). For a RoPE run the fate
+probe is run twice at the end: with the field's RoPE, and with it dropped (the same weights and
+inputs) — the phase diagrams predict that RoPE keeps a bidirectional field from converging.
 
 Arms (--regime), the paper's PD / HD / ND on the tied layer (ode_attention.Attention with one head;
 W_sym ≻ 0 always, K and V solved so that QKᵀ = W and AVᵀ = W exactly):
@@ -80,8 +84,11 @@ CKPT_EVERY = 10
 A_INIT_SCALE = 1.5                  # |D| of the constrained arms' A = L D Lᵀ at init (see TiedEncoder)
 REGIMES = ode_attention.REGIMES     # ("free", "divergent", "intermediate", "convergent")
 TASKS = ("mlm", "trigger")
+PES = ("learned", "rope", "none")
 RESUME_KEYS = ("task", "regime", "antisymmetric_A", "d_model", "seq_len", "T", "K", "final_ln", "batch_size",
-               "lr", "steps", "seed")
+               "lr", "steps", "seed", "pe")
+# settings added after runs were made: a config.json without one was made at this value (the runner)
+ADDED_LATER = {"pe": "learned"}
 PRESETS = {   # CPU-sized: one run of 400 steps takes seconds to minutes (see the README)
     "mlm": dict(d_model=32, seq_len=64, batch_size=32, steps=400, lr=3e-3, eval_every=100),
     "trigger": dict(d_model=32, seq_len=120, batch_size=32, steps=400, lr=3e-3, eval_every=100),
@@ -97,16 +104,22 @@ class TiedEncoder(nn.Module):
     tokens (a classifier)."""
 
     def __init__(self, vocab: int, n_ctx: int, d: int, *, T: float, K: int, regime: str = "free",
-                 antisymmetric_A: bool = False, final_ln: bool = True, n_classes: int | None = None):
+                 antisymmetric_A: bool = False, final_ln: bool = True, n_classes: int | None = None,
+                 pe: str = "learned"):
         super().__init__()
         if not (K >= 1 and T > 0 and math.isfinite(T)):
             raise ValueError(f"need K >= 1 Euler steps and a horizon T > 0, got K={K}, T={T}.")
+        if pe not in PES:
+            raise ValueError(f"unknown pe {pe!r}; choose one of {PES}.")
+        self.pe = pe
         self.T, self.K, self.h = float(T), int(K), float(T) / int(K)
         # token norms ~ 1 at init (E, P ~ N(0, 1/(2d)) each), so the logits xᵢᵀWxⱼ/√d start O(0.1)
         self.emb = nn.Embedding(vocab, d)
         nn.init.normal_(self.emb.weight, std=(2 * d) ** -0.5)
-        self.pos = nn.Parameter(torch.randn(n_ctx, d) * (2 * d) ** -0.5)
+        # the learned table, or nothing (rope: position lives in the field; none: no position)
+        self.pos = nn.Parameter(torch.randn(n_ctx, d) * (2 * d) ** -0.5) if pe == "learned" else None
         self.attn = ode_attention.Attention(d, 1, causal=False, regime=regime, bias=False,
+                                            pe="rope" if pe == "rope" else "none",
                                             symmetric_A=regime != "free" and not antisymmetric_A)
         if regime != "free":
             # |D_A| = A_INIT_SCALE instead of the layer's 0.15: V = Wᵀ A⁻¹ then starts with ρ(V) ≈ 0.31
@@ -119,7 +132,7 @@ class TiedEncoder(nn.Module):
     def integrate(self, tokens: torch.Tensor, pad: torch.Tensor | None = None, record: list | None = None):
         """The K Euler steps from x⁽⁰⁾; `record` receives x⁽⁰⁾ … x⁽ᴷ⁾. pad: bool (B, n), True where
         the token is real (padded keys are masked out of every softmax)."""
-        x = self.emb(tokens) + self.pos[: tokens.shape[1]]
+        x = self.x0(tokens)
         if record is not None:
             record.append(x)
         for _ in range(self.K):
@@ -127,6 +140,11 @@ class TiedEncoder(nn.Module):
             if record is not None:
                 record.append(x)
         return x
+
+    def x0(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The initial condition x⁽⁰⁾ = E[tokens] (+ P with learned PE)."""
+        x = self.emb(tokens)
+        return x if self.pos is None else x + self.pos[: tokens.shape[1]]
 
     def forward(self, tokens: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
         x = self.ln(self.integrate(tokens, pad))
@@ -137,10 +155,15 @@ class TiedEncoder(nn.Module):
 
     def field(self):
         """(Q, K, V) of the continuous field the steps discretise, in velocity()'s convention:
-        Attn(X) = ode_attention.velocity(X, Q, K, V), the 1/√d logit scale folded into Q and the
-        output map (free arm) into V. float64."""
+        Attn(X) = ode_attention.velocity(X, Q, K, V, **self.field_options()), the 1/√d logit scale
+        folded into Q and the output map (free arm) into V. float64."""
         Q, K, V, O = (None if m is None else m.detach().double() for m in self.attn.qkv_matrices())
         return Q * self.attn.scale, K, V if O is None else V @ O
+
+    def field_options(self) -> dict:
+        """velocity()'s options for this model's field: RoPE (base 10⁴, interleaved pairs, positions
+        0 … n − 1, as the layer rotates) when pe is rope."""
+        return {"rope": True, "rope_base": self.attn.rope_base} if self.pe == "rope" else {}
 
     def h_rho(self) -> float:
         """h · ρ(V): the Euler step against the value map's spectral radius (< 1 to be a faithful
@@ -165,7 +188,8 @@ class TiedEncoder(nn.Module):
 def build_model(cfg: dict, n_classes: int | None) -> TiedEncoder:
     vocab = 257 if cfg["task"] == "mlm" else cfg["vocab_size"]
     return TiedEncoder(vocab, cfg["seq_len"], cfg["d_model"], T=cfg["T"], K=cfg["K"], regime=cfg["regime"],
-                       antisymmetric_A=cfg["antisymmetric_A"], final_ln=cfg["final_ln"], n_classes=n_classes)
+                       antisymmetric_A=cfg["antisymmetric_A"], final_ln=cfg["final_ln"], n_classes=n_classes,
+                       pe=cfg.get("pe", ADDED_LATER["pe"]))
 
 
 # ==============================================================================================
@@ -174,18 +198,16 @@ def build_model(cfg: dict, n_classes: int | None) -> TiedEncoder:
 def integration_probe(model: TiedEncoder, tokens, pad=None) -> list[dict]:
     """Per Euler step k = 0 … K (batch means, float64): mean token norm, effective rank of the
     centred normalised tokens, and the attention entropy −Σⱼ Pᵢⱼ log Pᵢⱼ (mean over the real
-    queries; P computed here from the field, which is the layer's own softmax: tested)."""
-    Q, K, _ = model.field()
+    queries; P is the layer's own softmax, Attention.weights, RoPE included)."""
     with torch.no_grad():
         states: list = []
         model.integrate(tokens, pad, record=states)
     real = pad if pad is not None else torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
     rows = []
     for k, X in enumerate(states):
+        with torch.no_grad():
+            P = model.attn.weights(X, key_padding_mask=pad)[:, 0].double()         # (B, n, n), one head
         X = X.double()
-        S = (X @ Q) @ (X @ K).transpose(-1, -2)
-        S = S.masked_fill(~real[:, None, :], float("-inf"))
-        P = torch.softmax(S, -1)
         H = -(P * P.clamp_min(1e-300).log()).sum(-1)                        # (B, n) per query
         H = (H * real).sum(-1) / real.sum(-1)
         keep = [X[b, real[b]] for b in range(X.shape[0])]
@@ -196,15 +218,18 @@ def integration_probe(model: TiedEncoder, tokens, pad=None) -> list[dict]:
     return rows
 
 
-def field_fate(model: TiedEncoder, tokens, t_end: float) -> dict:
+def field_fate(model: TiedEncoder, tokens, t_end: float, drop_rope: bool = False) -> dict:
     """The fate of the layer's own continuous field dX/dt = Attn(X) from x⁽⁰⁾ of each sequence (padded
-    tokens dropped: sequences of unequal length go one by one), by ode_attention.field_fates (analysis/phase.py's rule)."""
+    tokens dropped: sequences of unequal length go one by one), by ode_attention.field_fates
+    (analysis/phase.py's rule). drop_rope: the same weights and inputs, the field without RoPE."""
     Q, K, V = model.field()
+    if drop_rope and model.pe != "rope":
+        raise ValueError("drop_rope needs a RoPE model (--pe rope).")
     with torch.no_grad():
-        X0 = (model.emb(tokens) + model.pos[: tokens.shape[1]]).double()
+        X0 = model.x0(tokens).double()
     B = len(X0)
     recs = ode_attention.field_fates(Q.expand(B, *Q.shape), K.expand(B, *K.shape), V.expand(B, *V.shape), X0,
-                                     ode_attention.log_times(t_end))
+                                     ode_attention.log_times(t_end), **({} if drop_rope else model.field_options()))
     counts = {f: recs["fate"].count(f) for f in ode_attention.FATES}
     return {"t_end": t_end, "sequences": len(X0), "counts": counts, "slope": recs["slope"],
             "final_norm": recs["final_norm"]}
@@ -288,6 +313,8 @@ def build_parser() -> training.ArgParser:
     a = training.ArgParser(prog="train_tied.py", description=__doc__.split("\n\n")[0].split(" — ", 1)[-1])
     a.add_argument("--task", choices=TASKS, default="mlm")
     a.add_argument("--regime", choices=REGIMES, default="free")
+    a.add_argument("--pe", choices=PES, default="learned",
+                   help="learned: a learned absolute table in x⁽⁰⁾ (default); rope: RoPE in the field; none")
     a.add_argument("--antisymmetric-A", action="store_true",
                    help="constrained arms: keep a free antisymmetric part T_A (default: A symmetric)")
     a.add_argument("--T", type=float, default=4.0, help="the horizon: the steps integrate dX/dt = Attn(X) to t = T")
@@ -308,7 +335,7 @@ def build_parser() -> training.ArgParser:
 
 def resolve_config(args) -> dict:
     cfg = dict(PRESETS[args.task], task=args.task, regime=args.regime, antisymmetric_A=args.antisymmetric_A,
-               T=args.T, final_ln=not args.no_final_ln, seed=args.seed)
+               T=args.T, final_ln=not args.no_final_ln, seed=args.seed, pe=args.pe)
     for k in ("d_model", "seq_len", "batch_size", "steps", "eval_every", "lr"):
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
@@ -398,7 +425,10 @@ def main(argv=None) -> int:
     training.write_csv(run.path / "probe.csv", rows)
     summary = {"step": result["step"], "wall_s": wall, "metric": metric, "val": result["eval"]["val"],
                "init": {"regime": init_rec["regime"], "fate": init_rec["fate"]},
-               "end": {"regime": end, "fate": after["fate"]},
+               "end": {"regime": end, "fate": after["fate"],
+                       # RoPE runs: the same weights and inputs, the field without its rotation
+                       **({"fate_no_rope": field_fate_of(model, probe_x, args.fate_t, drop_rope=True)}
+                          if cfg["pe"] == "rope" else {})},
                "faithful": end["h_rho_V"] < 1 and init_rec["regime"]["h_rho_V"] < 1,
                # None, or e.g. "loss nan at step 280": training stopped there, `step` is the model kept
                "diverged": diverged}
@@ -409,12 +439,12 @@ def main(argv=None) -> int:
     return 0
 
 
-def field_fate_of(model: TiedEncoder, probe, t_end: float) -> dict:
+def field_fate_of(model: TiedEncoder, probe, t_end: float, drop_rope: bool = False) -> dict:
     """field_fate on the probe sequences, one by one where they carry padding (Task 1)."""
     x, pad, _ = probe
     if pad is None or bool(pad.all()):
-        return field_fate(model, x, t_end)
-    parts = [field_fate(model, x[b: b + 1, pad[b]], t_end) for b in range(len(x))]
+        return field_fate(model, x, t_end, drop_rope)
+    parts = [field_fate(model, x[b: b + 1, pad[b]], t_end, drop_rope) for b in range(len(x))]
     return {"t_end": t_end, "sequences": len(parts),
             "counts": {f: sum(p["counts"][f] for p in parts) for f in parts[0]["counts"]},
             "slope": [s for p in parts for s in p["slope"]], "final_norm": [v for p in parts for v in p["final_norm"]]}

@@ -763,6 +763,12 @@ def train_loop(model, optimizer, *, rt: Runtime, run: RunDir, config: dict, step
 
     def save(step):
         nonlocal saved
+        # never a checkpoint of non-finite weights: the loss is checked only at log steps, and an
+        # update in between can turn the weights NaN — saving them would overwrite the last good
+        # checkpoint with one that every resume and every fallback would then fail on
+        if not all(bool(torch.isfinite(p).all()) for p in raw.parameters()):
+            kept = f"the last checkpoint, step {saved}, is kept" if saved is not None else "no checkpoint was saved"
+            raise ValueError(f"the weights became non-finite by step {step} ({kept}): lower --lr or raise --warmup")
         # the loss summed since the last log row goes into the checkpoint (its mean over ranks:
         # every rank restores it), so that a resumed run writes the rows of an unbroken one
         loop = {"loss_sum": all_reduce(loss_sum.clone(), rt, "mean").item(), "n_logged": n_logged}

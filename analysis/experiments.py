@@ -40,6 +40,8 @@ Run from the project folder. Experiments (each training run is its own process,
                    horizons T = 1, 4, 16 on masked bytes, 5 seeds; realised regime and field fate
                                                                                → results/tied/mlm*
     tied-trigger   the same on the Spectral paper's Task 1                     → results/tied/trigger*
+    tied-pe        the free tied model at T = 4 with learned PE / RoPE / none, 3 seeds: the fate of
+                   its field with RoPE kept and dropped                        → results/tied/pe*
     agreement      python -m analysis.agreement --instances N for each seed, then mean ± std
                                                                                → results/core/agreement*
     phase          python -m analysis.phase: fates of convergent-predicted instances to t = 2000 over
@@ -135,6 +137,8 @@ VIT_PE = {"none": ["--pe", "none"], "learned": ["--pe", "learned"], "sin2d": ["-
 # the weight-tied ODE model (train_tied.py): every arm at every horizon T (K = 64 steps, h = T/64)
 TIED_ARMS, TIED_T = ("free", "divergent", "intermediate", "convergent"), (1, 4, 16)
 TIED = {f"{arm}-T{T}": ["--regime", arm, "--T", str(T)] for T in TIED_T for arm in TIED_ARMS}
+# position in the bidirectional tied model (free arm, T = 4): learned table in x⁽⁰⁾ / RoPE in the field / none
+TIED_PE = {pe: ["--regime", "free", "--T", "4", "--pe", pe] for pe in ("learned", "rope", "none")}
 SPECTRAL_PES = "none,sin,learned,t5,alibi,rope,rope-partial:1,sin+rope,mla"
 # The pretrained token probe has no seed: its randomness is the text. Seed 0 is analysis.reports'
 # own paragraph; seeds 1, 2 are these two, of the same length and register.
@@ -164,14 +168,14 @@ BUDGETS = {
     "cpu-small": dict(seeds=3, jobs=None, lm=["--steps", "400", "--eval-every", "0"], vit=[],
                       agreement=1000, spectral=["--preset", "small", "--seeds", "0,1,2", "--pes", SPECTRAL_PES, "--device", "cpu"],
                       device="cpu", speed=["--suite"], phase=["--instances", "102", "--t-end", "2000"],
-                      tied=[], tied_seeds=5, exp_seeds={"lm-regimes-sym": 6, "lm-lam": 8}),
+                      tied=[], tied_seeds=5, exp_seeds={"lm-regimes-sym": 6, "lm-lam": 8, "tied-pe": 3}),
     # one GPU: a 6 × 256 language model for 3,000 steps, 4,000-step ViTs, the Spectral paper's model
     "gpu": dict(seeds=3, jobs=1, lm=["--d-model", "256", "--n-layers", "6", "--n-heads", "8", "--seq-len", "256",
                                      "--steps", "3000", "--eval-every", "0", "--device", "cuda"],
                 vit=["--steps", "4000", "--device", "cuda"], agreement=10000,
                 spectral=["--preset", "medium", "--seeds", "0,1,2", "--pes", SPECTRAL_PES, "--device", "cuda"],
                 device="cuda", speed=["--device", "cuda"], phase=["--instances", "102", "--t-end", "2000"],
-                tied=[], tied_seeds=5, exp_seeds={"lm-regimes-sym": 6, "lm-lam": 8}),
+                tied=[], tied_seeds=5, exp_seeds={"lm-regimes-sym": 6, "lm-lam": 8, "tied-pe": 3}),
 }
 TRAINING = {  # experiment → (script, variants, budget key, results sub-folder, corpus flags)
     "lm-regimes": ("train_lm.py", LM_REGIMES, "lm", "lm/regimes", []),
@@ -182,6 +186,7 @@ TRAINING = {  # experiment → (script, variants, budget key, results sub-folder
     "vit-pe": ("train_vit.py", VIT_PE, "vit", "vit/pe-lam", []),
     "tied-mlm": ("train_tied.py", TIED, "tied", "tied/mlm", ["--task", "mlm"]),
     "tied-trigger": ("train_tied.py", TIED, "tied", "tied/trigger", ["--task", "trigger"]),
+    "tied-pe": ("train_tied.py", TIED_PE, "tied", "tied/pe", ["--task", "mlm"]),
 }
 ONE_SHOT = ("agreement", "phase", "pretrained", "spectral", "speed")
 EXPERIMENTS = tuple(TRAINING) + ONE_SHOT
@@ -206,16 +211,18 @@ def _expected_config(script: str, argv: list) -> dict:
     return mod.resolve_config(mod.build_parser().parse_args(argv))
 
 
-def _made_with(folder: Path, expected: dict) -> bool:
-    """folder's config.json has every setting of `expected` (data compared by file name). An
-    attention option (ode_attention.ATTENTION_OPTIONS) that config.json lacks was made at its "off"
-    value: the run predates the option, so it stays kept when the option is asked off."""
+def _made_with(folder: Path, expected: dict, later: dict | None = None) -> bool:
+    """folder's config.json has every setting of `expected` (data compared by file name). A setting
+    added after the run was made — an attention option (ode_attention.ATTENTION_OPTIONS) or one of
+    `later` (a script's ADDED_LATER) — that config.json lacks was made at that default: the run stays
+    kept while the setting is asked at it."""
     try:
         got = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return False
+    defaults = {**ode_attention.ATTENTION_OPTIONS, **(later or {})}
     for k, v in expected.items():
-        g = got.get(k, ode_attention.ATTENTION_OPTIONS.get(k))
+        g = got.get(k, defaults.get(k))
         if k == "data":
             v, g = Path(str(v)).name, Path(str(g)).name
         if g != v and not (isinstance(v, float) and isinstance(g, (int, float)) and math.isclose(v, g)):
@@ -223,9 +230,9 @@ def _made_with(folder: Path, expected: dict) -> bool:
     return True
 
 
-def _matches(folder: Path, expected: dict) -> bool:
+def _matches(folder: Path, expected: dict, later: dict | None = None) -> bool:
     """folder holds a finished run (summary.json) made with `expected`."""
-    return (folder / "summary.json").exists() and _made_with(folder, expected)
+    return (folder / "summary.json").exists() and _made_with(folder, expected, later)
 
 
 def n_seeds(exp: str, budget: str) -> int:
@@ -242,19 +249,20 @@ def plan_training(exp: str, budget: str, results: Path, runs: Path, enwiki: Path
     b = BUDGETS[budget]
     corpus = [str(enwiki) if c == "ENWIKI" else c for c in corpus]
     rows, jobs = [], []
+    later = getattr(SCRIPTS[script], "ADDED_LATER", {})          # settings newer than some kept runs
     for seed in range(n_seeds(exp, budget)):
         for name, flags in variants.items():
             argv = [*corpus, *flags, *b[key], "--seed", str(seed)]
             kept, run = results / sub / f"{name}-s{seed}", runs / exp / f"{name}-s{seed}"
             rows.append((name, seed, kept))
             expected = _expected_config(script, argv)
-            if _matches(kept, expected):
+            if _matches(kept, expected, later):
                 continue
-            if _matches(run, expected):
+            if _matches(run, expected, later):
                 jobs.append((None, None, run, kept))                  # finished earlier: only keep it
                 continue
             # half-finished with these settings: continue it from its checkpoint
-            resume = ["--resume", str(run)] if (run / "ckpt.pt").exists() and _made_with(run, expected) else []
+            resume = ["--resume", str(run)] if (run / "ckpt.pt").exists() and _made_with(run, expected, later) else []
             jobs.append(([PY, str(ROOT / script), *argv, "--out", str(run), *resume], run.with_suffix(".log"), run, kept))
     return rows, jobs
 

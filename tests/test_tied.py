@@ -147,3 +147,52 @@ def test_a_run_whose_loss_turns_non_finite_keeps_its_last_checkpoint_and_says_so
     s = json.loads((out / "summary.json").read_text())
     assert s["diverged"] == said and s["step"] == 10
     assert math.isfinite(s["val"]["bpb"]) and s["end"]["regime"]["regime"] == "divergent"
+
+
+def test_weights_turned_non_finite_between_log_checks_are_never_checkpointed(tmp_path, monkeypatch):
+    """The loss is checked at log steps only; an update can make the weights NaN while the loss it
+    reports is finite. The checkpoint of that step must not be written over the last good one (a
+    NaN checkpoint made three divergent runs fail at resume and at the fallback): the run falls
+    back on step 10 and says the weights went non-finite."""
+    calls = {"n": 0}
+    real = tt.loss_of
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        loss, units = real(model, batch)
+        if calls["n"] == 20:           # a finite loss whose gradient is NaN: 0·√|0·p| at 0
+            p = next(model.parameters())
+            loss = loss + 0.0 * (0.0 * p.sum()).abs().sqrt()
+        return loss, units
+    monkeypatch.setattr(tt, "loss_of", poisoned)
+    out = tmp_path / "run"
+    assert tt.main(["--regime", "divergent", "--T", "1", "--K", "4", "--d-model", "8", "--seq-len", "16",
+                    "--batch-size", "4", "--steps", "30", "--eval-every", "30", "--fate-t", "5",
+                    "--fate-seqs", "2", "--out", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["diverged"] == "non-finite weights" and s["step"] == 10 and math.isfinite(s["val"]["bpb"])
+    state = training.load_checkpoint(out / "ckpt.pt")
+    assert state["step"] == 10 and all(bool(torch.isfinite(v).all()) for v in state["model"].values())
+
+
+def test_the_rope_tied_model_steps_along_the_rope_field_and_records_its_fate_without_rope(tmp_path):
+    """--pe rope: x⁽⁰⁾ = E[token] (no table) and the layer rotates q, k; field() with field_options()
+    is that same field (velocity with RoPE, float64), so the fate probe integrates the model's own
+    field; the summary carries the fate with RoPE dropped too. --pe none: no position anywhere."""
+    torch.manual_seed(0)
+    m = tt.TiedEncoder(257, 16, 8, T=1.0, K=4, pe="rope").double()
+    assert m.pos is None and m.attn.pe == "rope"
+    tokens = torch.randint(0, 256, (3, 16))
+    X = m.x0(tokens)
+    Q, K, V = m.field()
+    assert torch.allclose(m.attn(X), oa.velocity(X, Q, K, V, **m.field_options()), atol=1e-12)
+    assert not torch.allclose(m.attn(X), oa.velocity(X, Q, K, V), atol=1e-6)       # the rotation matters
+    out = tmp_path / "run"
+    assert tt.main(["--pe", "rope", "--T", "1", "--K", "4", "--d-model", "8", "--seq-len", "16",
+                    "--batch-size", "4", "--steps", "3", "--eval-every", "3", "--fate-t", "5",
+                    "--fate-seqs", "2", "--out", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["end"]["fate_no_rope"]["sequences"] == 2 and sum(s["end"]["fate_no_rope"]["counts"].values()) == 2
+    none = tt.TiedEncoder(257, 16, 8, T=1.0, K=4, pe="none")
+    perm = torch.randperm(16)
+    assert none.pos is None and torch.allclose(none.integrate(tokens[:, perm]), none.integrate(tokens)[:, perm], atol=1e-5)
