@@ -238,6 +238,16 @@ def field_fate(model: TiedEncoder, tokens, t_end: float, drop_rope: bool = False
 # ==============================================================================================
 # 3. Data: masked byte windows, or Task 1
 # ==============================================================================================
+def mlm_unigram_bpb(cache_dir: Path = HERE / "cache") -> float:
+    """The floor a masked-byte model must beat to have used any context: the cross-entropy (bits) of
+    the validation bytes under the training split's byte frequencies (the masked positions are a
+    uniform 15% sample of them). A model at or above it predicts from the byte prior alone."""
+    corpus = text.load_corpus("pydocs", cache_dir)
+    p = (np.bincount(corpus.train, minlength=256) + 1.0) / (len(corpus.train) + 256.0)   # add-one
+    val = np.bincount(corpus.val, minlength=256)
+    return float(-(val * np.log2(p)).sum() / val.sum())
+
+
 def mask_windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int, rng: np.random.Generator):
     """(inputs, targets): windows tokens[s : s + seq_len] with a random 15 % (at least one) of each
     replaced by MASK_ID; targets hold the original byte there and −100 (ignored) elsewhere."""

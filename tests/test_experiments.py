@@ -151,6 +151,15 @@ def test_a_failing_run_stops_with_its_log(tmp_path, monkeypatch, capsys):
     assert rc == 1 and "lm-regimes: 1 run(s) failed" in err and "bad-s0.log" in err
 
 
+def test_every_run_has_its_own_log_even_when_its_variant_name_has_a_dot(tmp_path):
+    """"rope-softplus+0.05-s3": Path.with_suffix would cut it at the dot, one log (and one keep
+    target) for every seed and for the frozen arm too; the log is the folder's name + ".log"."""
+    rows, jobs = ex.plan_training("lm-lam", "smoke", tmp_path / "r", tmp_path / "w", None)
+    logs = [j[1] for j in jobs]
+    assert len(set(logs)) == len(jobs) == len(ex.LM_LAM) * ex.n_seeds("lm-lam", "smoke")
+    assert all(log.name == run.name + ".log" and log.parent == run.parent for _, log, run, _ in jobs)
+
+
 def test_each_finished_run_is_handed_on_as_it_finishes_and_a_failed_one_is_not(tmp_path):
     """run_processes calls on_done(log) for a job that exits 0 (the runner keeps it in results/ then,
     not only at the end), never for one that fails; the failure still comes back as a line."""
@@ -683,3 +692,19 @@ def test_the_tied_experiments_plan_5_seeds_tabulate_and_judge_nd_against_pd(tmp_
     assert len(lines) == 4
     assert all(r[2] == "supported" for r in lines)                  # ND loses at each T, and more at 16
     assert "diverged in training 1/5" in lines[0][3]
+
+
+def test_fate_shift_and_the_mechanism_line_on_known_cases():
+    # RoPE stops convergence: 0/40 converge with it, 40/40 without → supported for "lower"
+    assert ex._fate_shift({"converges": 0, "grows": 40}, {"converges": 40, "grows": 0}, "lower")[0] == "supported"
+    # identical fates under a causal mask → no effect for "none"; nothing converging at all → not applicable
+    assert ex._fate_shift({"converges": 60, "plateau": 0}, {"converges": 60, "plateau": 0}, "none")[0].startswith("supported")
+    assert ex._fate_shift({"grows": 24}, {"grows": 24}, "lower")[0] == "not applicable"
+    # a small sample cannot decide: 1/4 vs 2/4
+    assert ex._fate_shift({"converges": 1, "grows": 3}, {"converges": 2, "grows": 2}, "lower")[0] == "unresolved"
+    for sign, cap, word in (("supported", "supported", "supported: the definiteness mechanism"),
+                            ("no effect ≥ δ", "no effect ≥ δ", "supported: capacity"),
+                            ("supported", "unresolved (MDE = 0.03)", "unresolved")):
+        out = [{"key": "sign", "verdict": sign}, {"key": "capacity", "verdict": cap}]
+        ex._mechanism_line(out)
+        assert out[-1]["test"] == word
