@@ -42,6 +42,8 @@ Run from the project folder. Experiments (each training run is its own process,
     tied-trigger   the same on the Spectral paper's Task 1                     → results/tied/trigger*
     tied-pe        the free tied model at T = 4 with learned PE / RoPE / none, 3 seeds: the fate of
                    its field with RoPE kept and dropped                        → results/tied/pe*
+    tied-mlm-rope  tied-mlm's grid with RoPE in the field (where the tied model learns: tied-pe)
+                                                                               → results/tied/mlm-rope*
     agreement      python -m analysis.agreement --instances N for each seed, then mean ± std
                                                                                → results/core/agreement*
     phase          python -m analysis.phase: fates of convergent-predicted instances to t = 2000 over
@@ -187,6 +189,7 @@ TRAINING = {  # experiment → (script, variants, budget key, results sub-folder
     "tied-mlm": ("train_tied.py", TIED, "tied", "tied/mlm", ["--task", "mlm"]),
     "tied-trigger": ("train_tied.py", TIED, "tied", "tied/trigger", ["--task", "trigger"]),
     "tied-pe": ("train_tied.py", TIED_PE, "tied", "tied/pe", ["--task", "mlm"]),
+    "tied-mlm-rope": ("train_tied.py", TIED, "tied", "tied/mlm-rope", ["--task", "mlm", "--pe", "rope"]),
 }
 ONE_SHOT = ("agreement", "phase", "pretrained", "spectral", "speed")
 EXPERIMENTS = tuple(TRAINING) + ONE_SHOT
@@ -967,14 +970,14 @@ def _tied_claims(results: Path, out: list) -> None:
     (symmetric A ≺ 0: V Hurwitz by construction) against PD at each horizon, paired by seed, and
     whether ND's deficit grows from T = 1 to T = 16 (the per-seed gap at 16 against the gap at 1).
     Each line names the realised regime and the fate of the arms' own fields."""
-    for exp, task in (("tied-mlm", "masked bytes"), ("tied-trigger", "Task 1")):
+    for exp, task in (("tied-mlm", "masked bytes"), ("tied-mlm-rope", "masked bytes, RoPE"), ("tied-trigger", "Task 1")):
         data = _load(results, exp)
         if not data:
             continue
         metric = next(iter(data.values()))["metric"]
         lower = metric == "bpb"                                       # bpb: lower is better; acc: higher
         floor = None
-        if exp == "tied-mlm":
+        if exp.startswith("tied-mlm"):
             # no arm below the byte-unigram floor: no arm used context, so the arms cannot differ in
             # how they use it — the comparison's premise (a model that learned the task) is unmet
             unigram = train_tied.mlm_unigram_bpb()
@@ -1289,6 +1292,7 @@ def write_report(results: Path, budget: str, state: dict) -> None:
                        "each layer's realised regime and field fate"),
                       ("lm/lam.md", "the λ-term with its controls (sign, frozen, capacity, NoPE), RoPE LM, 8 seeds"),
                       ("tied/mlm.md", "the weight-tied ODE model: free / PD / HD / ND × T = 1, 4, 16, masked bytes"),
+                      ("tied/mlm-rope.md", "the same grid with RoPE in the field"),
                       ("tied/trigger.md", "the weight-tied ODE model on Task 1"),
                       ("tied/pe.md", "the weight-tied model with learned PE / RoPE / none, fate with RoPE dropped"),
                       ("lm/pe.md", "positional encoding × λ, language model, embedded corpus"),
