@@ -320,6 +320,9 @@ def build_parser() -> training.ArgParser:
                           cache_help="where downloads and the embedded corpus are cached",
                           probe_help="validation windows in the token probe")
     # a trained run: sample from it, or evaluate it, instead of training (section 5)
+    a("--layers-at-eval", action="store_true",
+      help="at every periodic evaluation also record each layer's regime and field fate (training.layer_fields, "
+           "about 20 s each at the small preset) as metrics.csv rows of the split 'layers'")
     a("--sample", metavar="RUN", help="generate text from RUN's checkpoint (its folder or ckpt.pt) instead of "
       "training; writes nothing into RUN")
     a("--eval-only", metavar="RUN", help="evaluate RUN's checkpoint on the whole validation and test splits "
@@ -424,6 +427,16 @@ def train(cfg: dict, args, rt: training.Runtime) -> int:
             loss = evaluate(raw, toks, seq_len=cfg["seq_len"], batch=micro, rt=rt,
                             max_tokens=0 if final else cfg["eval_tokens"])
             out[split] = {"loss": loss, metric: corpus.score(loss)}
+        if args.layers_at_eval and not final:
+            # when does training leave the regime? the per-layer record at every periodic
+            # evaluation, as metrics.csv rows of the split "layers" (the end of training: summary.json)
+            rows = training.layer_fields(raw, x_probe[:2])
+            out["layers"] = {"max_abscissa_V": max(r["abscissa_V"] for r in rows),
+                             "n_re_pos": sum(r["n_re_pos"] for r in rows),
+                             "n_euler_unstable": sum(r["n_euler_unstable"] for r in rows),
+                             "mean_rho_A": float(np.mean([r["rho_A"] for r in rows])),
+                             "fields_growing": sum(r["fates"]["grows"] for r in rows),
+                             "fields_converging": sum(r["fates"]["converges"] + r["fates"]["slower"] for r in rows)}
         return out
 
     t0 = time.perf_counter()

@@ -31,6 +31,8 @@ Run from the project folder. Experiments (each training run is its own process,
                    skipped without it)                                         → results/lm/pe-enwiki*
     lm-regimes-sym free / PD / ND with a symmetric A (--symmetric-A: ND's V Hurwitz by construction),
                    6 seeds; the realised regime and field fate of every layer  → results/lm/regimes-sym*
+    lm-regimes-track  ND with T_A free vs ND with a symmetric A, the layer record every 50 steps, 2 seeds
+                                                                               → results/lm/regimes-track*
     lm-lam         the λ-term with its controls on the RoPE LM, 8 seeds: rope; + softplus 0.05; λ −0.1;
                    λ +0.1 (sign); softplus frozen; an extra learned q/k channel (capacity); NoPE;
                    NoPE + softplus 0.05 (the authors' released code)           → results/lm/lam*
@@ -123,6 +125,11 @@ LM_REGIMES_SYM = {"free": ["--pe", "learned"],
 # the λ-term with its controls (RoPE LM): sign, frozen λ, the capacity control (an extra unrotated
 # learned q/k channel of the λ-term's logit rank), and NoPE + the authors' softplus diagonal (what
 # their released WikiText code runs: it rotates q, k along the batch axis)
+# when does training leave the regime? ND with T_A free (the authors' constraint) against ND with a
+# symmetric A, the per-layer record at every 50 steps (--layers-at-eval), 2 seeds
+LM_REGIMES_TRACK = {"convergent": ["--pe", "learned", "--regime", "convergent", "--eval-every", "50", "--layers-at-eval"],
+                    "convergent-sym": ["--pe", "learned", "--regime", "convergent", "--symmetric-A",
+                                       "--eval-every", "50", "--layers-at-eval"]}
 LM_LAM = {"rope": ["--pe", "rope"],
           "rope-softplus+0.05": ["--pe", "rope", "--lam", "0.05", "--lam-mode", "softplus-diag"],
           "rope-lam-0.1": ["--pe", "rope", "--lam", "-0.1"],
@@ -170,14 +177,14 @@ BUDGETS = {
     "cpu-small": dict(seeds=3, jobs=None, lm=["--steps", "400", "--eval-every", "0"], vit=[],
                       agreement=1000, spectral=["--preset", "small", "--seeds", "0,1,2", "--pes", SPECTRAL_PES, "--device", "cpu"],
                       device="cpu", speed=["--suite"], phase=["--instances", "102", "--t-end", "2000"],
-                      tied=[], tied_seeds=5, exp_seeds={"lm-regimes-sym": 6, "lm-lam": 8, "tied-pe": 3}),
+                      tied=[], tied_seeds=5, exp_seeds={"lm-regimes-sym": 6, "lm-lam": 8, "tied-pe": 3, "lm-regimes-track": 2}),
     # one GPU: a 6 × 256 language model for 3,000 steps, 4,000-step ViTs, the Spectral paper's model
     "gpu": dict(seeds=3, jobs=1, lm=["--d-model", "256", "--n-layers", "6", "--n-heads", "8", "--seq-len", "256",
                                      "--steps", "3000", "--eval-every", "0", "--device", "cuda"],
                 vit=["--steps", "4000", "--device", "cuda"], agreement=10000,
                 spectral=["--preset", "medium", "--seeds", "0,1,2", "--pes", SPECTRAL_PES, "--device", "cuda"],
                 device="cuda", speed=["--device", "cuda"], phase=["--instances", "102", "--t-end", "2000"],
-                tied=[], tied_seeds=5, exp_seeds={"lm-regimes-sym": 6, "lm-lam": 8, "tied-pe": 3}),
+                tied=[], tied_seeds=5, exp_seeds={"lm-regimes-sym": 6, "lm-lam": 8, "tied-pe": 3, "lm-regimes-track": 2}),
 }
 TRAINING = {  # experiment → (script, variants, budget key, results sub-folder, corpus flags)
     "lm-regimes": ("train_lm.py", LM_REGIMES, "lm", "lm/regimes", []),
@@ -185,6 +192,7 @@ TRAINING = {  # experiment → (script, variants, budget key, results sub-folder
     "lm-pe-enwiki": ("train_lm.py", LM_PE, "lm", "lm/pe-enwiki", ["--data", "ENWIKI"]),
     "lm-regimes-sym": ("train_lm.py", LM_REGIMES_SYM, "lm", "lm/regimes-sym", []),
     "lm-lam": ("train_lm.py", LM_LAM, "lm", "lm/lam", []),
+    "lm-regimes-track": ("train_lm.py", LM_REGIMES_TRACK, "lm", "lm/regimes-track", []),
     "vit-pe": ("train_vit.py", VIT_PE, "vit", "vit/pe-lam", []),
     "tied-mlm": ("train_tied.py", TIED, "tied", "tied/mlm", ["--task", "mlm"]),
     "tied-trigger": ("train_tied.py", TIED, "tied", "tied/trigger", ["--task", "trigger"]),
@@ -255,7 +263,7 @@ def plan_training(exp: str, budget: str, results: Path, runs: Path, enwiki: Path
     later = getattr(SCRIPTS[script], "ADDED_LATER", {})          # settings newer than some kept runs
     for seed in range(n_seeds(exp, budget)):
         for name, flags in variants.items():
-            argv = [*corpus, *flags, *b[key], "--seed", str(seed)]
+            argv = [*corpus, *b[key], *flags, "--seed", str(seed)]        # a variant's flag wins over the budget's
             kept, run = results / sub / f"{name}-s{seed}", runs / exp / f"{name}-s{seed}"
             rows.append((name, seed, kept))
             expected = _expected_config(script, argv)
@@ -439,6 +447,11 @@ def collect(exp: str, rows: list) -> dict:
                 if "attention_entropy" in rec[0]:
                     d.setdefault(f"entropy_{when}", []).append([r["attention_entropy"] for r in rec])
                     d.setdefault(f"erank_{when}", []).append([r["effective_rank"] for r in rec])
+        track = [r for r in csv.DictReader(open(kept / "metrics.csv")) if r["split"] == "layers"] \
+            if lm and (kept / "metrics.csv").exists() else []
+        if track:                                                      # --layers-at-eval: every evaluation
+            bad = sorted(int(r["step"]) for r in track if r["metric"] == "n_re_pos" and float(r["value"]) > 0)
+            d.setdefault("first_unstable", []).append(bad[0] if bad else None)
         for mode, p in _probe_last(kept).items():
             for k in ("cosine", "norm_ratio"):
                 d.setdefault(f"{k} {mode}", []).append(p[k])
@@ -489,8 +502,10 @@ def tabulate(exp: str, rows: list, results: Path) -> None:
                 "cosine, last block (full) | norm last/input (full) | s / run |")
         keys = ("top1", "val", "step95", "cosine full", "norm_ratio full")
     layered = any("fates_end" in d for d in data.values())          # runs with the per-layer record
+    tracked = any("first_unstable" in d for d in data.values())     # ... and at every evaluation
     if layered:
-        head = head.replace(" | s / run |", " | " + " | ".join(LAYER_COLUMNS) + " | s / run |")
+        extra = [*LAYER_COLUMNS, *(["first evaluation with Re λ(V O) > 0 (step, per seed)"] if tracked else [])]
+        head = head.replace(" | s / run |", " | " + " | ".join(extra) + " | s / run |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     table = []
     for name, d in data.items():
@@ -502,6 +517,8 @@ def tabulate(exp: str, rows: list, results: Path) -> None:
                 cells.append(fmt(d[k], 2 if k == "top1" else 4 if k in ("val", "test") else 3) if d.get(k) else "—")
         if layered:
             cells += _layer_cells(d)
+        if tracked:
+            cells.append(", ".join("never" if v is None else str(v) for v in d.get("first_unstable", [])) or "—")
         lines.append(f"| {name} | {len(d['seed'])} | " + " | ".join(cells) + f" | {st.mean(d['wall_s']):.0f} |")
         table.append({"variant": name, "seeds": len(d["seed"]),
                       **{k: mean_std(d[k])[0] for k in keys if k != "step95" and d.get(k)},

@@ -656,7 +656,9 @@ def test_list_prints_each_planned_command_and_a_time_from_the_runs_made(tmp_path
     assert out[0].startswith("lm-regimes: 8 runs, 0 in results") and "8 to run, about 4 min" in out[0]
     assert "(60 s per run × 8 / 2 at a time, from 1 run(s) made here" in out[0]
     cmds = [l for l in out if l.startswith("    python ")]
-    assert cmds[0].startswith("    python train_lm.py --pe learned --regime free") and len(cmds) == 8 + 2
+    # the budget's flags first, then the variant's (which win where both set one)
+    assert cmds[0].startswith("    python train_lm.py --steps 3 --eval-every 0") and len(cmds) == 8 + 2
+    assert "--pe learned --regime free --seed 0" in cmds[0]
     assert any(l.startswith("agreement: 2 command(s) to run, time unknown") for l in out)
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before     # nothing written
     assert ex.estimate([], 3, 1).startswith("time unknown")
@@ -678,6 +680,7 @@ def test_the_tied_experiments_plan_5_seeds_tabulate_and_judge_nd_against_pd(tmp_
         fate = {"counts": {"converges": 8 if arm == "convergent" else 0, "slower": 0, "plateau": 0,
                            "grows": 0 if arm == "convergent" else 8}}
         kept.mkdir(parents=True)
+        (kept / "config.json").write_text(json.dumps({"regime": arm, "T": float(T)}))     # (no "pe": learned)
         (kept / "summary.json").write_text(json.dumps({
             "metric": "bpb", "val": {"bpb": bpb}, "wall_s": 1.0, "faithful": True,
             "diverged": "loss nan at step 280" if arm == "divergent" and seed == 0 else None,
@@ -685,13 +688,21 @@ def test_the_tied_experiments_plan_5_seeds_tabulate_and_judge_nd_against_pd(tmp_
         fake.append((name, seed, kept))
     ex.tabulate_tied("tied-mlm", fake, tmp_path / "res")
     md = (tmp_path / "res" / "tied" / "mlm.md").read_text()
-    assert "| convergent | 16 | 5 | 4.1740 ± 0.0190 | 0 of 5 |" in md
-    assert "| divergent | 4 | 5 | 4.0200 ± 0.0158 | 1 of 5 (loss nan at step 280) |" in md
+    assert "| convergent | learned | 16 | 5 | 4.1740 ± 0.0190 | 0 of 5 |" in md
+    assert "| divergent | learned | 4 | 5 | 4.0200 ± 0.0158 | 1 of 5 (loss nan at step 280) |" in md
     assert "| 40/0/0/0 |" in md                                      # ND's fields: 5 seeds × 8 sequences converge
     lines = [r for r in ex.claims(tmp_path / "res") if "weight-tied" in r[1]]
     assert len(lines) == 4
     assert all(r[2] == "supported" for r in lines)                  # ND loses at each T, and more at 16
     assert "diverged in training 1/5" in lines[0][3]
+    # the same numbers above the byte-unigram floor (4.70 bpb): no arm used context → not applicable
+    for name, seed, kept in fake:
+        s = json.loads((kept / "summary.json").read_text())
+        s["val"]["bpb"] += 1.0
+        (kept / "summary.json").write_text(json.dumps(s))
+    ex.tabulate_tied("tied-mlm", fake, tmp_path / "res")
+    lines = [r for r in ex.claims(tmp_path / "res") if "weight-tied" in r[1]]
+    assert len(lines) == 4 and all(r[2] == "not applicable" and "unigram floor 4.703" in r[3] for r in lines)
 
 
 def test_fate_shift_and_the_mechanism_line_on_known_cases():

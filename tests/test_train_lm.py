@@ -475,3 +475,17 @@ def test_the_layer_probe_drops_rope_from_the_field_only_where_asked():
         assert a["attention_entropy"] == pytest.approx(b["attention_entropy"], abs=1e-12)
     with pytest.raises(ValueError, match="RoPE"):
         training.layer_fields(train_lm.build_lm(dict(cfg, pe="learned")), idx, drop_rope=True)
+
+
+def test_layers_at_eval_records_the_layer_regime_at_every_periodic_evaluation(text_file, tmp_path):
+    """--layers-at-eval: when training leaves the regime, seen at each periodic evaluation (split
+    "layers" in metrics.csv), and the same numbers as the layer probe at that step."""
+    out = tmp_path / "run"
+    assert cli(["--data", text_file, "--out", out, "--steps", 4, "--eval-every", 2, "--layers-at-eval",
+                "--regime", "convergent", "--symmetric-A", *TINY]) == 0
+    rows = [r for r in csv.DictReader(open(out / "metrics.csv")) if r["split"] == "layers"]
+    assert {int(r["step"]) for r in rows} == {2}                   # periodic only: the end is in summary.json
+    got = {r["metric"]: float(r["value"]) for r in rows}
+    assert set(got) == {"max_abscissa_V", "n_re_pos", "n_euler_unstable", "mean_rho_A", "fields_growing",
+                        "fields_converging"}
+    assert got["max_abscissa_V"] < 0 and got["n_re_pos"] == 0 and got["mean_rho_A"] < 1e-5   # ND, symmetric A
