@@ -343,7 +343,7 @@ def resolve_config(args) -> dict:
         if v is not None:
             cfg[k] = v
     cfg.update(preset=args.preset, lam=float(args.lam), lam_mode=args.lam_mode, regime=args.regime,
-               seed=args.seed, **{k: getattr(args, k) for k in ode_attention.ATTENTION_OPTIONS})
+               seed=args.seed, **training.attention_options(vars(args)))
     check_sizes(**{k: cfg[k] for k in ("d_model", "n_layers", "n_heads", "seq_len", "mlp_ratio",
                                        "steps", "batch_size", "grad_accum")})
     training.check_finite(cfg)

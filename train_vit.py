@@ -372,7 +372,7 @@ def resolve_config(args) -> dict:
         cfg["warmup_epochs"] = None
     cfg.update(preset=args.preset, lam=float(args.lam), lam_mode=args.lam_mode, regime=args.regime,
                seed=args.seed, rope_base=float(args.rope_base), model="vit", causal=False, qkv_bias=True,
-               **{k: getattr(args, k) for k in ode_attention.ATTENTION_OPTIONS})
+               **training.attention_options(vars(args)))
     if cfg["data"] is None:
         raise ValueError(f"the {args.preset} preset trains on ImageNet: pass --data with a folder that "
                          f"holds train/<class>/*.JPEG and val/<class>/*.JPEG")

@@ -426,16 +426,19 @@ def test_an_absurd_size_is_refused_with_the_memory_it_would_need(text_file, tmp_
     assert train_lm.memory_lower_bound({"n_layers": 1, "d_model": 16, "seq_len": 16, "n_heads": 2}, 4) < 2 ** 20
 
 
+# the layer-probe tests' model: 2 blocks of width 8, 2 heads, 12 tokens
+PROBE_CFG = dict(vocab_size=256, d_model=8, n_layers=2, n_heads=2, seq_len=12, pe="learned", lam=0.0,
+                 lam_mode="identity", regime="free", mlp_ratio=2.0, dropout=0.0, cutoffs="")
+
+
 @pytest.mark.parametrize("c,fate", [(3.0, "converges"), (-0.5, "grows")])
 def test_the_layer_probe_on_layers_whose_field_is_known_in_closed_form(c, fate):
     # W = 0 (Q = 0: uniform causal attention) and the value map V O = −c I: every token obeys
     # ẋᵢ = −c · mean_{j ≤ i} xⱼ, so token 1 decays like e^{−ct} and the others follow (c = 3:
     # converges; c = −0.5: grows like e^{t/2}). The mean mode's spectrum is −c: Re λ > 0 for no
     # direction at c = 3, yet |1 + λ| = 2 > 1 for all of them (the unit Euler step is unstable)
-    cfg = dict(vocab_size=256, d_model=8, n_layers=2, n_heads=2, seq_len=12, pe="learned", lam=0.0,
-               lam_mode="identity", regime="free", mlp_ratio=2.0, dropout=0.0, cutoffs="")
     torch.manual_seed(0)
-    model = train_lm.build_lm(cfg)
+    model = train_lm.build_lm(PROBE_CFG)
     with torch.no_grad():
         for blk in model.blocks:
             w = torch.zeros(24, 8)
@@ -460,8 +463,7 @@ def test_the_layer_probe_drops_rope_from_the_field_only_where_asked():
     """drop_rope leaves the weights and the inputs X⁰ alone: on a RoPE model whose queries are 0
     (uniform attention, so the rotation changes nothing) both probes agree; on a model without
     RoPE it is refused in one sentence."""
-    cfg = dict(vocab_size=256, d_model=8, n_layers=2, n_heads=2, seq_len=12, pe="rope", lam=0.0,
-               lam_mode="identity", regime="free", mlp_ratio=2.0, dropout=0.0, cutoffs="")
+    cfg = dict(PROBE_CFG, pe="rope")
     torch.manual_seed(0)
     model = train_lm.build_lm(cfg)
     with torch.no_grad():
