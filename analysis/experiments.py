@@ -36,6 +36,8 @@ Run from the project folder. Experiments (each training run is its own process,
     lm-lam         the λ-term with its controls on the RoPE LM, 8 seeds: rope; + softplus 0.05; λ −0.1;
                    λ +0.1 (sign); softplus frozen; an extra learned q/k channel (capacity); NoPE;
                    NoPE + softplus 0.05 (the authors' released code)           → results/lm/lam*
+    lm-lam-long    λ −0.1, λ +0.1 and the capacity control at 1,600 steps, 4 seeds
+                                                                               → results/lm/lam-long*
     vit-pe         none / learned / sin2d / rope-axial / rope-mixed and three λ variants on the
                    embedded `shapes` images                                    → results/vit/pe-lam*
     tied-mlm       the weight-tied ODE model (train_tied.py): free / PD / HD / ND (symmetric A) at
@@ -138,6 +140,9 @@ LM_LAM = {"rope": ["--pe", "rope"],
           "rope-extra-qk": ["--pe", "rope", "--extra-qk"],
           "none": ["--pe", "none"],
           "none-softplus+0.05": ["--pe", "none", "--lam", "0.05", "--lam-mode", "softplus-diag"]}
+# the follow-up at four times the steps (1,600), 4 seeds: the three arms that decide the mechanism —
+# the sign pair (λ −0.1 vs +0.1) and the capacity control against the seed's λ −0.1
+LM_LAM_LONG = {a: LM_LAM[a] + ["--steps", "1600"] for a in ("rope-lam-0.1", "rope-lam+0.1", "rope-extra-qk")}
 VIT_PE = {"none": ["--pe", "none"], "learned": ["--pe", "learned"], "sin2d": ["--pe", "sin2d"],
           "rope-axial": ["--pe", "rope-axial"], "rope-mixed": ["--pe", "rope-mixed"],
           "rope-axial-lam-0.1": ["--pe", "rope-axial", "--lam", "-0.1"],
@@ -177,14 +182,14 @@ BUDGETS = {
     "cpu-small": dict(seeds=3, jobs=None, lm=["--steps", "400", "--eval-every", "0"], vit=[],
                       agreement=1000, spectral=["--preset", "small", "--seeds", "0,1,2", "--pes", SPECTRAL_PES, "--device", "cpu"],
                       device="cpu", speed=["--suite"], phase=["--instances", "102", "--t-end", "2000"],
-                      tied=[], tied_seeds=5, exp_seeds={"lm-regimes-sym": 6, "lm-lam": 8, "tied-pe": 3, "lm-regimes-track": 2}),
+                      tied=[], tied_seeds=5, exp_seeds={"lm-regimes-sym": 6, "lm-lam": 8, "tied-pe": 3, "lm-regimes-track": 2, "lm-lam-long": 4}),
     # one GPU: a 6 × 256 language model for 3,000 steps, 4,000-step ViTs, the Spectral paper's model
     "gpu": dict(seeds=3, jobs=1, lm=["--d-model", "256", "--n-layers", "6", "--n-heads", "8", "--seq-len", "256",
                                      "--steps", "3000", "--eval-every", "0", "--device", "cuda"],
                 vit=["--steps", "4000", "--device", "cuda"], agreement=10000,
                 spectral=["--preset", "medium", "--seeds", "0,1,2", "--pes", SPECTRAL_PES, "--device", "cuda"],
                 device="cuda", speed=["--device", "cuda"], phase=["--instances", "102", "--t-end", "2000"],
-                tied=[], tied_seeds=5, exp_seeds={"lm-regimes-sym": 6, "lm-lam": 8, "tied-pe": 3, "lm-regimes-track": 2}),
+                tied=[], tied_seeds=5, exp_seeds={"lm-regimes-sym": 6, "lm-lam": 8, "tied-pe": 3, "lm-regimes-track": 2, "lm-lam-long": 4}),
 }
 TRAINING = {  # experiment → (script, variants, budget key, results sub-folder, corpus flags)
     "lm-regimes": ("train_lm.py", LM_REGIMES, "lm", "lm/regimes", []),
@@ -193,6 +198,7 @@ TRAINING = {  # experiment → (script, variants, budget key, results sub-folder
     "lm-regimes-sym": ("train_lm.py", LM_REGIMES_SYM, "lm", "lm/regimes-sym", []),
     "lm-lam": ("train_lm.py", LM_LAM, "lm", "lm/lam", []),
     "lm-regimes-track": ("train_lm.py", LM_REGIMES_TRACK, "lm", "lm/regimes-track", []),
+    "lm-lam-long": ("train_lm.py", LM_LAM_LONG, "lm", "lm/lam-long", []),
     "vit-pe": ("train_vit.py", VIT_PE, "vit", "vit/pe-lam", []),
     "tied-mlm": ("train_tied.py", TIED, "tied", "tied/mlm", ["--task", "mlm"]),
     "tied-trigger": ("train_tied.py", TIED, "tied", "tied/trigger", ["--task", "trigger"]),
@@ -899,6 +905,7 @@ def claims(results: Path) -> list[tuple[str, str, str, str]]:
             for c, word in zip(tests, verdicts.decide_family([c["test"] for c in tests])):
                 c["verdict"] = word
     _mechanism_line(out)
+    _mechanism_line(out, "-long", "1,600 steps")
     rows = []
     for c in out:
         if isinstance(c["test"], dict):
@@ -949,6 +956,14 @@ LAM_TESTS = (
 )
 
 
+# the 1,600-step follow-up (lm-lam-long): the sign pair, and the capacity control against λ −0.1
+LAM_LONG_TESTS = (
+    ("rope-lam-0.1", "rope-lam+0.1", LAM_TESTS[3][2], "sign-long"),
+    ("rope-lam-0.1", "rope-extra-qk", "The λ-term (−0.1) beats the capacity control (an extra unrotated learned q/k "
+     "channel of the same logit rank)", "capacity-long"),
+)
+
+
 def _lam_claims(results: Path, out: list) -> None:
     """The λ-term with its controls (lm-lam, 8 paired seeds): each arm against its reference; the
     mechanism line (_mechanism_line) reads the sign and capacity verdicts. Also the causal-mask
@@ -966,19 +981,25 @@ def _lam_claims(results: Path, out: list) -> None:
         _claim(out, "dynamics", None, "(the phase diagrams' prediction, in trained models) Under a causal mask RoPE "
                "does not change the fate of a layer's own field: the trained RoPE LMs, RoPE kept vs dropped in "
                "each layer's field", word, f"{nums} (layers × windows × {len(r['seed'])} seeds)")
+    long = _load(results, "lm-lam-long")
+    for a, b, claim, key in LAM_LONG_TESTS:
+        if a in long and b in long:
+            _claim(out, "dynamics", "λ", f"{claim} (embedded corpus, 1,600 steps)", _test(long, a, b, "val", "bpb", True), key=key)
 
 
-def _mechanism_line(out: list) -> None:
+def _mechanism_line(out: list, suffix: str = "", where: str = "400 steps") -> None:
     """What the λ controls decide (issue #13): sign matters and the capacity control falls short →
-    the definiteness mechanism; no sign effect and no gap to the control → capacity; else unresolved."""
-    got = {c["key"]: c.get("verdict", "") for c in out if c.get("key") in ("sign", "capacity")}
+    the definiteness mechanism; no sign effect and no gap to the control → capacity; else unresolved.
+    suffix picks the keys of one budget ("" for lm-lam, "-long" for lm-lam-long)."""
+    keys = ("sign" + suffix, "capacity" + suffix)
+    got = {c["key"]: c.get("verdict", "") for c in out if c.get("key") in keys}
     if len(got) < 2:
         return
-    sign, cap = got["sign"], got["capacity"]
+    sign, cap = got[keys[0]], got[keys[1]]
     word = ("supported: the definiteness mechanism" if sign == "supported" and cap == "supported" else
             "supported: capacity" if sign.startswith("no effect") and cap.startswith("no effect") else
             "unresolved")
-    _claim(out, "dynamics", None, "Which mechanism the λ-term's gain comes from (sign test and capacity control)",
+    _claim(out, "dynamics", None, f"Which mechanism the λ-term's gain comes from (sign test and capacity control, {where})",
            word, f"sign: {sign}; capacity control: {cap}")
 
 
@@ -1308,6 +1329,7 @@ def write_report(results: Path, budget: str, state: dict) -> None:
                       ("lm/regimes-sym.md", "free / PD / ND with a symmetric A, language model, 6 seeds, with "
                        "each layer's realised regime and field fate"),
                       ("lm/lam.md", "the λ-term with its controls (sign, frozen, capacity, NoPE), RoPE LM, 8 seeds"),
+                      ("lm/lam-long.md", "λ −0.1, λ +0.1 and the capacity control at 1,600 steps, 4 seeds"),
                       ("tied/mlm.md", "the weight-tied ODE model: free / PD / HD / ND × T = 1, 4, 16, masked bytes"),
                       ("tied/mlm-rope.md", "the same grid with RoPE in the field"),
                       ("tied/trigger.md", "the weight-tied ODE model on Task 1"),

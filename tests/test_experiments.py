@@ -719,3 +719,19 @@ def test_fate_shift_and_the_mechanism_line_on_known_cases():
         out = [{"key": "sign", "verdict": sign}, {"key": "capacity", "verdict": cap}]
         ex._mechanism_line(out)
         assert out[-1]["test"] == word
+    # the 1,600-step follow-up reads only its own keys: the 400-step verdicts do not leak into it
+    out = [{"key": "sign", "verdict": "supported"}, {"key": "capacity", "verdict": "supported"},
+           {"key": "sign-long", "verdict": "no effect ≥ δ"}, {"key": "capacity-long", "verdict": "no effect ≥ δ"}]
+    ex._mechanism_line(out, "-long", "1,600 steps")
+    assert out[-1]["test"] == "supported: capacity" and "1,600 steps" in out[-1]["claim"]
+    assert len(out) == 5
+    short = out[:2]                                    # no long keys: no line
+    ex._mechanism_line(short, "-long")
+    assert len(short) == 2
+
+
+def test_lam_long_plans_three_arms_at_1600_steps(tmp_path):
+    rows, jobs = ex.plan_training("lm-lam-long", "cpu-small", tmp_path / "r", tmp_path / "w", None)
+    assert len(jobs) == 3 * 4 and ex.n_seeds("lm-lam-long", "cpu-small") == 4
+    for argv, *_ in jobs:                               # [python, script, *flags, --out, folder]
+        assert ex._expected_config("train_lm.py", argv[2:-2])["steps"] == 1600
