@@ -949,6 +949,8 @@ LAM_TESTS = (
     ("rope-lam+0.1", "rope", "The λ-term improves a RoPE LM: λ = +0.1 (the sign flipped)", None),
     ("rope-lam-0.1", "rope-lam+0.1", "The λ-term's sign matters: −0.1 beats +0.1 (the definiteness mechanism)", "sign"),
     ("rope-softplus+0.05-frozen", "rope", "A frozen softplus diagonal 0.05 (λ not trained) improves a RoPE LM", None),
+    ("rope-extra-qk", "rope", "The capacity control alone (an extra unrotated learned q/k channel of width d_h, "
+     "no λ) improves a RoPE LM", None),
     ("rope-softplus+0.05", "rope-extra-qk", "The λ-term beats the capacity control (an extra unrotated learned q/k "
      "channel of the same logit rank)", "capacity"),
     ("none-softplus+0.05", "none", "The softplus diagonal 0.05 improves a NoPE LM (what the authors' released "
@@ -981,7 +983,7 @@ def _lam_claims(results: Path, out: list) -> None:
         _claim(out, "dynamics", None, "(the phase diagrams' prediction, in trained models) Under a causal mask RoPE "
                "does not change the fate of a layer's own field: the trained RoPE LMs, RoPE kept vs dropped in "
                "each layer's field", word, f"{nums} (layers × windows × {len(r['seed'])} seeds)")
-    long = _load(results, "lm-lam-long")
+    long = _load(results, "lm-lam-long") or {}
     for a, b, claim, key in LAM_LONG_TESTS:
         if a in long and b in long:
             _claim(out, "dynamics", "λ", f"{claim} (embedded corpus, 1,600 steps)", _test(long, a, b, "val", "bpb", True), key=key)
