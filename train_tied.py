@@ -383,7 +383,7 @@ def main(argv=None) -> int:
                          f"would not follow the field; raise --K above {math.floor(cfg['T'] * init['h_rho_V'] / model.h)}.")
     optimizer = training.make_adamw(model, lr=cfg["lr"], beta2=0.99, weight_decay=0.0, device=rt.device)
     run, start = training.open_run(resume=args.resume, out=out, config=cfg, model=model, optimizer=optimizer,
-                                   resume_keys=RESUME_KEYS, rt=rt, args=args)
+                                   resume_keys=RESUME_KEYS, rt=rt, args=args, later=ADDED_LATER)
     probe_x = tuple(None if v is None else v[: args.fate_seqs] for v in val)
     before = None
     if start == 0:

@@ -466,11 +466,20 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     return state
 
 
-def check_config(saved: dict, current: dict, keys, where: str = "the checkpoint") -> None:
-    """Refuse to resume a run whose model / data settings differ: name the first difference. An
-    attention option the saved config does not hold was made at its "off" value (ATTENTION_OPTIONS)."""
+def config_defaults(later: dict | None = None) -> dict:
+    """What a setting a saved config does not hold was made at: the settings added after some runs
+    were made — the attention options (ode_attention.ATTENTION_OPTIONS, at "off") and a script's own
+    ADDED_LATER — at their defaults. The one rule for old runs: resume (check_config) and the
+    experiment runner's "is this kept run the one asked for" (experiments._made_with) both read it."""
+    return {**ode_attention.ATTENTION_OPTIONS, **(later or {})}
+
+
+def check_config(saved: dict, current: dict, keys, where: str = "the checkpoint", later: dict | None = None) -> None:
+    """Refuse to resume a run whose model / data settings differ: name the first difference. A
+    setting the saved config does not hold was made at its default (config_defaults(later))."""
+    defaults = config_defaults(later)
     for k in keys:
-        was = saved.get(k, ode_attention.ATTENTION_OPTIONS.get(k))
+        was = saved.get(k, defaults.get(k))
         if was != current.get(k):
             raise ValueError(f"{where} comes from another config: it has {k}={was!r} "
                              f"but this command asks for {k}={current.get(k)!r}")
@@ -610,17 +619,19 @@ class RunDir:
         plt.close(fig)
 
 
-def open_run(*, resume, out, config: dict, model, optimizer, resume_keys, rt: Runtime, args=None):
+def open_run(*, resume, out, config: dict, model, optimizer, resume_keys, rt: Runtime, args=None,
+             later: dict | None = None):
     """The run folder and the step to start from.  resume (a run folder or its ckpt.pt): load the
-    checkpoint, refuse one whose `resume_keys` differ from `config`, restore model, optimiser and
-    RNG states.  Otherwise a new run in `out`, which must not already hold a checkpoint."""
+    checkpoint, refuse one whose `resume_keys` differ from `config` (a key the checkpoint lacks is
+    read at its default: config_defaults(later), later = the script's ADDED_LATER), restore model,
+    optimiser and RNG states.  Otherwise a new run in `out`, which must not already hold a checkpoint."""
     start = 0
     if resume:
         ck = Path(resume)
         run = RunDir(ck.parent if ck.suffix == ".pt" else ck, active=rt.is_main)
         run.lock(rt)
         state = load_checkpoint(run.ckpt)
-        check_config(state["config"], config, resume_keys, where=f"the checkpoint {run.ckpt}")
+        check_config(state["config"], config, resume_keys, where=f"the checkpoint {run.ckpt}", later=later)
         start = restore(state, model, optimizer)
         run.loop_state = dict(state.get("loop") or {}, step=start)   # train_loop picks it up
     else:

@@ -98,7 +98,6 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-import ode_attention
 import train_lm
 import train_tied
 import train_vit
@@ -230,14 +229,14 @@ def _expected_config(script: str, argv: list) -> dict:
 
 def _made_with(folder: Path, expected: dict, later: dict | None = None) -> bool:
     """folder's config.json has every setting of `expected` (data compared by file name). A setting
-    added after the run was made — an attention option (ode_attention.ATTENTION_OPTIONS) or one of
-    `later` (a script's ADDED_LATER) — that config.json lacks was made at that default: the run stays
-    kept while the setting is asked at it."""
+    added after the run was made that config.json lacks was made at its default
+    (training.config_defaults(later), later = the script's ADDED_LATER, as resume reads it): the run
+    stays kept while the setting is asked at it."""
     try:
         got = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    defaults = {**ode_attention.ATTENTION_OPTIONS, **(later or {})}
+    defaults = training.config_defaults(later)
     for k, v in expected.items():
         g = got.get(k, defaults.get(k))
         if k == "data":

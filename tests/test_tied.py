@@ -196,3 +196,21 @@ def test_the_rope_tied_model_steps_along_the_rope_field_and_records_its_fate_wit
     none = tt.TiedEncoder(257, 16, 8, T=1.0, K=4, pe="none")
     perm = torch.randperm(16)
     assert none.pos is None and torch.allclose(none.integrate(tokens[:, perm]), none.integrate(tokens)[:, perm], atol=1e-5)
+
+
+def test_a_checkpoint_from_before_pe_existed_resumes_as_learned_pe_and_no_other(tmp_path):
+    """One rule for settings added later (training.config_defaults): the runner keeps an old run
+    without "pe" as learned PE, so resume must read it the same way — and refuse it as RoPE."""
+    out = tmp_path / "run"
+    argv = ["--task", "mlm", "--regime", "free", "--T", "1", "--K", "4", "--d-model", "8", "--seq-len", "16",
+            "--batch-size", "4", "--steps", "2", "--eval-every", "2", "--fate-t", "5", "--fate-seqs", "2"]
+    assert tt.main(argv + ["--out", str(out)]) == 0
+    state = torch.load(out / "ckpt.pt", weights_only=False)
+    del state["config"]["pe"]                                    # as written before --pe existed
+    torch.save(state, out / "ckpt.pt")
+    cfg = tt.resolve_config(tt.build_parser().parse_args(argv))
+    training.check_config(state["config"], cfg, tt.RESUME_KEYS, later=tt.ADDED_LATER)
+    with pytest.raises(ValueError, match="pe='learned'"):
+        training.check_config(state["config"], dict(cfg, pe="rope"), tt.RESUME_KEYS, later=tt.ADDED_LATER)
+    # and the script itself resumes it (a finished run: nothing left to train, exit 0)
+    assert training.run_cli(tt.main, argv + ["--resume", str(out)]) == 0
