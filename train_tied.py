@@ -248,6 +248,15 @@ def mlm_unigram_bpb(cache_dir: Path = HERE / "cache") -> float:
     return float(-(val * np.log2(p)).sum() / val.sum())
 
 
+def trigger_chance_acc() -> float:
+    """The floor a Task-1 model must beat to have used the triggers' positions: the validation
+    accuracy (%) of always answering the training split's most frequent distance (about 1/16)."""
+    data = tasks.make_task(1, "small", seed=0)                              # trigger_data's data set
+    n_train = int(tasks.TRAIN_FRACTION * len(data.labels))
+    most = int(np.bincount(data.labels[:n_train].numpy()).argmax())
+    return float(100.0 * (data.labels[n_train:] == most).double().mean())
+
+
 def mask_windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int, rng: np.random.Generator):
     """(inputs, targets): windows tokens[s : s + seq_len] with a random 15 % (at least one) of each
     replaced by MASK_ID; targets hold the original byte there and −100 (ignored) elsewhere."""

@@ -16,6 +16,7 @@ import traceback
 
 import pytest
 
+import train_tied
 import training
 from analysis import experiments as ex
 from analysis import verdicts
@@ -702,7 +703,7 @@ def test_the_tied_experiments_plan_5_seeds_tabulate_and_judge_nd_against_pd(tmp_
         (kept / "summary.json").write_text(json.dumps(s))
     ex.tabulate_tied("tied-mlm", fake, tmp_path / "res")
     lines = [r for r in ex.claims(tmp_path / "res") if "weight-tied" in r[1]]
-    assert len(lines) == 4 and all(r[2] == "not applicable" and "unigram floor 4.703" in r[3] for r in lines)
+    assert len(lines) == 4 and all(r[2] == "not applicable" and "byte-unigram floor 4.703" in r[3] for r in lines)
 
 
 def test_fate_shift_and_the_mechanism_line_on_known_cases():
@@ -735,3 +736,26 @@ def test_lam_long_plans_three_arms_at_1600_steps(tmp_path):
     assert len(jobs) == 3 * 4 and ex.n_seeds("lm-lam-long", "cpu-small") == 4
     for argv, *_ in jobs:                               # [python, script, *flags, --out, folder]
         assert ex._expected_config("train_lm.py", argv[2:-2])["steps"] == 1600
+    # only the free arm learns (as with RoPE in the tied model): ND and PD still both at the floor,
+    # so their comparison stays not applicable — the premise is judged per comparison, not per grid
+    for name, seed, kept in fake:
+        if name.startswith("free"):
+            s = json.loads((kept / "summary.json").read_text())
+            s["val"]["bpb"] = 4.1
+            (kept / "summary.json").write_text(json.dumps(s))
+    ex.tabulate_tied("tied-mlm", fake, tmp_path / "res")
+    lines = [r for r in ex.claims(tmp_path / "res") if "weight-tied" in r[1]]
+    assert len(lines) == 4 and all(r[2] == "not applicable" for r in lines)
+    assert "best arm of the grid: free-T" in lines[0][3]
+    # Task 1 (accuracy, higher is better): the floor is always answering the most frequent distance
+    chance = train_tied.trigger_chance_acc()
+    assert abs(chance - 100 / 16) < 2                                   # 16 distances, near uniform
+    for acc_nd, acc_pd, word in ((chance + 0.5, chance + 0.2, "not applicable"), (chance + 1, chance + 30, "supported")):
+        for name, seed, kept in fake:
+            s = json.loads((kept / "summary.json").read_text())
+            s["metric"] = "acc"
+            s["val"] = {"acc": (acc_nd if name.startswith("convergent") else acc_pd) + 0.1 * seed}
+            (kept / "summary.json").write_text(json.dumps(s))
+        ex.tabulate_tied("tied-trigger", fake, tmp_path / "res")
+        lines = [r for r in ex.claims(tmp_path / "res") if "weight-tied" in r[1] and "Task 1" in r[1]]
+        assert len(lines) == 4 and all(r[2] == word for r in lines[:3]), (word, lines)
