@@ -796,6 +796,64 @@ DELTA = {"bpb": 0.01, "loss": 0.01, "top1": 1.0, "accuracy": 1.0, "acc": 1.0, "c
 FAMILIES = ("regimes", "PE", "λ", "Spectral")          # Holm-adjusted within each
 
 
+# Position through depth (issue #13, item 4): the trained causal LMs with RoPE (lm-lam), no PE
+# (lm-lam) and a learned table (lm-regimes-sym's free arm), per layer; and the bidirectional tied
+# model (tied-pe), whose one layer is integrated to t = T, at t = 0 and t = T
+DEPTH_ARMS = (("causal LM, RoPE", "lm/lam", "rope"), ("causal LM, no PE", "lm/lam", "none"),
+              ("causal LM, learned PE", "lm/regimes-sym", "free"))
+TIED_DEPTH_ARMS = tuple((f"tied MLM (bidirectional), {pe}", "tied/pe", pe) for pe in ("rope", "learned", "none"))
+
+
+def _kept_summaries(results: Path, sub: str, arm: str) -> list:
+    """summary.json of every kept seed of one arm (results/<sub>/<arm>-s<seed>/)."""
+    out = []
+    for f in sorted((results / sub).glob(f"{arm}-s*/summary.json")):
+        if re.fullmatch(rf"{re.escape(arm)}-s\d+", f.parent.name):
+            out.append(json.loads(f.read_text()))
+    return out
+
+
+def depth_table(results: Path) -> str | None:
+    """results/lm/depth.md: per layer, mean over seeds at the end of training — V O's spectral
+    abscissa and its count of Re λ > 0, the attention entropy (nats) and the effective rank of the
+    centred, normalised tokens entering the layer, and the fate of the layer's own field
+    (converges/slower/plateau/grows, summed over windows and seeds) with RoPE kept and dropped."""
+    lines = ["| model | layer | seeds | α(V O) | Re λ(V O) > 0 | attention entropy | effective rank | "
+             "own field c/s/p/g | the same, RoPE dropped |", "|---|---|---|---|---|---|---|---|---|"]
+    for label, sub, arm in DEPTH_ARMS:
+        runs = [r for r in _kept_summaries(results, sub, arm) if "layers" in r]
+        if not runs:
+            continue
+        for i in range(len(runs[0]["layers"]["end"])):
+            L = [r["layers"]["end"][i] for r in runs]
+            dropped = [r["layers"]["end_no_rope"][i] for r in runs if "end_no_rope" in r["layers"]]
+            fates = lambda ls: "/".join(str(sum(l["fates"][k] for l in ls)) for k in FATES) if ls else "—"
+            lines.append(f"| {label} | {i} | {len(runs)} | {fmt([l['abscissa_V'] for l in L], 2)} | "
+                         f"{fmt([l['n_re_pos'] for l in L], 1)} of {L[0]['d']} | {fmt([l['attention_entropy'] for l in L], 2)} | "
+                         f"{fmt([l['effective_rank'] for l in L], 1)} | {fates(L)} | {fates(dropped)} |")
+    for label, sub, arm in TIED_DEPTH_ARMS:
+        folders = sorted(f for f in (results / sub).glob(f"{arm}-s*") if re.fullmatch(rf"{re.escape(arm)}-s\d+", f.name))
+        ends = []
+        for f in folders:
+            if not (f / "probe.csv").exists() or not (f / "summary.json").exists():
+                continue
+            rows = [r for r in csv.DictReader(open(f / "probe.csv")) if r["when"] == "end"]
+            ends.append((json.loads((f / "summary.json").read_text()), rows[0], rows[-1]))
+        if not ends:
+            continue
+        def fates(key):                                           # the end-of-training field fate
+            got = [e[0]["end"][key]["counts"] for e in ends if key in e[0]["end"]]
+            return "/".join(str(sum(c[k] for c in got)) for k in FATES) if got else "—"
+        alpha = fmt([e[0]["end"]["regime"]["abscissa_V"] for e in ends], 2)
+        for which, pick in (("t = 0", 1), ("t = T", 2)):
+            end = which == "t = T"
+            lines.append(f"| {label} | {which} | {len(ends)} | {alpha} | — | "
+                         f"{fmt([float(e[pick]['attention_entropy']) for e in ends], 2)} | "
+                         f"{fmt([float(e[pick]['effective_rank']) for e in ends], 1)} | "
+                         f"{fates('fate') if end else ''} | {fates('fate_no_rope') if end else ''} |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else None
+
+
 def _load(results: Path, exp: str) -> dict | None:
     p = results / "summary" / f"{exp}.json"
     return json.loads(p.read_text()) if p.exists() else None
@@ -1337,11 +1395,17 @@ def write_report(results: Path, budget: str, state: dict) -> None:
     for paper, claim, verdict, nums in claims(results):
         lines.append(f"| {paper} | {claim} | **{verdict}** | {nums} |")
     lines += ["", "## Tables", ""]
+    depth = depth_table(results)
+    if depth:
+        _write(results / "lm" / "depth.md", depth)
     for rel, what in (("lm/regimes.md", "constrained attention (PD / HD / ND), language model"),
                       ("lm/regimes-sym.md", "free / PD / ND with a symmetric A, language model, 6 seeds, with "
                        "each layer's realised regime and field fate"),
                       ("lm/lam.md", "the λ-term with its controls (sign, frozen, capacity, NoPE), RoPE LM, 8 seeds"),
                       ("lm/lam-long.md", "λ −0.1, λ +0.1 and the capacity control at 1,600 steps, 4 seeds"),
+                      ("lm/depth.md", "position through depth: causal LMs with RoPE / no PE / learned PE per layer, "
+                       "and the bidirectional tied model at t = 0 and t = T (V's spectrum, attention entropy, "
+                       "effective rank, own-field fate with RoPE kept and dropped)"),
                       ("tied/mlm.md", "the weight-tied ODE model: free / PD / HD / ND × T = 1, 4, 16, masked bytes"),
                       ("tied/mlm-rope.md", "the same grid with RoPE in the field"),
                       ("tied/trigger.md", "the weight-tied ODE model on Task 1, RoPE in the field"),

@@ -759,3 +759,23 @@ def test_lam_long_plans_three_arms_at_1600_steps(tmp_path):
         ex.tabulate_tied("tied-trigger", fake, tmp_path / "res")
         lines = [r for r in ex.claims(tmp_path / "res") if "weight-tied" in r[1] and "Task 1" in r[1]]
         assert len(lines) == 4 and all(r[2] == word for r in lines[:3]), (word, lines)
+
+
+def test_the_depth_table_reads_each_layer_of_each_kept_seed(tmp_path):
+    """depth_table: per layer, the mean over seeds and the fates summed, RoPE kept and dropped."""
+    def layer(i, seed):
+        return {"layer": i, "abscissa_V": 0.1 * i + 0.01 * seed, "n_re_pos": 10 + i, "d": 16,
+                "attention_entropy": 1.0 + i, "effective_rank": 4.0 + seed, "rho_A": 0.5,
+                "fates": {"converges": 1, "slower": 0, "plateau": 0, "grows": 1}}
+    for seed in (0, 1):
+        f = tmp_path / "lm" / "lam" / f"rope-s{seed}"
+        f.mkdir(parents=True)
+        no_rope = [dict(layer(i, seed), fates={"converges": 2, "slower": 0, "plateau": 0, "grows": 0}) for i in (0, 1)]
+        (f / "summary.json").write_text(json.dumps({"layers": {"end": [layer(0, seed), layer(1, seed)],
+                                                               "end_no_rope": no_rope}}))
+    (tmp_path / "lm" / "lam" / "rope-softplus+0.05-s0").mkdir()          # another arm: not read
+    md = ex.depth_table(tmp_path).splitlines()
+    assert len(md) == 2 + 2
+    assert md[2] == "| causal LM, RoPE | 0 | 2 | 0.01 ± 0.01 | 10.0 ± 0.0 of 16 | 1.00 ± 0.00 | 4.5 ± 0.7 | 2/0/0/2 | 4/0/0/0 |"
+    assert md[3].startswith("| causal LM, RoPE | 1 | 2 | 0.11 ± 0.01 | 11.0 ± 0.0 of 16 | 2.00 ± 0.00 |")
+    assert ex.depth_table(tmp_path / "nothing") is None
