@@ -652,3 +652,87 @@ def describe(result: dict, unit: str = "", digits: int = 3) -> str:
                 f"{_num(hi, digits, True)}] ({stats}; {tost}; {mde}; {exact})")
     except (KeyError, TypeError, IndexError):
         raise ValueError("describe needs a result dict from compare().") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Time to an event with censoring: "epochs to 90%" where some runs never get there
+# ------------------------------------------------------------------------------------------------
+# A run that never reaches the threshold within its budget is CENSORED at the budget: we know only
+# that its time is > budget. Averaging the times of the runs that got there (survivorship) or
+# writing "budget + 1" for the others both bias the comparison; the Kaplan–Meier curve and the
+# log-rank test use each censored run for exactly what it says.
+def _check_survival(times, events, name: str) -> tuple[np.ndarray, np.ndarray]:
+    t = _check_sample(times, f"{name}'s times")
+    try:
+        e = np.asarray(events, dtype=float).ravel()
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}'s events must be 0/1 (1 = reached, 0 = censored).") from None
+    if e.size != t.size or not np.isin(e, (0.0, 1.0)).all():
+        raise ValueError(f"{name}'s events must be one 0/1 flag per time (1 = reached, 0 = censored), "
+                         f"got {e.size} flags for {t.size} times.")
+    if (t < 0).any():
+        raise ValueError(f"{name}'s times must be ≥ 0.")
+    return t, e.astype(bool)
+
+
+def kaplan_meier(times, events) -> list[tuple[float, float]]:
+    """The Kaplan–Meier estimate of S(t) = P(T > t): [(t, S(t))] at each distinct event time.
+    S(t) = ∏_{t_k ≤ t} (1 − d_k / n_k), n_k = runs still at risk at t_k (time ≥ t_k; a run censored
+    at t_k counts as at risk there), d_k = events at t_k."""
+    t, e = _check_survival(times, events, "the sample")
+    out, s = [], 1.0
+    for tk in np.unique(t[e]):
+        n_k, d_k = int((t >= tk).sum()), int(((t == tk) & e).sum())
+        s *= 1.0 - d_k / n_k
+        out.append((float(tk), s))
+    return out
+
+
+def km_median(times, events) -> float:
+    """The Kaplan–Meier median: the first event time with S(t) ≤ 1/2; inf when the curve never gets
+    there (more than half the runs censored before it)."""
+    for tk, s in kaplan_meier(times, events):
+        if s <= 0.5 + 1e-12:
+            return tk
+    return math.inf
+
+
+def _logrank_z(t: np.ndarray, e: np.ndarray, in_a: np.ndarray) -> float:
+    """(O_a − E_a) / √V over the distinct event times of the pooled sample; 0 when V = 0."""
+    o_minus_e = v = 0.0
+    for tk in np.unique(t[e]):
+        risk = t >= tk
+        n, n_a = int(risk.sum()), int((risk & in_a).sum())
+        hit = (t == tk) & e
+        d, d_a = int(hit.sum()), int((hit & in_a).sum())
+        # hypergeometric mean and variance of a's events at t_k, given the risk sets
+        o_minus_e += d_a - d * n_a / n
+        if n > 1:
+            v += d * (n_a / n) * (1 - n_a / n) * (n - d) / (n - 1)
+    return o_minus_e / math.sqrt(v) if v > 0 else 0.0
+
+
+def logrank(times_a, events_a, times_b, events_b) -> dict:
+    """The log-rank test of equal time-to-event curves for arms a and b (unpaired; censored runs
+    count for the time they were watched). z = (O_a − E_a)/√V: z > 0 means a has MORE events than
+    expected — a reaches the threshold sooner. p_normal: two-sided, z ~ N(0, 1) (large samples);
+    p_exact: the exact permutation p over every relabelling of the pooled runs (what to trust with
+    5 runs per arm: C(10, 5) = 252 arrangements), with its floor. Also each arm's KM median."""
+    ta, ea = _check_survival(times_a, events_a, "a")
+    tb, eb = _check_survival(times_b, events_b, "b")
+    t, e = np.concatenate((ta, tb)), np.concatenate((ea, eb))
+    n_a, n = ta.size, ta.size + tb.size
+    if math.comb(n, n_a) > 2 ** 16:
+        raise ValueError(f"{math.comb(n, n_a)} relabellings are too many for the exact log-rank p.")
+    in_a = np.arange(n) < n_a
+    z = _logrank_z(t, e, in_a)
+    hits, total = 0, 0
+    for idx in itertools.combinations(range(n), n_a):
+        lab = np.zeros(n, dtype=bool)
+        lab[list(idx)] = True
+        hits += abs(_logrank_z(t, e, lab)) >= abs(z) - 1e-12
+        total += 1
+    return {"z": z, "p_normal": 2.0 * (1.0 - _norm_cdf(abs(z))), "p_exact": hits / total,
+            "p_floor": (2.0 if ta.size == tb.size else 1.0) / total,
+            "median_a": km_median(ta, ea), "median_b": km_median(tb, eb),
+            "reached_a": int(ea.sum()), "reached_b": int(eb.sum()), "n_a": int(ta.size), "n_b": int(tb.size)}

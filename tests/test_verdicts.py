@@ -414,3 +414,32 @@ def test_bad_input_raises_value_error(call):
 def test_constants():
     assert (v.THEOREM, v.CONSTRUCTION, v.NOT_APPLICABLE) == ("theorem check", "true by construction",
                                                            "not applicable")
+
+
+def test_kaplan_meier_and_its_median_by_hand():
+    # 4 runs: events at 1, 2, 3; one censored at 2 (still at risk at 2)
+    # S(1) = 3/4; S(2) = 3/4 · (1 − 1/3) = 1/2; S(3) = 1/2 · (1 − 1/1) = 0
+    km = v.kaplan_meier([1, 2, 2, 3], [1, 0, 1, 1])
+    assert km == [(1.0, 0.75), (2.0, pytest.approx(0.5)), (3.0, 0.0)]
+    assert v.km_median([1, 2, 2, 3], [1, 0, 1, 1]) == 2.0
+    assert v.km_median([5, 10, 10], [1, 0, 0]) == math.inf        # two of three never got there
+    with pytest.raises(ValueError, match="0/1 flag"):
+        v.kaplan_meier([1, 2], [1, 2])
+
+
+def test_logrank_by_hand_and_its_exact_permutation_p():
+    # a reaches at 1 and 2, b at 3 and 4. At t=1: n=4, n_a=2 → E_a 1/2, V 1/4; at t=2: n=3, n_a=1 →
+    # E_a 1/3, V 2/9; later n_a = 0. O_a − E_a = 2 − 5/6 = 7/6, V = 17/36 → z = 7/√17
+    r = v.logrank([1, 2], [1, 1], [3, 4], [1, 1])
+    assert r["z"] == pytest.approx(7 / math.sqrt(17), abs=1e-12)
+    assert r["p_normal"] == pytest.approx(2 * (1 - v._norm_cdf(7 / math.sqrt(17))), abs=1e-12)
+    # 6 relabellings; {1,2} and {3,4} as "a" give |z| = 7/√17, the other four less: p = 2/6
+    assert r["p_exact"] == pytest.approx(2 / 6) and r["p_floor"] == pytest.approx(2 / 6)
+    # censoring is not survivorship: a run censored at the budget counts as watched that long
+    r = v.logrank([2, 3, 3, 3, 3], [1, 1, 1, 1, 1], [2, 10, 10, 10, 10], [1, 0, 0, 0, 0])
+    assert r["z"] > 0 and r["median_a"] == 3 and r["median_b"] == math.inf
+    assert r["p_exact"] < 0.05 and r["reached_b"] == 1
+    # swapping the arms flips z; the same curves give z = 0 and p = 1
+    assert v.logrank([2, 10, 10, 10, 10], [1, 0, 0, 0, 0], [2, 3, 3, 3, 3], [1] * 5)["z"] == pytest.approx(-r["z"])
+    same = v.logrank([1, 2, 3], [1, 1, 0], [1, 2, 3], [1, 1, 0])
+    assert same["z"] == 0 and same["p_exact"] == 1.0
