@@ -461,6 +461,17 @@ def ablation_grid(model, tokens, labels):
     return base, grid
 
 
+def concentration(base, grid, min_drop=1.0):
+    """The graded version of the deposit, per layer: C_l = max_h drop_lh / Σ_h drop_lh, with
+    drop_lh = max(base − grid_lh, 0) the accuracy lost by ablating head h of layer l. C_l = 1/H
+    when every head costs the same, 1 when one head carries all of the layer's loss; None for a
+    layer where no ablation costs min_drop points (1: about the noise of the evaluation set — a
+    0.3-point drop "concentrated" in one head says nothing). base: float; grid: (L, H)."""
+    drop = (float(base) - torch.as_tensor(grid, dtype=torch.float64)).clamp(min=0.0)
+    top, total = drop.max(1).values, drop.sum(1)
+    return [None if float(m) < min_drop else float(m / t) for m, t in zip(top, total)]
+
+
 def deposit_stats(base, grid):
     """Per run: the largest drop (points), where it is, the runner-up in that layer and the verdict."""
     drop = base - grid                                        # accuracy lost by ablating (l, h)
@@ -468,7 +479,8 @@ def deposit_stats(base, grid):
     top = float(drop[l, h])
     runner = float(torch.cat((drop[l, :h], drop[l, h + 1:])).max()) if drop.shape[1] > 1 else 0.0
     deposit = top >= DEPOSIT_MIN_DROP and top >= DEPOSIT_RATIO * max(runner, 0.0)
-    return {"top_drop": top, "top_layer": l, "top_head": h, "runner_up_drop": runner, "deposit": bool(deposit)}
+    return {"top_drop": top, "top_layer": l, "top_head": h, "runner_up_drop": runner, "deposit": bool(deposit),
+            "concentration": concentration(base, grid)}
 
 
 def run_config(task, pe, preset="small", seed=0, **overrides):
@@ -624,6 +636,14 @@ def _mean_or_none(values):
     return sum(hit) / len(hit) if hit else None
 
 
+def _spread(name, values):
+    """{name_median, name_min, name_max, name_n} of the values that are not None (None when none are)."""
+    v = sorted(x for x in values if x is not None)
+    med = None if not v else (v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2)
+    return {f"{name}_median": med, f"{name}_min": v[0] if v else None, f"{name}_max": v[-1] if v else None,
+            f"{name}_n": len(v)}
+
+
 def summarise(results):
     """Rows: task, pe, n seeds, mean and std of the last-epoch test accuracy, deposit counts."""
     rows = []
@@ -641,6 +661,9 @@ def summarise(results):
                      "runner_up_mean": sum(d["runner_up_drop"] for d in dep) / max(len(dep), 1),
                      "top_layer0_runs": sum(d["top_layer"] == 0 for d in dep),
                      "deposit_runs": sum(d["deposit"] for d in dep),
+                     # graded: C of the layer holding the largest drop, per run (from the stored
+                     # grid), as median and range over the runs (None where no ablation cost anything)
+                     **_spread("concentration", [concentration(d["baseline"], d["grid"])[d["top_layer"]] for d in dep]),
                      # optimisation speed: first epoch with test accuracy >= 90% (None: never)
                      "epochs_to_90_mean": _mean_or_none([_first_epoch(r, 90.0) for r in rs]),
                      "reached_90": sum(_first_epoch(r, 90.0) is not None for r in rs),
@@ -658,7 +681,9 @@ def write_tables(rows, out, name="synthetic_small"):
             pes.append(r["pe"])
     by = {(r["task"], r["pe"]): r for r in rows}
     lines = ["| PE | Task 1 (distance) acc % | Task 2 (count) acc % | Task 1 epochs to 90% test acc | "
-             "Task 1 top head drop (pts) | Task 1 deposit runs |", "| --- | --- | --- | --- | --- | --- |"]
+             "Task 1 top head drop (pts) | Task 1 deposit runs | Task 1 concentration C, median [range] "
+             "(runs with a drop ≥ 1 point) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for pe in pes:
         cells = []
         for t in (1, 2):
@@ -671,6 +696,9 @@ def write_tables(rows, out, name="synthetic_small"):
                      f"{r1['epochs_to_90_mean']:.1f} ({r1['reached_90']}/{r1['seeds']} runs)")
         cells.append("-" if r1 is None else f"{r1['top_drop_mean']:.1f} (runner-up {r1['runner_up_mean']:.1f})")
         cells.append("-" if r1 is None else f"{r1['deposit_runs']}/{r1['seeds']}")
+        cells.append("-" if r1 is None or r1.get("concentration_median") is None else
+                     f"{r1['concentration_median']:.2f} [{r1['concentration_min']:.2f}, {r1['concentration_max']:.2f}]"
+                     f" ({r1['concentration_n']} of {r1['seeds']} runs)")
         lines.append(f"| {pe} | " + " | ".join(cells) + " |")
     chance = {t: next((r["chance"] for r in rows if r["task"] == t), None) for t in (1, 2)}
     lines.append("")
@@ -678,7 +706,8 @@ def write_tables(rows, out, name="synthetic_small"):
     lines.append("Chance: " + ", ".join(f"Task {t} {c:.1f}%" for t, c in chance.items() if c is not None)
                  + ("" if length_only is None else
                     f"; guessing the Task 1 distance from the sentence length alone: {length_only:.1f}%")
-                 + ". Mean ± std over seeds of the last-epoch test accuracy.")
+                 + ". Mean ± std over seeds of the last-epoch test accuracy. C = max_h drop / Σ_h drop in the "
+                 "layer of the largest single-head drop (1/H: every head alike; 1: one head).")
     _write_text(os.path.join(out, f"{name}_results.md"), "\n".join(lines) + "\n")
 
 

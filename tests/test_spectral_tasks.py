@@ -298,3 +298,18 @@ def test_script_runs_in_module_form_from_the_project_root():
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("task 2: 256 samples"), r.stderr
     assert "python -m spectral.tasks" in st.__doc__
+
+
+def test_the_concentration_index_runs_from_one_over_H_to_one():
+    g = torch.full((3, 4), 80.0)
+    g[0] = torch.tensor([70.0, 70.0, 70.0, 70.0])            # layer 0: every head costs 10 → C = 1/4
+    g[1] = torch.tensor([20.0, 80.0, 80.0, 85.0])            # layer 1: one head costs 60, one helps → C = 1
+    c = st.concentration(80.0, g)
+    assert c[0] == pytest.approx(0.25) and c[1] == pytest.approx(1.0) and c[2] is None   # layer 2: no cost
+    g[1, 1] = 60.0                                           # 60 and 20 → C = 0.75: graded, not binary
+    assert st.concentration(80.0, g)[1] == pytest.approx(0.75)
+    assert st.deposit_stats(80.0, g)["concentration"] == st.concentration(80.0, g)
+    g[2, 0] = 79.7                                           # a 0.3-point drop: noise, not concentration
+    assert st.concentration(80.0, g)[2] is None and st.concentration(80.0, g, min_drop=0.1)[2] == pytest.approx(1.0)
+    assert st._spread("c", [0.5, None, 1.0, 0.25]) == {"c_median": 0.5, "c_min": 0.25, "c_max": 1.0, "c_n": 3}
+    assert st._spread("c", [None]) == {"c_median": None, "c_min": None, "c_max": None, "c_n": 0}
