@@ -153,6 +153,9 @@ TIED = {f"{arm}-T{T}": ["--regime", arm, "--T", str(T)] for T in TIED_T for arm 
 # position in the bidirectional tied model (free arm, T = 4): learned table in x⁽⁰⁾ / RoPE in the field / none
 TIED_PE = {pe: ["--regime", "free", "--T", "4", "--pe", pe] for pe in ("learned", "rope", "none")}
 SPECTRAL_PES = "none,sin,learned,t5,alibi,rope,rope-partial:1,sin+rope,mla"
+# "RoPE optimises faster", fairly (issue #14): every PE at every learning rate, 5 seeds, Task 1
+SPECTRAL_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
+SPECTRAL_LR_PES = ("rope", "sin+rope", "sin", "learned")
 # The pretrained token probe has no seed: its randomness is the text. Seed 0 is analysis.reports'
 # own paragraph; seeds 1, 2 are these two, of the same length and register.
 PROBE_TEXTS = {
@@ -173,19 +176,24 @@ BUDGETS = {
     "smoke": dict(seeds=2, jobs=2, lm=["--steps", "3", "--eval-every", "0", "--probe-batch", "2", "--d-model", "32",
                                         "--n-layers", "2", "--n-heads", "2"],
                   vit=["--steps", "3", "--eval-images", "64", "--probe-batch", "2"], agreement=20,
+                  spectral_lr=["--preset", "tiny", "--seeds", "0,1", "--tasks", "1", "--pes", "rope,sin", "--device", "cpu"],
                   spectral=["--preset", "tiny", "--seeds", "0,1", "--pes", "none,rope", "--device", "cpu"], device="cpu",
                   speed=None, phase=None,
                   tied=["--steps", "3", "--eval-every", "3", "--d-model", "8", "--seq-len", "16", "--batch-size", "4",
                         "--fate-t", "5", "--fate-seqs", "2"], tied_seeds=2),
     # a laptop: ~3 CPU-hours in all, 400-step language models, 1,000-step ViTs (see README)
     "cpu-small": dict(seeds=3, jobs=None, lm=["--steps", "400", "--eval-every", "0"], vit=[],
-                      agreement=1000, spectral=["--preset", "small", "--seeds", "0,1,2", "--pes", SPECTRAL_PES, "--device", "cpu"],
+                      agreement=1000, spectral_lr=["--preset", "small", "--seeds", "0,1,2,3,4", "--tasks", "1", "--pes", ",".join(SPECTRAL_LR_PES),
+                                   "--device", "cpu"],
+                      spectral=["--preset", "small", "--seeds", "0,1,2", "--pes", SPECTRAL_PES, "--device", "cpu"],
                       device="cpu", speed=["--suite"], phase=["--instances", "102", "--t-end", "2000"],
                       tied=[], tied_seeds=5, exp_seeds={"lm-regimes-sym": 6, "lm-lam": 8, "tied-pe": 3, "lm-regimes-track": 2, "lm-lam-long": 4}),
     # one GPU: a 6 × 256 language model for 3,000 steps, 4,000-step ViTs, the Spectral paper's model
     "gpu": dict(seeds=3, jobs=1, lm=["--d-model", "256", "--n-layers", "6", "--n-heads", "8", "--seq-len", "256",
                                      "--steps", "3000", "--eval-every", "0", "--device", "cuda"],
                 vit=["--steps", "4000", "--device", "cuda"], agreement=10000,
+                spectral_lr=["--preset", "medium", "--seeds", "0,1,2,3,4", "--tasks", "1", "--pes", ",".join(SPECTRAL_LR_PES),
+                             "--device", "cuda"],
                 spectral=["--preset", "medium", "--seeds", "0,1,2", "--pes", SPECTRAL_PES, "--device", "cuda"],
                 device="cuda", speed=["--device", "cuda"], phase=["--instances", "102", "--t-end", "2000"],
                 tied=[], tied_seeds=5, exp_seeds={"lm-regimes-sym": 6, "lm-lam": 8, "tied-pe": 3, "lm-regimes-track": 2, "lm-lam-long": 4}),
@@ -206,7 +214,7 @@ TRAINING = {  # experiment → (script, variants, budget key, results sub-folder
     "tied-pe": ("train_tied.py", TIED_PE, "tied", "tied/pe", ["--task", "mlm"]),
     "tied-mlm-rope": ("train_tied.py", TIED, "tied", "tied/mlm-rope", ["--task", "mlm", "--pe", "rope"]),
 }
-ONE_SHOT = ("agreement", "phase", "pretrained", "spectral", "speed")
+ONE_SHOT = ("agreement", "phase", "pretrained", "spectral", "spectral-lr", "speed")
 EXPERIMENTS = tuple(TRAINING) + ONE_SHOT
 KEEP = ("config.json", "summary.json", "probe.csv", "metrics.csv")       # small files kept in results/
 
@@ -685,6 +693,11 @@ def one_shot_commands(step: str, budget: str, results: Path, runs: Path, n_jobs:
         return [[PY, "-m", "spectral.decomposition", "--out", str(results / "spectral")],
                 [PY, "-m", "spectral.tasks", "table", *spec, "--workers", str(n_jobs),
                  "--cache", str(runs / "spectral"), "--out", str(results / "spectral")]]
+    if step == "spectral-lr":
+        # one Task-1 table per learning rate, each with its own cache (a run's cache name holds no lr)
+        return [[PY, "-m", "spectral.tasks", "table", *b["spectral_lr"], "--lr", f"{lr:g}", "--workers", str(n_jobs),
+                 "--cache", str(runs / "spectral-lr" / f"lr{lr:g}"), "--out", str(results / "spectral" / "lr" / f"lr{lr:g}")]
+                for lr in SPECTRAL_LRS]
     if step == "phase":
         return [] if b["phase"] is None else [[PY, "-m", "analysis.phase", *b["phase"], "--jobs", str(n_jobs),
                                               "--out", str(results / "phase")]]
@@ -957,6 +970,7 @@ def claims(results: Path) -> list[tuple[str, str, str, str]]:
     _tied_claims(results, out)
     _pretrained_claims(results, out)
     _spectral_claims(results, out)
+    _spectral_lr_claims(results, out)
     # judge each family's tests together (Holm), then one line per claim
     for fam in FAMILIES:
         tests = [c for c in out if c["family"] == fam and isinstance(c["test"], dict)]
@@ -1309,6 +1323,57 @@ def _pretrained_claims(results: Path, out: list) -> None:
                "RoPE on vs removed: lower cosine)", res,
                f"log₁₀ growth of the mean squared distance, first → last layer: {fmt(grow['True'], 1)} with RoPE vs "
                f"{fmt(grow['False'], 1)} without")
+
+
+def _lr_runs(results: Path) -> dict:
+    """spectral-lr's runs: {(pe, lr): [run, ...]} from results/spectral/lr/lr*/synthetic_*_runs.json."""
+    out = {}
+    for f in sorted((results / "spectral" / "lr").glob("lr*/synthetic_*_runs.json")):
+        for r in json.loads(f.read_text()):
+            out.setdefault((r["config"]["pe"], float(r["config"]["lr"])), []).append(r)
+    return out
+
+
+def _stable(run: dict) -> bool:
+    """Training at this lr did not blow up: the last epoch's loss is finite and below the first's."""
+    first, last = run["history"][0]["train_loss"], run["history"][-1]["train_loss"]
+    return math.isfinite(last) and last < first
+
+
+def _spectral_lr_claims(results: Path, out: list) -> None:
+    """"RoPE optimises faster" without survivorship (issue #14): each PE at its best learning rate
+    (the highest mean final test accuracy over the lr grid), epochs to 90% test accuracy with the
+    runs that never get there censored at their last epoch; RoPE against each other PE by the
+    log-rank test (exact permutation p, Holm over the comparisons). Beside it, each PE's largest
+    stable lr (every seed's loss finite and falling), the grid's direct proxy for conditioning."""
+    runs = _lr_runs(results)
+    pes = [pe for pe in SPECTRAL_LR_PES if any(k[0] == pe for k in runs)]
+    if "rope" not in pes or len(pes) < 2:
+        return
+    best, stable = {}, {}
+    for pe in pes:
+        lrs = sorted(lr for q, lr in runs if q == pe)
+        best[pe] = max(lrs, key=lambda lr: st.mean(r["test_acc"] for r in runs[(pe, lr)]))
+        ok = [lr for lr in lrs if all(_stable(r) for r in runs[(pe, lr)])]
+        stable[pe] = max(ok) if ok else None
+
+    def times(pe):
+        rs = sorted(runs[(pe, best[pe])], key=lambda r: r["config"]["seed"])
+        hit = [stt._first_epoch(r, 90.0) for r in rs]
+        return ([h if h is not None else r["config"]["epochs"] for h, r in zip(hit, rs)],
+                [h is not None for h in hit])
+    tests = {pe: verdicts.logrank(*times("rope"), *times(pe)) for pe in pes if pe != "rope"}
+    adjusted = dict(zip(tests, verdicts.holm([t["p_exact"] for t in tests.values()])))
+    lr_txt = "largest stable lr: " + ", ".join(f"{pe} {'none' if stable[pe] is None else f'{stable[pe]:g}'}" for pe in pes)
+    for pe, t in tests.items():
+        p_adj = adjusted[pe]
+        word = ("unresolved" if p_adj >= 0.05 else "supported" if t["z"] > 0 else "contradicted")
+        med = lambda m: "never (median not reached)" if math.isinf(m) else f"{m:g}"
+        _claim(out, "spectral", None, f"RoPE optimises faster than {pe}: epochs to 90% on Task 1, each PE at its best "
+               "lr, runs that never get there censored (log-rank)", word,
+               f"KM median epochs rope {med(t['median_a'])} (lr {best['rope']:g}, {t['reached_a']}/{t['n_a']} reached) vs "
+               f"{pe} {med(t['median_b'])} (lr {best[pe]:g}, {t['reached_b']}/{t['n_b']} reached); log-rank z {t['z']:+.2f}, "
+               f"exact p {t['p_exact']:.3g} (floor {t['p_floor']:.3g}), Holm p {p_adj:.3g}; {lr_txt}")
 
 
 def _spectral_claims(results: Path, out: list) -> None:

@@ -227,8 +227,8 @@ def test_one_shot_steps_are_keyed_on_their_settings_not_the_program():
     state = json.loads(state_path.read_text())
     workers = re.search(r"--workers (\d+)", " ".join(state["spectral"]["commands"]))
     for step in ex.ONE_SHOT:
-        if step == "phase" and step not in state:
-            continue                    # recorded when its grid has finished (resumable per cell)
+        if step in ("phase", "spectral-lr") and step not in state:
+            continue                    # recorded when it has finished (phase: resumable per cell; spectral-lr: not run yet)
         cmds = ex.one_shot_commands(step, "cpu-small", ex.ROOT / "results",
                                     ex.ROOT / "runs" / "experiments" / "cpu-small", int(workers.group(1)))
         assert state[step]["commands"] == ex.settings_key(cmds), step
@@ -705,6 +705,29 @@ def test_the_tied_experiments_plan_5_seeds_tabulate_and_judge_nd_against_pd(tmp_
     lines = [r for r in ex.claims(tmp_path / "res") if "weight-tied" in r[1]]
     assert len(lines) == 4 and all(r[2] == "not applicable" and "byte-unigram floor 4.703" in r[3] for r in lines)
 
+    # only the free arm learns (as with RoPE in the tied model): ND and PD still both at the floor,
+    # so their comparison stays not applicable — the premise is judged per comparison, not per grid
+    for name, seed, kept in fake:
+        if name.startswith("free"):
+            s = json.loads((kept / "summary.json").read_text())
+            s["val"]["bpb"] = 4.1
+            (kept / "summary.json").write_text(json.dumps(s))
+    ex.tabulate_tied("tied-mlm", fake, tmp_path / "res")
+    lines = [r for r in ex.claims(tmp_path / "res") if "weight-tied" in r[1]]
+    assert len(lines) == 4 and all(r[2] == "not applicable" for r in lines)
+    assert "best arm of the grid: free-T" in lines[0][3]
+    # Task 1 (accuracy, higher is better): the floor is always answering the most frequent distance
+    chance = train_tied.trigger_chance_acc()
+    assert abs(chance - 100 / 16) < 2                                   # 16 distances, near uniform
+    for acc_nd, acc_pd, word in ((chance + 0.5, chance + 0.2, "not applicable"), (chance + 1, chance + 30, "supported")):
+        for name, seed, kept in fake:
+            s = json.loads((kept / "summary.json").read_text())
+            s["metric"] = "acc"
+            s["val"] = {"acc": (acc_nd if name.startswith("convergent") else acc_pd) + 0.1 * seed}
+            (kept / "summary.json").write_text(json.dumps(s))
+        ex.tabulate_tied("tied-trigger", fake, tmp_path / "res")
+        lines = [r for r in ex.claims(tmp_path / "res") if "weight-tied" in r[1] and "Task 1" in r[1]]
+        assert len(lines) == 4 and all(r[2] == word for r in lines[:3]), (word, lines)
 
 def test_fate_shift_and_the_mechanism_line_on_known_cases():
     # RoPE stops convergence: 0/40 converge with it, 40/40 without → supported for "lower"
@@ -736,29 +759,6 @@ def test_lam_long_plans_three_arms_at_1600_steps(tmp_path):
     assert len(jobs) == 3 * 4 and ex.n_seeds("lm-lam-long", "cpu-small") == 4
     for argv, *_ in jobs:                               # [python, script, *flags, --out, folder]
         assert ex._expected_config("train_lm.py", argv[2:-2])["steps"] == 1600
-    # only the free arm learns (as with RoPE in the tied model): ND and PD still both at the floor,
-    # so their comparison stays not applicable — the premise is judged per comparison, not per grid
-    for name, seed, kept in fake:
-        if name.startswith("free"):
-            s = json.loads((kept / "summary.json").read_text())
-            s["val"]["bpb"] = 4.1
-            (kept / "summary.json").write_text(json.dumps(s))
-    ex.tabulate_tied("tied-mlm", fake, tmp_path / "res")
-    lines = [r for r in ex.claims(tmp_path / "res") if "weight-tied" in r[1]]
-    assert len(lines) == 4 and all(r[2] == "not applicable" for r in lines)
-    assert "best arm of the grid: free-T" in lines[0][3]
-    # Task 1 (accuracy, higher is better): the floor is always answering the most frequent distance
-    chance = train_tied.trigger_chance_acc()
-    assert abs(chance - 100 / 16) < 2                                   # 16 distances, near uniform
-    for acc_nd, acc_pd, word in ((chance + 0.5, chance + 0.2, "not applicable"), (chance + 1, chance + 30, "supported")):
-        for name, seed, kept in fake:
-            s = json.loads((kept / "summary.json").read_text())
-            s["metric"] = "acc"
-            s["val"] = {"acc": (acc_nd if name.startswith("convergent") else acc_pd) + 0.1 * seed}
-            (kept / "summary.json").write_text(json.dumps(s))
-        ex.tabulate_tied("tied-trigger", fake, tmp_path / "res")
-        lines = [r for r in ex.claims(tmp_path / "res") if "weight-tied" in r[1] and "Task 1" in r[1]]
-        assert len(lines) == 4 and all(r[2] == word for r in lines[:3]), (word, lines)
 
 
 def test_the_depth_table_reads_each_layer_of_each_kept_seed(tmp_path):
@@ -779,3 +779,31 @@ def test_the_depth_table_reads_each_layer_of_each_kept_seed(tmp_path):
     assert md[2] == "| causal LM, RoPE | 0 | 2 | 0.01 ± 0.01 | 10.0 ± 0.0 of 16 | 1.00 ± 0.00 | 4.5 ± 0.7 | 2/0/0/2 | 4/0/0/0 |"
     assert md[3].startswith("| causal LM, RoPE | 1 | 2 | 0.11 ± 0.01 | 11.0 ± 0.0 of 16 | 2.00 ± 0.00 |")
     assert ex.depth_table(tmp_path / "nothing") is None
+
+
+def test_spectral_lr_plans_one_table_per_lr_and_judges_speed_with_censoring(tmp_path):
+    cmds = ex.one_shot_commands("spectral-lr", "cpu-small", tmp_path / "r", tmp_path / "w", 2)
+    assert [c[c.index("--lr") + 1] for c in cmds] == ["0.0003", "0.001", "0.003", "0.01"]
+    assert all("--seeds" in c and c[c.index("--seeds") + 1] == "0,1,2,3,4" for c in cmds)
+    assert len({c[c.index("--cache") + 1] for c in cmds}) == 4           # one cache per lr
+
+    def run(pe, lr, seed, reach, loss_up=False):
+        hist = [{"epoch": e, "train_loss": 3.0 + (e if loss_up else -0.1 * e),
+                 "test_acc": 95.0 if reach is not None and e >= reach else 50.0} for e in range(1, 13)]
+        return {"config": {"pe": pe, "lr": lr, "seed": seed, "epochs": 12, "task": 1}, "history": hist,
+                "test_acc": hist[-1]["test_acc"]}
+    for lr in (1e-3, 1e-2):
+        rows = []
+        for seed in range(5):
+            # RoPE reaches 90% at epoch 3 at lr 1e-3 (its best); sin reaches only in seed 0, at epoch 2:
+            # survivorship ("mean epochs over the runs that got there") would call sin the faster one
+            rows.append(run("rope", lr, seed, 3 if lr == 1e-3 else 6))
+            rows.append(run("sin", lr, seed, (2 if seed == 0 else None) if lr == 1e-3 else None, loss_up=lr == 1e-2))
+        f = tmp_path / "res" / "spectral" / "lr" / f"lr{lr:g}" / "synthetic_small_runs.json"
+        f.parent.mkdir(parents=True)
+        f.write_text(json.dumps(rows))
+    lines = [r for r in ex.claims(tmp_path / "res") if r[1].startswith("RoPE optimises faster than sin: epochs")]
+    assert len(lines) == 1
+    assert lines[0][2] == "supported", lines
+    assert "KM median epochs rope 3 (lr 0.001, 5/5 reached) vs sin never (median not reached) (lr 0.001, 1/5" in lines[0][3]
+    assert "largest stable lr: rope 0.01, sin 0.001" in lines[0][3]
