@@ -14,6 +14,12 @@ shapes (default, embedded, no download)  32 × 32 RGB images generated from a fi
     for every class (for any patch size dividing 8).  A model without positions sees only that
     multiset and cannot beat chance (25%); a model with a PE can.  No flips, no crops by default:
     a flip changes the label.
+shapes-hard (embedded; `train_vit.py --preset hard`)  48 × 48 images (20,000 / 2,000), a 6 × 6 grid:
+    A and B as above, the label the relation of B seen from A in 8 compass directions × near / far
+    (Chebyshev distance ≤ 2 or > 2): 16 classes, drawn uniformly; 0-4 decoys (hollow squares,
+    crosses like B, bars like A), Gaussian pixel noise (std 24). The same independence of content
+    and place holds, so chance (6.25%) is the ceiling without positions. Made so that the PEs do
+    not all saturate (issue #14); its budget is not yet tuned.
 cifar10  https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz (md5 c58f30108f718f92721af3b95e74349a,
     published on the CIFAR page), its python pickle batches read with a numpy-only unpickler:
     50,000 train / 10,000 test images (the test batch is the "val" split here, as is customary).
@@ -158,6 +164,84 @@ def shapes_data() -> ArrayData:
     tx, ty = make_shapes(SHAPES_SIZES["train"], SHAPES_SEEDS["train"])
     vx, vy = make_shapes(SHAPES_SIZES["val"], SHAPES_SEEDS["val"])
     return ArrayData("shapes", tx, ty, vx, vy, list(SHAPES_CLASSES), SHAPES_NORM)
+
+
+# -- the harder embedded dataset (issue #14: a task where position matters and nothing saturates) --
+# Where B lies seen from A, in 8 compass directions × near / far: 16 classes. Direction k of
+# (dr, dc) = (row_B − row_A, col_B − col_A), rows counted downwards: the 45° sector of the angle
+# atan2(−dr, dc) (0 = east, 1 = north-east, … counter-clockwise); no integer (dr, dc) lies on a
+# sector boundary (tan 22.5° is irrational). Far: Chebyshev distance max(|dr|, |dc|) > 2.
+HARD_DIRECTIONS = ["E", "NE", "N", "NW", "W", "SW", "S", "SE"]
+HARD_CLASSES = [f"{d}-{r}" for d in HARD_DIRECTIONS for r in ("near", "far")]
+HARD_SIZES = dict(train=20000, val=2000)
+_SPRITES_HARD = dict(_SPRITES, cross=np.eye(_S, dtype=bool) | np.eye(_S, dtype=bool)[::-1],   # decoy of B
+                     bar=np.pad(np.ones((_S, _S - 2), bool), ((0, 0), (1, 1))))              # decoy of A
+
+
+def hard_label(ra, ca, rb, cb) -> np.ndarray:
+    """2·direction + far of B seen from A (arrays of cell rows / columns; see HARD_CLASSES)."""
+    dr, dc = np.asarray(rb) - np.asarray(ra), np.asarray(cb) - np.asarray(ca)
+    direction = np.round(np.arctan2(-dr, dc) / (np.pi / 4)).astype(np.int64) % 8
+    far = (np.maximum(np.abs(dr), np.abs(dc)) > 2).astype(np.int64)
+    return 2 * direction + far
+
+
+def make_shapes_hard(n: int, seed: int, *, grid: int = 6, cell: int = 8, distractors: int = 4,
+                     noise: float = 24.0) -> tuple[np.ndarray, np.ndarray]:
+    """n images (uint8 (n, 3, grid·cell, grid·cell)) and labels (int64 (n,)) of shapes-hard.
+
+    A (filled square) and B (plus sign) in two distinct cells, the label hard_label(A, B), drawn
+    uniformly over the 16 classes and then uniformly over the cell pairs of that class; 0 to
+    `distractors` decoys in other cells (hollow squares, crosses like B, bars like A); random
+    bright colours and offsets; dark background noise, then Gaussian pixel noise of std `noise`.
+    As in make_shapes, every sprite's pixels are drawn independently of its cell, so the multiset
+    of patches carries no label information: a model blind to positions stays at chance (1/16)."""
+    if grid < 4 or cell < _S:
+        raise ValueError(f"shapes-hard needs grid ≥ 4 and cells of at least {_S} pixels")
+    rng = np.random.default_rng([seed, 54321])
+    cells = np.arange(grid * grid)
+    a_all, b_all = np.meshgrid(cells, cells, indexing="ij")
+    a_all, b_all = a_all[a_all != b_all], b_all[a_all != b_all]
+    lab_all = hard_label(a_all // grid, a_all % grid, b_all // grid, b_all % grid)
+    pairs = [np.flatnonzero(lab_all == k) for k in range(len(HARD_CLASSES))]
+    if any(len(q) == 0 for q in pairs):
+        raise ValueError(f"a {grid} × {grid} grid cannot hold every one of the 16 relations")
+    label = rng.integers(0, len(HARD_CLASSES), size=n)
+    pick = np.array([pairs[k][i] for k, i in zip(label, rng.integers(0, 1 << 30, size=n) % np.array(
+        [len(pairs[k]) for k in label]))])
+    cell_a, cell_b = a_all[pick], b_all[pick]
+    size = grid * cell
+    img = rng.integers(0, 41, size=(n, size, size, 3)).astype(np.float64)
+    score = rng.random((n, grid * grid))
+    score[np.arange(n), cell_a] = score[np.arange(n), cell_b] = 2.0           # never a decoy's cell
+    free = np.argsort(score, axis=1)[:, :distractors]
+    n_dis = rng.integers(0, distractors + 1, size=n)
+    kinds = rng.integers(0, 3, size=(n, distractors))                         # ring / cross / bar
+    objects = [("square", cell_a, np.ones(n, bool)), ("plus", cell_b, np.ones(n, bool))]
+    for j in range(distractors):
+        for k, kind in enumerate(("ring", "cross", "bar")):
+            objects.append((kind, free[:, j], (n_dis > j) & (kinds[:, j] == k)))
+    ii = np.arange(n)[:, None, None]
+    dy, dx = np.arange(_S)[None, :, None], np.arange(_S)[None, None, :]
+    for kind, where, present in objects:
+        y0 = (where // grid) * cell + rng.integers(0, cell - _S + 1, size=n)
+        x0 = (where % grid) * cell + rng.integers(0, cell - _S + 1, size=n)
+        colour = rng.integers(110, 256, size=(n, 3)).astype(np.float64)
+        yy, xx = y0[:, None, None] + dy, x0[:, None, None] + dx
+        paint = _SPRITES_HARD[kind][None] & present[:, None, None]
+        img[ii, yy, xx] = np.where(paint[..., None], colour[:, None, None, :], img[ii, yy, xx])
+    img += rng.normal(0.0, noise, size=img.shape)
+    img = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(img.transpose(0, 3, 1, 2)), label.astype(np.int64)
+
+
+@functools.lru_cache(maxsize=2)
+def shapes_hard_data() -> ArrayData:
+    tx, ty = make_shapes_hard(HARD_SIZES["train"], SHAPES_SEEDS["train"])
+    vx, vy = make_shapes_hard(HARD_SIZES["val"], SHAPES_SEEDS["val"])
+    mean = tuple(float(v) for v in tx[:2000].mean(axis=(0, 2, 3)) / 255)
+    std = tuple(float(v) for v in tx[:2000].std(axis=(0, 2, 3)) / 255)
+    return ArrayData("shapes-hard", tx, ty, vx, vy, list(HARD_CLASSES), (mean, std))
 
 
 # -- CIFAR-10 -----------------------------------------------------------------------------------
@@ -471,11 +555,13 @@ def load_data(data: str, cache_dir: Path):
     extracted folder, or an ImageNet-style folder."""
     if data == "shapes":
         return shapes_data()
+    if data == "shapes-hard":
+        return shapes_hard_data()
     if data == "cifar10":
         return load_cifar10(data_download.download(CIFAR10["urls"], cache_dir / CIFAR10["file"], md5=CIFAR10["md5"]))
     path = Path(data)
     if not path.exists():
-        raise ValueError(f"--data {data!r} is neither a known dataset (shapes, cifar10) nor an existing "
+        raise ValueError(f"--data {data!r} is neither a known dataset (shapes, shapes-hard, cifar10) nor an existing "
                          f"folder or archive")
     if path.is_dir():
         if (folder := cifar_folder(path)) is not None:

@@ -48,6 +48,37 @@ def test_shapes_labels_follow_the_arrangement_and_patch_contents_do_not():
     assert max(means) - min(means) < 8
 
 
+def _sector(dr, dc):
+    """An independent reading of the 8 compass sectors: the angle in degrees, counter-clockwise from
+    east with rows counted downwards, cut at ±22.5°, ±67.5°, … (0 = E, 2 = N, 4 = W, 6 = S)."""
+    deg = np.degrees(np.arctan2(-dr, dc)) % 360.0
+    return int(((deg + 22.5) % 360.0) // 45.0)
+
+
+def test_shapes_hard_labels_are_the_relation_of_b_seen_from_a():
+    # without noise and decoys the sprites can be read back: A has 25 bright pixels, B 9
+    x, y = images.make_shapes_hard(300, seed=5, distractors=0, noise=0.0)
+    assert x.shape == (300, 3, 48, 48) and x.dtype == np.uint8
+    bright = x.max(1) >= 110
+    for i in range(300):
+        counts = bright[i].reshape(6, 8, 6, 8).sum((1, 3))
+        (ra, ca), (rb, cb) = np.argwhere(counts == 25)[0], np.argwhere(counts == 9)[0]
+        dr, dc = rb - ra, cb - ca
+        assert y[i] == 2 * _sector(dr, dc) + (max(abs(dr), abs(dc)) > 2), (i, dr, dc, y[i])
+    # every one of the 16 relations occurs, about equally often; the data are a function of the seed
+    x, y = images.make_shapes_hard(3200, seed=1)
+    counts = np.bincount(y, minlength=16)
+    assert counts.min() > 0.75 * 200 and counts.max() < 1.25 * 200
+    x2, y2 = images.make_shapes_hard(3200, seed=1)
+    assert np.array_equal(x, x2) and np.array_equal(y, y2)
+    # the decoys and the noise do not depend on the label: bright pixels per image, by class
+    per_img = (x.max(1) >= 110).sum((1, 2))
+    means = [per_img[y == k].mean() for k in range(16)]
+    assert max(means) - min(means) < 0.15 * np.mean(means)
+    with pytest.raises(ValueError, match="grid ≥ 4"):
+        images.make_shapes_hard(4, seed=0, grid=3)
+
+
 # -- the transforms -------------------------------------------------------------------------------
 def test_crops_flips_mixing_and_smoothing_follow_their_formulas():
     rng = np.random.default_rng(0)
