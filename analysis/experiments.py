@@ -1140,6 +1140,22 @@ def _tied_claims(results: Path, out: list) -> None:
                 _claim(out, "dynamics", None, claim, "not applicable", f"{floor}; {res['label']}: {verdicts.describe(res)}")
             else:
                 _claim(out, "dynamics", "regimes", claim, res)
+    # the phase diagrams' bidirectional prediction where a trained field does converge: the ND
+    # arms of the RoPE tied grids, each field with RoPE kept and dropped (same weights, same inputs)
+    for exp, task in (("tied-mlm-rope", "masked bytes"), ("tied-trigger", "Task 1")):
+        data = _load(results, exp) or {}
+        nd = [f"convergent-T{T}" for T in TIED_T if "fate_end_no_rope" in data.get(f"convergent-T{T}", {})]
+        if not nd:
+            continue
+        kept = {k: sum(sum(data[n]["fate_end"][k]) for n in nd) for k in FATES}
+        dropped = {k: sum(sum(data[n]["fate_end_no_rope"][k]) for n in nd) for k in FATES}
+        word, nums = _fate_shift(kept, dropped, "lower")
+        per_T = "; ".join(f"T = {n.split('-T')[1]}: " + "/".join(str(sum(data[n]["fate_end"][k])) for k in FATES)
+                          + " kept vs " + "/".join(str(sum(data[n]["fate_end_no_rope"][k])) for k in FATES) + " dropped"
+                          for n in nd)
+        _claim(out, "dynamics", None, "(the phase diagrams' prediction, in trained models) Without a mask RoPE keeps "
+               f"the field from converging: the trained ND arms of the weight-tied RoPE model ({task}), each field "
+               "with RoPE kept vs dropped", word, f"{nums}; c/s/p/g per horizon: {per_T}")
     pe = _load(results, "tied-pe")
     if pe and "rope" in pe and "fate_end_no_rope" in pe["rope"]:
         f = pe["rope"]

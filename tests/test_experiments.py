@@ -807,3 +807,25 @@ def test_spectral_lr_plans_one_table_per_lr_and_judges_speed_with_censoring(tmp_
     assert lines[0][2] == "supported", lines
     assert "KM median epochs rope 3 (lr 0.001, 5/5 reached) vs sin never (median not reached) (lr 0.001, 1/5" in lines[0][3]
     assert "largest stable lr: rope 0.01, sin 0.001" in lines[0][3]
+
+
+def test_rope_kept_vs_dropped_in_the_tied_nd_fields_is_judged_on_the_pooled_horizons(tmp_path):
+    """The bidirectional prediction on trained fields that converge: with RoPE 10 of 40 per horizon converge (slower),
+    without it 40 of 40 → supported ("lower"); identical fates → no effect ≥ 10 points."""
+    rows, _ = ex.plan_training("tied-mlm-rope", "cpu-small", tmp_path / "res", tmp_path / "runs", None)
+    for shift, word in ((True, "supported"), (False, "no effect ≥ 10 points")):
+        for name, seed, kept in rows:
+            reg = {"regime": "convergent", "abscissa_V": -0.02, "h_rho_V": 0.1, "rho_A": 0.0}
+            with_ = {"counts": {"converges": 0, "slower": 2 if shift else 8, "plateau": 6 if shift else 0, "grows": 0}}
+            without = {"counts": {"converges": 0, "slower": 8, "plateau": 0, "grows": 0}}
+            kept.mkdir(parents=True, exist_ok=True)
+            (kept / "config.json").write_text(json.dumps({"regime": name.rsplit("-T", 1)[0], "pe": "rope",
+                                                          "T": float(name.rsplit("-T", 1)[1])}))
+            (kept / "summary.json").write_text(json.dumps({
+                "metric": "bpb", "val": {"bpb": 4.5}, "wall_s": 1.0, "faithful": True, "diverged": None,
+                "init": {"regime": reg, "fate": without}, "end": {"regime": reg, "fate": with_, "fate_no_rope": without}}))
+        ex.tabulate_tied("tied-mlm-rope", rows, tmp_path / "res")
+        line = [r for r in ex.claims(tmp_path / "res") if "trained ND arms" in r[1]]
+        assert len(line) == 1 and line[0][2] == word, line
+        if shift:
+            assert "T = 4: 0/10/30/0 kept vs 0/40/0/0 dropped" in line[0][3]
