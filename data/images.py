@@ -211,7 +211,7 @@ def make_shapes_hard(n: int, seed: int, *, grid: int = 6, cell: int = 8, distrac
         [len(pairs[k]) for k in label]))])
     cell_a, cell_b = a_all[pick], b_all[pick]
     size = grid * cell
-    img = rng.integers(0, 41, size=(n, size, size, 3)).astype(np.float64)
+    img = rng.integers(0, 41, size=(n, size, size, 3)).astype(np.float32)
     score = rng.random((n, grid * grid))
     score[np.arange(n), cell_a] = score[np.arange(n), cell_b] = 2.0           # never a decoy's cell
     free = np.argsort(score, axis=1)[:, :distractors]
@@ -226,12 +226,14 @@ def make_shapes_hard(n: int, seed: int, *, grid: int = 6, cell: int = 8, distrac
     for kind, where, present in objects:
         y0 = (where // grid) * cell + rng.integers(0, cell - _S + 1, size=n)
         x0 = (where % grid) * cell + rng.integers(0, cell - _S + 1, size=n)
-        colour = rng.integers(110, 256, size=(n, 3)).astype(np.float64)
+        colour = rng.integers(110, 256, size=(n, 3)).astype(np.float32)
         yy, xx = y0[:, None, None] + dy, x0[:, None, None] + dx
         paint = _SPRITES_HARD[kind][None] & present[:, None, None]
         img[ii, yy, xx] = np.where(paint[..., None], colour[:, None, None, :], img[ii, yy, xx])
-    img += rng.normal(0.0, noise, size=img.shape)
-    img = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    img += noise * rng.standard_normal(img.shape, dtype=np.float32)
+    np.rint(img, out=img)
+    np.clip(img, 0, 255, out=img)
+    img = img.astype(np.uint8)
     return np.ascontiguousarray(img.transpose(0, 3, 1, 2)), label.astype(np.int64)
 
 
