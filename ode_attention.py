@@ -1179,39 +1179,48 @@ class Attention(nn.Module):
             r = torch.cat((r, t[:, self.rope_heads:]), dim=1)                     # heads ≥ rope_heads
         return r
 
-    def _qkv(self, x: torch.Tensor, positions):
+    def _qkv(self, x: torch.Tensor, positions, kv: torch.Tensor | None = None):
         """The per-head queries, keys and values (B, H, n, ·) the softmax sees: q, k rotated by the
-        PE, then widened by the λ-term [λx, x] and the extra channel [x Q_c, x K_c] where present."""
+        PE, then widened by the λ-term [λx, x] and the extra channel [x Q_c, x K_c] where present.
+        kv: the tokens keys and values are read from (B, n, d), when not x itself — the Spectral
+        paper's wiring, where every layer attends from its stream x to the layer-0 embeddings."""
         B, n, d = x.shape
         H, dh = self.n_heads, self.d_h
         if d != self.d:
             raise ValueError(f"input width {d} does not match the layer's {self.d}.")
+        if kv is not None and kv.shape != x.shape:
+            raise ValueError(f"the key/value tokens have shape {tuple(kv.shape)}, the queries' {tuple(x.shape)}.")
         Q, K, V, O = self.qkv_matrices()
-        if self.regime == "free":
-            qkv = self.qkv(x)
-        else:
-            qkv = x @ torch.cat((Q, K, V), dim=1).to(x.dtype)                    # x [Q | K | V], no bias
-        # (B, n, 3, H, d_h) → three (B, H, n, d_h)
-        q, k, v = qkv.view(B, n, 3, H, dh).permute(2, 0, 3, 1, 4)
+
+        def project(t):                                                         # (B, n, 3, H, d_h) → 3 × (B, H, n, d_h)
+            out = self.qkv(t) if self.regime == "free" else t @ torch.cat((Q, K, V), dim=1).to(t.dtype)
+            return out.view(B, n, 3, H, dh).permute(2, 0, 3, 1, 4)                # x [Q | K | V] (no bias if constrained)
+        q, k, v = project(x)
+        if kv is not None:
+            _, k, v = project(kv)                                               # kⱼ, vⱼ from the kv tokens
         q, k = self._rotate(q, positions), self._rotate(k, positions)
         if self.use_lam:
             xh = x.view(B, n, H, dh).transpose(1, 2)                            # xᵢ⁽ʰ⁾ (B, H, n, d_h)
+            sh = xh if kv is None else kv.view(B, n, H, dh).transpose(1, 2)     # the keys' tokens
             if self.lam_mode == "identity":
                 lam_x = self.lam.to(x.dtype)[None, :, None, None] * xh          # λₕ xᵢ⁽ʰ⁾
             else:
                 lam_x = F.softplus(self.lam_phi).to(x.dtype)[None, :, None, :] * xh  # Λₕ xᵢ⁽ʰ⁾
             q = torch.cat((q, lam_x), dim=-1)                                   # q̃ᵢ
-            k = torch.cat((k, xh), dim=-1)                                      # k̃ⱼ
+            k = torch.cat((k, sh), dim=-1)                                      # k̃ⱼ
         if self.extra_qk is not None:
             # the unrotated learned channel: logits + (x Q_c)ᵢ · (x K_c)ⱼ per head
             qc, kc = self.extra_qk(x).view(B, n, 2, H, dh).permute(2, 0, 3, 1, 4)
+            if kv is not None:
+                _, kc = self.extra_qk(kv).view(B, n, 2, H, dh).permute(2, 0, 3, 1, 4)
             q, k = torch.cat((q, qc), dim=-1), torch.cat((k, kc), dim=-1)
         return q, k, v
 
-    def weights(self, x: torch.Tensor, *, positions=None, attn_bias=None, key_padding_mask=None) -> torch.Tensor:
+    def weights(self, x: torch.Tensor, *, positions=None, attn_bias=None, key_padding_mask=None,
+                kv: torch.Tensor | None = None) -> torch.Tensor:
         """The attention probabilities P (B, H, n, n) that forward() applies (no dropout), written
         out: softmax(q̃ k̃ᵀ / √d_h + mask) per head. For probes (entropy), not the hot path."""
-        q, k, _ = self._qkv(x, positions)
+        q, k, _ = self._qkv(x, positions, kv)
         n = x.shape[1]
         mask, is_causal = attention_mask(n, q.dtype, x.device, attn_bias, key_padding_mask, self.causal)
         S = (q @ k.transpose(-1, -2)) * self.scale
@@ -1221,12 +1230,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, *, positions=None, attn_bias: torch.Tensor | None = None,
                 key_padding_mask: torch.Tensor | None = None,
-                head_mask: torch.Tensor | None = None) -> torch.Tensor:
+                head_mask: torch.Tensor | None = None, kv: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, n, d) → (B, n, d). attn_bias: float (H, n, n) or (B, H, n, n) added to the logits.
         key_padding_mask: bool (B, n), True where the token is real. head_mask: (H,) multiplies each
-        head's output before the output projection (0 ablates a head)."""
+        head's output before the output projection (0 ablates a head). kv: keys and values from these
+        tokens instead of x (see _qkv)."""
         B, n, d = x.shape
-        q, k, v = self._qkv(x, positions)
+        q, k, v = self._qkv(x, positions, kv)
         mask, is_causal = attention_mask(n, q.dtype, x.device, attn_bias, key_padding_mask, self.causal)
         dropout_p = self.dropout if self.training else 0.0
         if q.shape[-1] != v.shape[-1] and x.device.type == "cpu" and key_padding_mask is None:
@@ -1283,9 +1293,13 @@ class Block(nn.Module):
         return y * keep.to(y.dtype) / (1.0 - self.drop_path)
 
     def forward(self, x: torch.Tensor, *, positions=None, attn_bias=None, key_padding_mask=None,
-                head_mask=None, attention_only: bool = False) -> torch.Tensor:
+                head_mask=None, attention_only: bool = False, kv: torch.Tensor | None = None) -> torch.Tensor:
+        """kv: the Spectral paper's wiring — keys and values from these tokens (its layer-0
+        embeddings + PE, not normalised), queries from LN₁(x): x ← x + Attn(LN₁(x) → kv)."""
         kw = dict(positions=positions, attn_bias=attn_bias, key_padding_mask=key_padding_mask,
                   head_mask=head_mask)
+        if kv is not None:
+            kw["kv"] = kv
         if attention_only:
             return x + self.attn(x, **kw)                                       # x + Attn(x)
         x = x + self._dp(self.attn(self.ln1(x), **kw))

@@ -57,6 +57,12 @@ Run from the project folder. Experiments (each training run is its own process,
                                                                                → results/pretrained
     spectral       python -m spectral.decomposition, and python -m spectral.tasks table (Task 1 /
                    Task 2 × 9 PEs × seeds, with the per-head ablation grids)  → results/spectral
+    spectral-lr    Task 1 at lr 3e-4, 1e-3, 3e-3, 1e-2 × rope / sin+rope / sin / learned × 5 seeds: epochs
+                   to 90% at each PE's best lr, censored (log-rank), largest stable lr
+                                                                               → results/spectral/lr
+    spectral-wiring  the deposit in the paper's setting: wiring (paper / standard) × betas (paper /
+                   standard) × sin+rope / rope / sin / MLA × 5 seeds, with the concentration C
+                                                                               → results/spectral/wiring
     speed          python -m analysis.bench (--suite on CPU)                   → results/speed
 
 Resuming: a training run counts as done when its folder under results/ (or under --runs) holds a
@@ -156,6 +162,10 @@ SPECTRAL_PES = "none,sin,learned,t5,alibi,rope,rope-partial:1,sin+rope,mla"
 # "RoPE optimises faster", fairly (issue #14): every PE at every learning rate, 5 seeds, Task 1
 SPECTRAL_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
 SPECTRAL_LR_PES = ("rope", "sin+rope", "sin", "learned")
+# the single-head deposit in the paper's setting (issue #14): wiring × betas, each a Task-1 table of
+# sin+rope (the paper's "RoPE"), rope, sin and MLA over 5 seeds, with the per-head ablations
+SPECTRAL_WIRING = tuple((w, b) for w in ("paper", "standard") for b in ("paper", "standard"))
+SPECTRAL_WIRING_PES = "sin+rope,rope,sin,mla"
 # The pretrained token probe has no seed: its randomness is the text. Seed 0 is analysis.reports'
 # own paragraph; seeds 1, 2 are these two, of the same length and register.
 PROBE_TEXTS = {
@@ -177,6 +187,7 @@ BUDGETS = {
                                         "--n-layers", "2", "--n-heads", "2"],
                   vit=["--steps", "3", "--eval-images", "64", "--probe-batch", "2"], agreement=20,
                   spectral_lr=["--preset", "tiny", "--seeds", "0,1", "--tasks", "1", "--pes", "rope,sin", "--device", "cpu"],
+                  spectral_wiring=["--preset", "tiny", "--seeds", "0,1", "--tasks", "1", "--pes", "rope,sin", "--device", "cpu"],
                   spectral=["--preset", "tiny", "--seeds", "0,1", "--pes", "none,rope", "--device", "cpu"], device="cpu",
                   speed=None, phase=None,
                   tied=["--steps", "3", "--eval-every", "3", "--d-model", "8", "--seq-len", "16", "--batch-size", "4",
@@ -185,6 +196,8 @@ BUDGETS = {
     "cpu-small": dict(seeds=3, jobs=None, lm=["--steps", "400", "--eval-every", "0"], vit=[],
                       agreement=1000, spectral_lr=["--preset", "small", "--seeds", "0,1,2,3,4", "--tasks", "1", "--pes", ",".join(SPECTRAL_LR_PES),
                                    "--device", "cpu"],
+                      spectral_wiring=["--preset", "small", "--seeds", "0,1,2,3,4", "--tasks", "1", "--pes", SPECTRAL_WIRING_PES,
+                                       "--device", "cpu"],
                       spectral=["--preset", "small", "--seeds", "0,1,2", "--pes", SPECTRAL_PES, "--device", "cpu"],
                       device="cpu", speed=["--suite"], phase=["--instances", "102", "--t-end", "2000"],
                       tied=[], tied_seeds=5, exp_seeds={"lm-regimes-sym": 6, "lm-lam": 8, "tied-pe": 3, "lm-regimes-track": 2, "lm-lam-long": 4}),
@@ -194,6 +207,8 @@ BUDGETS = {
                 vit=["--steps", "4000", "--device", "cuda"], agreement=10000,
                 spectral_lr=["--preset", "medium", "--seeds", "0,1,2,3,4", "--tasks", "1", "--pes", ",".join(SPECTRAL_LR_PES),
                              "--device", "cuda"],
+                spectral_wiring=["--preset", "medium", "--seeds", "0,1,2,3,4", "--tasks", "1", "--pes", SPECTRAL_WIRING_PES,
+                                 "--device", "cuda"],
                 spectral=["--preset", "medium", "--seeds", "0,1,2", "--pes", SPECTRAL_PES, "--device", "cuda"],
                 device="cuda", speed=["--device", "cuda"], phase=["--instances", "102", "--t-end", "2000"],
                 tied=[], tied_seeds=5, exp_seeds={"lm-regimes-sym": 6, "lm-lam": 8, "tied-pe": 3, "lm-regimes-track": 2, "lm-lam-long": 4}),
@@ -214,7 +229,7 @@ TRAINING = {  # experiment → (script, variants, budget key, results sub-folder
     "tied-pe": ("train_tied.py", TIED_PE, "tied", "tied/pe", ["--task", "mlm"]),
     "tied-mlm-rope": ("train_tied.py", TIED, "tied", "tied/mlm-rope", ["--task", "mlm", "--pe", "rope"]),
 }
-ONE_SHOT = ("agreement", "phase", "pretrained", "spectral", "spectral-lr", "speed")
+ONE_SHOT = ("agreement", "phase", "pretrained", "spectral", "spectral-lr", "spectral-wiring", "speed")
 EXPERIMENTS = tuple(TRAINING) + ONE_SHOT
 KEEP = ("config.json", "summary.json", "probe.csv", "metrics.csv")       # small files kept in results/
 
@@ -698,6 +713,10 @@ def one_shot_commands(step: str, budget: str, results: Path, runs: Path, n_jobs:
         return [[PY, "-m", "spectral.tasks", "table", *b["spectral_lr"], "--lr", f"{lr:g}", "--workers", str(n_jobs),
                  "--cache", str(runs / "spectral-lr" / f"lr{lr:g}"), "--out", str(results / "spectral" / "lr" / f"lr{lr:g}")]
                 for lr in SPECTRAL_LRS]
+    if step == "spectral-wiring":
+        return [[PY, "-m", "spectral.tasks", "table", *b["spectral_wiring"], "--wiring", w, "--betas", be,
+                 "--workers", str(n_jobs), "--cache", str(runs / "spectral-wiring" / f"{w}-{be}"),
+                 "--out", str(results / "spectral" / "wiring" / f"{w}-betas-{be}")] for w, be in SPECTRAL_WIRING]
     if step == "phase":
         return [] if b["phase"] is None else [[PY, "-m", "analysis.phase", *b["phase"], "--jobs", str(n_jobs),
                                               "--out", str(results / "phase")]]
@@ -730,7 +749,8 @@ def _seed_spectral_cache(spec: list, results: Path, cache: Path) -> int:
         c = r["config"]
         path = cache / stt.run_name(c["task"], c["pe"], c["preset"], c["seed"])
         # only runs made with exactly the settings this code would use (else they are run again)
-        if not path.exists() and c == stt.run_config(c["task"], c["pe"], c["preset"], c["seed"], **_overrides(spec)):
+        if not path.exists() and stt.made_with(c) == stt.run_config(c["task"], c["pe"], c["preset"], c["seed"],
+                                                                     **_overrides(spec)):
             _write(path, json.dumps(r))                # atomic: a half-written cache file would be read back
             n += 1
     return n
@@ -971,6 +991,7 @@ def claims(results: Path) -> list[tuple[str, str, str, str]]:
     _pretrained_claims(results, out)
     _spectral_claims(results, out)
     _spectral_lr_claims(results, out)
+    _spectral_wiring_claims(results, out)
     # judge each family's tests together (Holm), then one line per claim
     for fam in FAMILIES:
         tests = [c for c in out if c["family"] == fam and isinstance(c["test"], dict)]
@@ -1390,6 +1411,28 @@ def _spectral_lr_claims(results: Path, out: list) -> None:
                f"KM median epochs rope {med(t['median_a'])} (lr {best['rope']:g}, {t['reached_a']}/{t['n_a']} reached) vs "
                f"{pe} {med(t['median_b'])} (lr {best[pe]:g}, {t['reached_b']}/{t['n_b']} reached); log-rank z {t['z']:+.2f}, "
                f"exact p {t['p_exact']:.3g} (floor {t['p_floor']:.3g}), Holm p {p_adj:.3g}; {lr_txt}")
+
+
+def _spectral_wiring_claims(results: Path, out: list) -> None:
+    """The deposit where the paper made it (issue #14): for each wiring × betas cell, how often a
+    RoPE run (sin+rope, the paper's "RoPE", and pure rope) shows a single-head deposit, with the
+    graded concentration C of every PE beside it."""
+    for w, be in SPECTRAL_WIRING:
+        tab = results / "spectral" / "wiring" / f"{w}-betas-{be}"
+        rows = {r["pe"]: r for f in sorted(tab.glob("synthetic_*_results.csv")) for r in csv.DictReader(open(f))
+                if r["task"] == "1"}
+        if not rows:
+            continue
+        conc = "; ".join(f"{pe}: C {float(r['concentration_median']):.2f} [{float(r['concentration_min']):.2f}, "
+                         f"{float(r['concentration_max']):.2f}], acc {float(r['test_acc_mean']):.1f}"
+                         if r.get("concentration_median") not in (None, "", "None") else f"{pe}: no drop ≥ 1 point"
+                         for pe, r in rows.items())
+        for pe in ("sin+rope", "rope"):
+            if pe in rows:
+                k, n = int(rows[pe]["deposit_runs"]), int(rows[pe]["seeds"])
+                _claim(out, "spectral", None, f"RoPE concentrates positional processing in one early head ({pe}, "
+                       f"{w} wiring, {be} betas; claim: in most runs)", _proportion_verdict(k, n, 0.5),
+                       f"deposit in {verdicts.proportion(k, n)} of {pe} runs; {conc}")
 
 
 def _spectral_claims(results: Path, out: list) -> None:

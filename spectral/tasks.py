@@ -27,7 +27,9 @@ The classifier (docs/spectral.md §3.3, with the deviations §5 recommends)
 Token embedding (+ absolute PE) -> L pre-LN `ode_attention.Block`s (standard bidirectional SELF-
 attention; key padding mask) -> final LayerNorm -> mean over the real tokens -> Linear to the
 label space. (The authors' code lets every layer attend to the layer-0 embeddings, has no padding
-mask and mean-pools over padding too; we use the standard wiring instead, and GELU not ReLU.)
+mask and mean-pools over padding too; we use the standard wiring by default, and GELU not ReLU.
+`--wiring paper` gives theirs: in layer l, x ← x + Attn(queries LN(x), keys and values x⁽⁰⁾),
+x⁽⁰⁾ = the embeddings + APE, not normalised; MLA self-attends either way, as in their code.)
 With no positional encoding, no causal mask and mean pooling, the model is a function of the
 token multiset: exactly permutation-invariant (tested), so NoPE cannot beat chance on Task 1.
 
@@ -141,6 +143,10 @@ PRESETS = {
 }
 WEIGHT_DECAY = 1e-5
 BETAS = {"paper": (0.98, 0.9), "standard": (0.9, 0.98)}
+# standard: self-attention; paper: the paper's code, keys and values of every layer from the layer-0
+# embeddings + PE (its `memory`), queries from the LayerNorm'd stream (MLA self-attends in both)
+WIRINGS = ("standard", "paper")
+ADDED_LATER = {"wiring": "standard"}       # runs stored before --wiring existed were standard
 WARMUP_FRACTION = 0.06
 TRAIN_FRACTION = 0.7
 DEPOSIT_MIN_DROP, DEPOSIT_RATIO = 20.0, 4.0   # our single-head-deposit criterion (points, ratio)
@@ -358,9 +364,14 @@ class Classifier(nn.Module):
 
     def __init__(self, n_classes, *, pe="rope", d=256, n_heads=16, n_layers=6, mlp_ratio=2.0, dropout=0.1,
                  max_len=128, vocab_size=VOCAB_SIZE, alibi_schedule="exp", rope_base=10000.0,
-                 mla_latent=None):
+                 mla_latent=None, wiring="standard"):
         super().__init__()
+        if wiring not in WIRINGS:
+            raise ValueError(f"unknown wiring {wiring!r}; choose one of {', '.join(WIRINGS)}")
         self.pe, k = parse_pe(pe, n_heads)
+        # the paper's code: every layer's keys and values from the layer-0 embeddings (+ APE); its
+        # MLA model self-attends (keys and values from the running stream), so MLA keeps that
+        self.wiring = "standard" if self.pe in ("mla", "mla-shared") else wiring
         self.n_layers, self.n_heads, self.max_len = n_layers, n_heads, max_len
         self.embed = nn.Embedding(vocab_size, d)
         if self.pe in ("sin", "sin+rope"):
@@ -400,6 +411,7 @@ class Classifier(nn.Module):
             x = x + self.ape[:n]                               # x_i = c_i + p_i
         elif self.pe == "learned":
             x = x + self.learned_pe(n)
+        x0 = x if self.wiring == "paper" else None                 # the memory: layer-0 tokens + APE
         bias = None
         if self.pe == "alibi":
             # B_ij = -m_h |i - j|, shared by the layers (built on the CPU: rope.alibi_bias's
@@ -408,7 +420,7 @@ class Classifier(nn.Module):
         for l, block in enumerate(self.blocks):
             if self.pe == "t5":
                 bias = self.t5[l](n)                           # B_ij = b_h[j - i]
-            x = block(x, attn_bias=bias, key_padding_mask=real,
+            x = block(x, attn_bias=bias, key_padding_mask=real, kv=x0,
                       head_mask=None if head_mask is None else head_mask[l])
         x = self.norm(x)
         # mean over the real tokens: (1/|real|) sum_{i real} x_i
@@ -491,12 +503,14 @@ def run_config(task, pe, preset="small", seed=0, **overrides):
     cfg = {"task": task, "pe": pe, "preset": preset, "seed": seed,
            "weight_decay": WEIGHT_DECAY, "betas": "paper", "warmup_fraction": WARMUP_FRACTION,
            "alibi_schedule": "exp", "fillers_include_triggers": False, "device": "auto",
-           "ablation_samples": None, "max_minutes": None, **p["model"], **p["train"]}
+           "ablation_samples": None, "max_minutes": None, "wiring": "standard", **p["model"], **p["train"]}
     for k, v in overrides.items():
         if k not in cfg:
             raise ValueError(f"unknown setting {k!r}")
         if v is not None:
             cfg[k] = v
+    if cfg["wiring"] not in WIRINGS:
+        raise ValueError(f"unknown wiring {cfg['wiring']!r}; choose one of {', '.join(WIRINGS)}")
     if cfg["betas"] not in BETAS:
         raise ValueError(f"unknown betas {cfg['betas']!r}; choose one of {sorted(BETAS)}")
     if cfg["epochs"] < 1 or cfg["batch_size"] < 1 or not (cfg["lr"] > 0 and math.isfinite(cfg["lr"])):
@@ -518,7 +532,7 @@ def train_run(task, pe, preset="small", seed=0, *, ablate=True, progress=True, r
     torch.manual_seed(seed)
     model = Classifier(data.n_classes, pe=pe, d=cfg["d"], n_heads=cfg["n_heads"], n_layers=cfg["n_layers"],
                        mlp_ratio=cfg["mlp_ratio"], dropout=cfg["dropout"], max_len=data.tokens.shape[1],
-                       alibi_schedule=cfg["alibi_schedule"], mla_latent=cfg["mla_latent"])
+                       alibi_schedule=cfg["alibi_schedule"], mla_latent=cfg["mla_latent"], wiring=cfg["wiring"])
     device = training.pick_device(cfg["device"])
     torch.backends.cuda.matmul.allow_tf32 = True             # GPU: TF32 matmuls (CPU: float32)
     model.to(device)
@@ -600,6 +614,11 @@ def _worker(args):
     return path
 
 
+def made_with(config):
+    """A stored run's config with the settings added after it was made at their defaults."""
+    return None if config is None else {**ADDED_LATER, **config}
+
+
 def run_all(tasks, pes, seeds, preset, cache, workers=1, overrides=None):
     """Train every (task, pe, seed) whose JSON is not in `cache` yet; returns all results."""
     jobs = [(t, pe, preset, s, os.path.join(cache, run_name(t, pe, preset, s)), overrides or {})
@@ -619,8 +638,9 @@ def run_all(tasks, pes, seeds, preset, cache, workers=1, overrides=None):
                 res = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"cannot read the run file {j[4]}: {e}") from None
-        # a cached run must have been made with exactly these settings
-        if res.get("config") != run_config(j[0], j[1], j[2], j[3], **j[5]):
+        # a cached run must have been made with exactly these settings (one made before a setting
+        # existed was made at its default: ADDED_LATER)
+        if made_with(res.get("config")) != run_config(j[0], j[1], j[2], j[3], **j[5]):
             raise ValueError(f"the cached run {j[4]} was made with other settings; use another --cache")
         results.append(res)
     return results
@@ -766,6 +786,9 @@ def _common(p):
     p.add_argument("--betas", choices=sorted(BETAS), default=None,
                    help="paper: (0.98, 0.9) as the authors' code writes it (beta1 > beta2, unusual); "
                         "standard: (0.9, 0.98)")
+    p.add_argument("--wiring", choices=WIRINGS, default=None,
+                   help="standard self-attention (default) or the paper's: every layer's keys and values from "
+                        "the layer-0 embeddings + PE")
     p.add_argument("--alibi-schedule", choices=["exp", "geometric"], default=None,
                    help="ALiBi slopes: exp = e^{-h/H} (paper code), geometric = 2^{-8(h+1)/H} (Press et al.)")
     p.add_argument("--device", default=None, help="auto (default: cuda > mps > cpu, as the training "
@@ -780,7 +803,7 @@ def _common(p):
 def _overrides(a):
     return {"lr": a.lr, "epochs": a.epochs, "batch_size": a.batch_size, "betas": a.betas,
             "alibi_schedule": a.alibi_schedule, "device": a.device, "ablation_samples": a.ablation_samples,
-            "max_minutes": a.max_minutes}
+            "max_minutes": a.max_minutes, "wiring": a.wiring}
 
 
 def main(argv=None):

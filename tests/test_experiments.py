@@ -227,8 +227,8 @@ def test_one_shot_steps_are_keyed_on_their_settings_not_the_program():
     state = json.loads(state_path.read_text())
     workers = re.search(r"--workers (\d+)", " ".join(state["spectral"]["commands"]))
     for step in ex.ONE_SHOT:
-        if step in ("phase", "spectral-lr") and step not in state:
-            continue                    # recorded when it has finished (phase: resumable per cell; spectral-lr: not run yet)
+        if step in ("phase", "spectral-lr", "spectral-wiring") and step not in state:
+            continue                    # recorded when it has finished (phase: resumable per cell; spectral-lr, spectral-wiring: not run yet)
         cmds = ex.one_shot_commands(step, "cpu-small", ex.ROOT / "results",
                                     ex.ROOT / "runs" / "experiments" / "cpu-small", int(workers.group(1)))
         assert state[step]["commands"] == ex.settings_key(cmds), step
@@ -829,3 +829,20 @@ def test_rope_kept_vs_dropped_in_the_tied_nd_fields_is_judged_on_the_pooled_hori
         assert len(line) == 1 and line[0][2] == word, line
         if shift:
             assert "T = 4: 0/10/30/0 kept vs 0/40/0/0 dropped" in line[0][3]
+
+
+def test_spectral_wiring_plans_the_factorial_and_names_the_wiring_in_its_verdicts(tmp_path):
+    cmds = ex.one_shot_commands("spectral-wiring", "cpu-small", tmp_path / "r", tmp_path / "w", 2)
+    cells = [(c[c.index("--wiring") + 1], c[c.index("--betas") + 1]) for c in cmds]
+    assert cells == [("paper", "paper"), ("paper", "standard"), ("standard", "paper"), ("standard", "standard")]
+    assert all(c[c.index("--pes") + 1] == "sin+rope,rope,sin,mla" for c in cmds)
+    tab = tmp_path / "res" / "spectral" / "wiring" / "paper-betas-paper"
+    tab.mkdir(parents=True)
+    cols = ["task", "pe", "seeds", "test_acc_mean", "deposit_runs", "concentration_median", "concentration_min",
+            "concentration_max"]
+    rows = [dict(zip(cols, r)) for r in ((1, "sin+rope", 5, 97.0, 5, 0.9, 0.8, 0.95), (1, "rope", 5, 90.0, 0, 0.4, 0.3, 0.5),
+                                         (1, "mla", 5, 92.0, 0, None, None, None))]
+    training.write_csv(tab / "synthetic_small_results.csv", rows, cols)
+    lines = [r for r in ex.claims(tmp_path / "res") if "paper wiring, paper betas" in r[1]]
+    assert [r[2] for r in lines] == ["supported", "contradicted"]             # 5/5 vs 0/5 against "most"
+    assert "sin+rope: C 0.90 [0.80, 0.95], acc 97.0" in lines[0][3] and "mla: no drop ≥ 1 point" in lines[0][3]

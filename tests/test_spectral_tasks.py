@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import ode_attention as oa
+import rope
 import training
 from spectral import decomposition
 from spectral import tasks as st
@@ -313,3 +315,33 @@ def test_the_concentration_index_runs_from_one_over_H_to_one():
     assert st.concentration(80.0, g)[2] is None and st.concentration(80.0, g, min_drop=0.1)[2] == pytest.approx(1.0)
     assert st._spread("c", [0.5, None, 1.0, 0.25]) == {"c_median": 0.5, "c_min": 0.25, "c_max": 1.0, "c_n": 3}
     assert st._spread("c", [None]) == {"c_median": None, "c_min": None, "c_max": None, "c_n": 0}
+
+
+def test_the_papers_wiring_takes_keys_and_values_from_the_layer0_embeddings():
+    torch.manual_seed(0)
+    att = oa.Attention(16, 1, pe="rope").double()
+    x, x0 = torch.randn(2, 6, 16, dtype=torch.float64), torch.randn(2, 6, 16, dtype=torch.float64)
+    assert torch.allclose(att(x, kv=x), att(x))                     # kv = x is self-attention
+    # written out for one head: softmax(R(xW_q) R(x0 W_k)ᵀ/√d) (x0 W_v) W_o
+    Wq, Wk, Wv = att.qkv.weight.double().split(16, dim=0)
+    cos, sin = rope.rope_table(6, 16, att.rope_base, torch.float64, x.device)
+    q = rope.rotate((x @ Wq.T)[:, None], cos, sin, att.rope_pairing)[:, 0]
+    k = rope.rotate((x0 @ Wk.T)[:, None], cos, sin, att.rope_pairing)[:, 0]
+    P = torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1)
+    want = att.proj(P @ (x0 @ Wv.T))
+    assert torch.allclose(att(x, kv=x0), want, atol=1e-12)
+    # the classifier hands every layer the same x⁽⁰⁾ = embeddings + APE, and keeps MLA self-attending
+    m = st.Classifier(8, pe="sin+rope", d=16, n_heads=2, n_layers=3, dropout=0.0, max_len=12, wiring="paper")
+    seen = []
+    for b in m.blocks:
+        b.register_forward_pre_hook(lambda mod, args, kw: seen.append(kw.get("kv")), with_kwargs=True)
+    tokens = torch.randint(1, 50, (2, 12))
+    m(tokens)
+    x0 = m.embed(tokens) + m.ape[:12]
+    assert len(seen) == 3 and all(torch.equal(kv, x0) for kv in seen)
+    assert st.Classifier(8, pe="mla", d=16, n_heads=2, n_layers=1, max_len=12, wiring="paper").wiring == "standard"
+    with pytest.raises(ValueError, match="wiring"):
+        st.run_config(1, "rope", "tiny", 0, wiring="sideways")
+    # a run stored before --wiring existed reads as standard
+    old = {k: v for k, v in st.run_config(1, "rope", "tiny", 0).items() if k != "wiring"}
+    assert st.made_with(old) == st.run_config(1, "rope", "tiny", 0)
