@@ -17,7 +17,8 @@ shapes (default, embedded, no download)  32 × 32 RGB images generated from a fi
 shapes-hard (embedded; `train_vit.py --preset hard`)  48 × 48 images (20,000 / 2,000), a 6 × 6 grid:
     A and B as above, the label the relation of B seen from A in 8 compass directions × near / far
     (Chebyshev distance ≤ 2 or > 2): 16 classes, drawn uniformly; 0-4 decoys (hollow squares,
-    crosses like B, bars like A), Gaussian pixel noise (std 24). The same independence of content
+    crosses like B, bars like A, A without its centre pixel, B with an arm cut short), Gaussian
+    pixel noise (std 48). The same independence of content
     and place holds, so chance (6.25%) is the ceiling without positions. Made so that the PEs do
     not all saturate (issue #14); its budget is not yet tuned.
 cifar10  https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz (md5 c58f30108f718f92721af3b95e74349a,
@@ -175,7 +176,12 @@ HARD_DIRECTIONS = ["E", "NE", "N", "NW", "W", "SW", "S", "SE"]
 HARD_CLASSES = [f"{d}-{r}" for d in HARD_DIRECTIONS for r in ("near", "far")]
 HARD_SIZES = dict(train=20000, val=2000)
 _SPRITES_HARD = dict(_SPRITES, cross=np.eye(_S, dtype=bool) | np.eye(_S, dtype=bool)[::-1],   # decoy of B
-                     bar=np.pad(np.ones((_S, _S - 2), bool), ((0, 0), (1, 1))))              # decoy of A
+                     bar=np.pad(np.ones((_S, _S - 2), bool), ((0, 0), (1, 1))),              # decoy of A
+                     # near twins: A without its centre pixel, B with one arm cut short
+                     holed=np.ones((_S, _S), bool) & ~(_MID[:, None] & _MID[None, :]),
+                     short=(_MID[:, None] | _MID[None, :]) & ~((np.arange(_S) == 0)[:, None] & _MID[None, :]))
+HARD_DECOYS = ("ring", "cross", "bar", "holed", "short")
+HARD_DEFAULTS = dict(grid=6, cell=8, distractors=4, noise=48.0)   # the data set's settings (shapes_hard_data)
 
 
 def hard_label(ra, ca, rb, cb) -> np.ndarray:
@@ -187,12 +193,13 @@ def hard_label(ra, ca, rb, cb) -> np.ndarray:
 
 
 def make_shapes_hard(n: int, seed: int, *, grid: int = 6, cell: int = 8, distractors: int = 4,
-                     noise: float = 24.0) -> tuple[np.ndarray, np.ndarray]:
+                     noise: float = 48.0) -> tuple[np.ndarray, np.ndarray]:
     """n images (uint8 (n, 3, grid·cell, grid·cell)) and labels (int64 (n,)) of shapes-hard.
 
     A (filled square) and B (plus sign) in two distinct cells, the label hard_label(A, B), drawn
     uniformly over the 16 classes and then uniformly over the cell pairs of that class; 0 to
-    `distractors` decoys in other cells (hollow squares, crosses like B, bars like A); random
+    `distractors` decoys in other cells (hollow squares, crosses like B, bars like A, and near
+    twins: A without its centre pixel, B with one arm cut short); random
     bright colours and offsets; dark background noise, then Gaussian pixel noise of std `noise`.
     As in make_shapes, every sprite's pixels are drawn independently of its cell, so the multiset
     of patches carries no label information: a model blind to positions stays at chance (1/16)."""
@@ -216,10 +223,10 @@ def make_shapes_hard(n: int, seed: int, *, grid: int = 6, cell: int = 8, distrac
     score[np.arange(n), cell_a] = score[np.arange(n), cell_b] = 2.0           # never a decoy's cell
     free = np.argsort(score, axis=1)[:, :distractors]
     n_dis = rng.integers(0, distractors + 1, size=n)
-    kinds = rng.integers(0, 3, size=(n, distractors))                         # ring / cross / bar
+    kinds = rng.integers(0, len(HARD_DECOYS), size=(n, distractors))          # which decoy
     objects = [("square", cell_a, np.ones(n, bool)), ("plus", cell_b, np.ones(n, bool))]
     for j in range(distractors):
-        for k, kind in enumerate(("ring", "cross", "bar")):
+        for k, kind in enumerate(HARD_DECOYS):
             objects.append((kind, free[:, j], (n_dis > j) & (kinds[:, j] == k)))
     ii = np.arange(n)[:, None, None]
     dy, dx = np.arange(_S)[None, :, None], np.arange(_S)[None, None, :]
@@ -239,8 +246,8 @@ def make_shapes_hard(n: int, seed: int, *, grid: int = 6, cell: int = 8, distrac
 
 @functools.lru_cache(maxsize=2)
 def shapes_hard_data() -> ArrayData:
-    tx, ty = make_shapes_hard(HARD_SIZES["train"], SHAPES_SEEDS["train"])
-    vx, vy = make_shapes_hard(HARD_SIZES["val"], SHAPES_SEEDS["val"])
+    tx, ty = make_shapes_hard(HARD_SIZES["train"], SHAPES_SEEDS["train"], **HARD_DEFAULTS)
+    vx, vy = make_shapes_hard(HARD_SIZES["val"], SHAPES_SEEDS["val"], **HARD_DEFAULTS)
     mean = tuple(float(v) for v in tx[:2000].mean(axis=(0, 2, 3)) / 255)
     std = tuple(float(v) for v in tx[:2000].std(axis=(0, 2, 3)) / 255)
     return ArrayData("shapes-hard", tx, ty, vx, vy, list(HARD_CLASSES), (mean, std))
