@@ -1385,8 +1385,8 @@ def _spectral_lr_claims(results: Path, out: list) -> None:
     stable lr (every seed's loss finite and falling), the grid's direct proxy for conditioning."""
     runs = _lr_runs(results)
     pes = [pe for pe in SPECTRAL_LR_PES if any(k[0] == pe for k in runs)]
-    if "rope" not in pes or len(pes) < 2:
-        return
+    if "rope" not in pes or len(pes) < 2 or len({lr for _, lr in runs}) < len(SPECTRAL_LRS):
+        return                                  # "best lr" means the best of the whole grid
     best, stable = {}, {}
     for pe in pes:
         lrs = sorted(lr for q, lr in runs if q == pe)
