@@ -251,8 +251,7 @@ def mlm_unigram_bpb(cache_dir: Path = HERE / "cache") -> float:
 def trigger_chance_acc() -> float:
     """The floor a Task-1 model must beat to have used the triggers' positions: the validation
     accuracy (%) of always answering the training split's most frequent distance (about 1/16)."""
-    data = tasks.make_task(1, "small", seed=0)                              # trigger_data's data set
-    n_train = int(tasks.TRAIN_FRACTION * len(data.labels))
+    data, n_train = trigger_set()
     most = int(np.bincount(data.labels[:n_train].numpy()).argmax())
     return float(100.0 * (data.labels[n_train:] == most).double().mean())
 
@@ -284,9 +283,14 @@ def mlm_data(cfg: dict, cache_dir: Path):
     return batch_fn, (vx, None, vy)
 
 
+def trigger_set():
+    """Task 1's one fixed data set and its training size (the first n_train samples train)."""
+    data = tasks.make_task(1, "small", seed=0)
+    return data, int(tasks.TRAIN_FRACTION * len(data.labels))
+
+
 def trigger_data(cfg: dict):
-    data = tasks.make_task(1, "small", seed=0)                              # one fixed data set
-    n_train = int(tasks.TRAIN_FRACTION * len(data.labels))
+    data, n_train = trigger_set()
     tok = data.tokens[:, : cfg["seq_len"]]
     pad = tok != tasks.PAD
     cfg.update(vocab_size=tasks.VOCAB_SIZE)

@@ -837,13 +837,15 @@ DEPTH_ARMS = (("causal LM, RoPE", "lm/lam", "rope"), ("causal LM, no PE", "lm/la
 TIED_DEPTH_ARMS = tuple((f"tied MLM (bidirectional), {pe}", "tied/pe", pe) for pe in ("rope", "learned", "none"))
 
 
+def _kept_folders(results: Path, sub: str, arm: str) -> list:
+    """Every kept seed's folder of one arm, results/<sub>/<arm>-s<seed>/ (not a longer arm's)."""
+    return sorted(f for f in (results / sub).glob(f"{arm}-s*") if re.fullmatch(rf"{re.escape(arm)}-s\d+", f.name))
+
+
 def _kept_summaries(results: Path, sub: str, arm: str) -> list:
-    """summary.json of every kept seed of one arm (results/<sub>/<arm>-s<seed>/)."""
-    out = []
-    for f in sorted((results / sub).glob(f"{arm}-s*/summary.json")):
-        if re.fullmatch(rf"{re.escape(arm)}-s\d+", f.parent.name):
-            out.append(json.loads(f.read_text()))
-    return out
+    """summary.json of every kept seed of one arm."""
+    return [json.loads((f / "summary.json").read_text()) for f in _kept_folders(results, sub, arm)
+            if (f / "summary.json").exists()]
 
 
 def depth_table(results: Path) -> str | None:
@@ -865,9 +867,8 @@ def depth_table(results: Path) -> str | None:
                          f"{fmt([l['n_re_pos'] for l in L], 1)} of {L[0]['d']} | {fmt([l['attention_entropy'] for l in L], 2)} | "
                          f"{fmt([l['effective_rank'] for l in L], 1)} | {fates(L)} | {fates(dropped)} |")
     for label, sub, arm in TIED_DEPTH_ARMS:
-        folders = sorted(f for f in (results / sub).glob(f"{arm}-s*") if re.fullmatch(rf"{re.escape(arm)}-s\d+", f.name))
         ends = []
-        for f in folders:
+        for f in _kept_folders(results, sub, arm):
             if not (f / "probe.csv").exists() or not (f / "summary.json").exists():
                 continue
             rows = [r for r in csv.DictReader(open(f / "probe.csv")) if r["when"] == "end"]
