@@ -941,7 +941,8 @@ def value_map_stats(attn) -> dict:
 
 def layer_fields(model: torch.nn.Module, idx: torch.Tensor, *, t_end: float = 20.0, dt: float = 0.1,
                  max_norm: float = 1e6, drop_rope: bool = False) -> list[dict]:
-    """Per block l of a model with `hidden(idx, record=...)` (train_lm's GPT): value_map_stats of its
+    """Per block l of a model with `hidden(idx, record=...)` (train_lm's GPT on token ids, train_vit's
+    ViT on normalised images, whose 2-D RoPE rotates by its patch positions): value_map_stats of its
     attention, and the fate of that layer's OWN field dX/dt = Attn_l(X) (its multi-head attention,
     weights frozen, float64, the causal mask included) from X⁰ = LN₁(h_l), the LayerNorm'd tokens
     that reach it on `idx`: RK4 with step dt to t_end, saved on a log grid; growth = mean token
@@ -953,14 +954,17 @@ def layer_fields(model: torch.nn.Module, idx: torch.Tensor, *, t_end: float = 20
     drop_rope: the same weights, the same inputs X⁰, but RoPE removed from the field (q, k
     unrotated): whether the layer's fate depends on the rotation (the phase diagrams predict an
     effect without a causal mask only)."""
-    m = copy.deepcopy(model).double().eval()
+    m = copy.deepcopy(model).to(idx.device).double().eval()
     if drop_rope:
         for blk in m.blocks:
-            if blk.attn.pe != "rope":
+            if blk.attn.pe == "none":
                 raise ValueError("drop_rope needs a model whose attention uses RoPE.")
             blk.attn.pe = "none"                                  # _rotate then leaves q, k as they are
-    n = idx.shape[1]
+    n = idx.shape[-1] if idx.dim() == 2 else None                # token ids (B, n); images have no n here
+    idx = idx.double() if idx.is_floating_point() else idx       # images: float64, as the copy's weights
     attn_bias = m.alibi[:, :n, :n] if getattr(m, "pe", None) == "alibi" else None
+    # the ViT's (row, column) per patch for 2-D RoPE (its class token, first, is not rotated); the LM: none
+    positions = m.positions if getattr(m, "rope", False) is True else None
     t_save = ode_attention.log_times(t_end, 31)
     rows = []
     with torch.no_grad():
@@ -968,10 +972,10 @@ def layer_fields(model: torch.nn.Module, idx: torch.Tensor, *, t_end: float = 20
         m.hidden(idx, record=states)
         for l, blk in enumerate(m.blocks):
             x = blk.ln1(states[l])
-            P = blk.attn.weights(x, attn_bias=attn_bias)                          # (B, H, n, n)
+            P = blk.attn.weights(x, positions=positions, attn_bias=attn_bias)     # (B, H, n, n)
             entropy = float((-(P * P.clamp_min(1e-300).log()).sum(-1)).mean())
             erank = float(ode_attention.effective_rank(x).mean())
-            f = lambda t, X, a=blk.attn: a(X, attn_bias=attn_bias)           # noqa: E731
+            f = lambda t, X, a=blk.attn: a(X, positions=positions, attn_bias=attn_bias)  # noqa: E731
             N0 = ode_attention.token_norm(x)
             norms, t, alive, t_reached = [N0], 0.0, torch.ones(len(x), dtype=torch.bool), torch.full((len(x),), t_end)
             for ts in t_save[1:].tolist():
@@ -993,7 +997,7 @@ def layer_fields(model: torch.nn.Module, idx: torch.Tensor, *, t_end: float = 20
                          "growth": float((N[-1] / N[0]).median()), "slope": float(np.nanmedian(slope)),
                          "fates": {k: fates.count(k) for k in ode_attention.FATES},
                          "attention_entropy": entropy, "effective_rank": erank,
-                         "rope_in_field": blk.attn.pe == "rope"})
+                         "rope_in_field": blk.attn.pe != "none"})
     return rows
 
 

@@ -14,12 +14,14 @@ import sys
 import time
 import traceback
 
+import numpy as np
 import pytest
 
 import train_tied
 import training
 from analysis import experiments as ex
 from analysis import verdicts
+from data import images
 from spectral import tasks as stt
 
 
@@ -227,8 +229,8 @@ def test_one_shot_steps_are_keyed_on_their_settings_not_the_program():
     state = json.loads(state_path.read_text())
     workers = re.search(r"--workers (\d+)", " ".join(state["spectral"]["commands"]))
     for step in ex.ONE_SHOT:
-        if step in ("phase", "spectral-lr", "spectral-wiring") and step not in state:
-            continue                    # recorded when it has finished (phase: resumable per cell; spectral-lr, spectral-wiring: not run yet)
+        if step in ("phase", "spectral-lr", "spectral-wiring", "spectral-task2") and step not in state:
+            continue                    # recorded when it has finished (phase: resumable per cell; the others: not run yet)
         cmds = ex.one_shot_commands(step, "cpu-small", ex.ROOT / "results",
                                     ex.ROOT / "runs" / "experiments" / "cpu-small", int(workers.group(1)))
         assert state[step]["commands"] == ex.settings_key(cmds), step
@@ -848,3 +850,76 @@ def test_spectral_wiring_plans_the_factorial_and_names_the_wiring_in_its_verdict
     lines = [r for r in ex.claims(tmp_path / "res") if "paper wiring, paper betas" in r[1]]
     assert [r[2] for r in lines] == ["supported", "contradicted"]             # 5/5 vs 0/5 against "most"
     assert "sin+rope: C 0.90 [0.80, 0.95], acc 97.0" in lines[0][3] and "mla: no drop ≥ 1 point" in lines[0][3]
+
+
+def test_val_loss_auc_is_the_trapezoid_mean_of_the_evaluations():
+    rows = [{"step": s, "split": sp, "metric": m, "value": v} for s, sp, m, v in (
+        (100, "val", "loss", 3.0), (100, "val", "top1", 10.0), (200, "val", "loss", 1.0), (150, "train", "loss", 9.0),
+        (400, "val", "loss", 1.0))]
+    # ∫ = 100 · (3 + 1)/2 + 200 · 1 = 400 over 300 steps
+    assert ex.val_loss_auc(rows) == pytest.approx(400 / 300, abs=1e-12)
+    assert ex.val_loss_auc(rows[:2]) is None                          # one evaluation: no curve
+
+
+def test_vit_hard_chance_is_the_majority_share_of_the_validation_split():
+    _, vy = images.make_shapes_hard(images.HARD_SIZES["val"], images.SHAPES_SEEDS["val"], **images.HARD_DEFAULTS)
+    assert ex.VIT_HARD_CHANCE == pytest.approx(100 * np.bincount(vy).max() / len(vy), abs=1e-9)
+
+
+def test_vit_hard_plans_its_grid_and_judges_with_the_floor_the_curve_and_the_realised_regime(tmp_path):
+    rows, jobs = ex.plan_training("vit-hard", "cpu-small", tmp_path / "res", tmp_path / "runs", None)
+    assert len(rows) == (5 * 3 + 2 * 2) * 5 == len(jobs)                # PE × λ, and PD / ND on two PEs; 5 seeds
+    assert jobs[0][0][2:6] == ["--preset", "hard", "--pe", "none"]
+    assert any(j[0][2:10] == ["--preset", "hard", "--pe", "sin2d", "--regime", "convergent", "--symmetric-A", "--seed"]
+               for j in jobs)
+    # fake kept runs, 5 paired seeds: rope-axial 85 + seed, λ −0.1 on rope-axial +2 points, no PE and the
+    # learned table at the floor, ND 5 points under PD on sin2d (40); every field converges, fewer with RoPE
+    fake = []
+    for name, seed, kept in rows:
+        base = {"none": 5.0, "learned": 5.0, "sin2d": 40.0, "rope-axial": 85.0, "rope-mixed": 86.0}
+        pe = next(p for p in sorted(base, key=len, reverse=True) if name.startswith(p))
+        top1 = base[pe] + seed + (2.0 + 0.1 * seed if name == "rope-axial-lam-0.1" else 0.0) \
+            - (5.0 + 0.1 * seed if name.endswith("nd-sym") else 0.0)
+        layer = {"abscissa_V": -0.1 if "nd-sym" in name else 0.2, "n_re_pos": 0, "rho_A": 0.0,
+                 "fates": {"converges": 8, "slower": 0, "plateau": 0, "grows": 0}}
+        layers = {"init": [layer] * 4, "end": [dict(layer, fates={"converges": 2, "slower": 0, "plateau": 6, "grows": 0})] * 4}
+        if pe.startswith("rope"):
+            layers["end_no_rope"] = [layer] * 4
+        kept.mkdir(parents=True)
+        (kept / "summary.json").write_text(json.dumps({"val": {"loss": 2.0 - top1 / 100, "top1": top1}, "wall_s": 1.0,
+                                                       "layers": layers}))
+        loss = [(s, 3.0 - top1 / 100 * s / 1000) for s in (250, 500, 750, 1000)]
+        (kept / "metrics.csv").write_text("step,split,metric,value\n" + "".join(f"{s},val,loss,{v}\n" for s, v in loss))
+        fake.append((name, seed, kept))
+    ex.tabulate("vit-hard", fake, tmp_path / "res")
+    md = (tmp_path / "res" / "vit" / "hard.md").read_text()
+    assert "area under the validation-loss curve" in md and "| rope-axial | 5 | 87.00 ± 1.58 |" in md
+    lines = {r[1]: r for r in ex.claims(tmp_path / "res")}
+    lam = lines["The λ-term improves a ViT: λ = −0.1 (the seed's sign) (rope-axial, ViT, shapes-hard)"]
+    assert lam[2] == "supported" and "area under the val-loss curve rope-axial-lam-0.1" in lam[3]
+    floor = lines["The λ-term improves a ViT: λ = −0.1 (the seed's sign) (learned, ViT, shapes-hard)"]
+    assert floor[2] == "not applicable" and "majority-class floor 7.2%" in floor[3]
+    nd = lines["The convergence regime (ND) degrades performance against the divergence regime (PD), both with a "
+               "symmetric A (sin2d, ViT, shapes-hard; the paper's DeiT experiment at small scale)"]
+    assert nd[2] == "supported" and "ND: max α(V O) over layers -0.10 ± 0.00 → -0.10 ± 0.00" in nd[3]
+    fate = lines["(the phase diagrams' bidirectional prediction, in trained models) RoPE keeps a layer's own field "
+                 "from converging: the trained rope-axial ViTs, RoPE kept vs dropped in each layer's field"]
+    assert fate[2] == "supported" and "(layers × 8 validation images × 5 seeds)" in fate[3]
+    assert lines["2-D RoPE (rope-axial) beats absolute PE (learned) on a ViT (ViT, shapes-hard)"][2] == "supported"
+
+
+def test_task2_gap_lines_pair_mla_with_each_rope_by_seed_and_say_whether_the_papers_gap_is_excluded(tmp_path):
+    def write(w, be, gap):
+        folder = tmp_path / "res" / "spectral" / "task2" / f"{w}-betas-{be}"
+        folder.mkdir(parents=True)
+        runs = [{"config": {"task": 2, "pe": pe, "seed": s}, "test_acc": 69.0 + 3 * s + (gap + 0.2 * s if pe == "mla" else 0.0)}
+                for pe in ("rope", "sin+rope", "mla") for s in range(5)]
+        (folder / "synthetic_small_runs.json").write_text(json.dumps(runs))
+    write("standard", "standard", 28.0)                  # the paper's size of gap, under a shared seed offset
+    write("paper", "paper", 0.0)                         # none
+    lines = {r[1]: r for r in ex.claims(tmp_path / "res")}
+    big = lines["MLA beats RoPE on Task 2 (counting), the paper's gap: MLA vs rope, standard wiring, standard betas"]
+    assert big[2] == "supported" and "does not exclude a gap of the paper's size (≥ 20 points)" in big[3]
+    none = lines["MLA beats RoPE on Task 2 (counting), the paper's gap: MLA vs sin+rope, paper wiring, paper betas"]
+    assert none[2] != "supported" and "excludes a gap of the paper's size" in none[3]
+    assert sum("Task 2 (counting)" in k for k in lines) == 4

@@ -203,6 +203,12 @@ def test_resume_equals_an_uninterrupted_run_and_every_output_is_written(tmp_path
     summary = json.loads((full / "summary.json").read_text())
     assert json.loads((run / "summary.json").read_text())["val"] == summary["val"]
     assert len(summary["lam"]) == 2 and len(summary["lam"][0]) == 2     # λ per layer, per head (× d_h)
+    # the per-layer record: init (written before the cut, kept through the resume), end, end without RoPE
+    resumed = json.loads((run / "summary.json").read_text())["layers"]
+    assert resumed["init"] == summary["layers"]["init"] and resumed["end"] == summary["layers"]["end"]
+    assert [len(summary["layers"][k]) for k in ("init", "end", "end_no_rope")] == [2, 2, 2]
+    assert summary["layers"]["end"][0]["rope_in_field"] and not summary["layers"]["end_no_rope"][0]["rope_in_field"]
+    assert sum(summary["layers"]["end"][1]["fates"].values()) == 8          # one fate per probe image
     # the probe: layers 0..L for both modes; the regime report: one row per layer
     rows = list(csv.DictReader(open(full / "probe.csv")))
     assert {(r["mode"], int(r["layer"])) for r in rows} == {(m, l) for m in ("full", "attention-only") for l in range(3)}
@@ -313,3 +319,27 @@ def test_non_finite_flags_are_refused_up_front(flag, value, tmp_path, capsys):
     assert cli(["--out", out, "--steps", 2, *TINY, flag, value]) == 2
     assert f"{flag} must be a finite number" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("pe", ["rope-axial", "rope-mixed"])
+def test_layer_fields_rotate_by_the_patch_positions_and_drop_rope_is_the_unrotated_model(pe):
+    # a 2-D RoPE ViT's own fields need its patch positions; with RoPE dropped the record must be that of
+    # the same weights in a ViT without any PE (an independent build), and differ from the kept one
+    torch.manual_seed(0)
+    kw = dict(image_size=16, patch_size=4, n_classes=3, d_model=16, n_layers=2, n_heads=2, mlp_ratio=2.0)
+    model = train_vit.ViT(pe=pe, **kw)
+    with torch.no_grad():                                            # logits of order 1, not ~0 as at init
+        for blk in model.blocks:
+            blk.attn.qkv.weight.mul_(40.0)
+    plain = train_vit.ViT(pe="none", **kw)
+    plain.load_state_dict(model.state_dict(), strict=False)          # RoPE-Mixed's frequencies have no home there
+    x = torch.randn(3, 3, 16, 16)
+    kept, dropped = (training.layer_fields(model, x, t_end=5.0, drop_rope=d) for d in (False, True))
+    ref = training.layer_fields(plain, x, t_end=5.0)
+    for a, b in zip(dropped, ref):
+        assert a["attention_entropy"] == pytest.approx(b["attention_entropy"], rel=1e-12)
+        assert a["growth"] == pytest.approx(b["growth"], rel=1e-10) and a["fates"] == b["fates"]
+    assert all(r["rope_in_field"] for r in kept) and not any(r["rope_in_field"] for r in dropped)
+    assert abs(kept[0]["attention_entropy"] - dropped[0]["attention_entropy"]) > 1e-6
+    with pytest.raises(ValueError, match="RoPE"):
+        training.layer_fields(plain, x, drop_rope=True)
