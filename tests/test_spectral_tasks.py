@@ -345,3 +345,26 @@ def test_the_papers_wiring_takes_keys_and_values_from_the_layer0_embeddings():
     # a run stored before --wiring existed reads as standard
     old = {k: v for k, v in st.run_config(1, "rope", "tiny", 0).items() if k != "wiring"}
     assert st.made_with(old) == st.run_config(1, "rope", "tiny", 0)
+
+
+def test_the_prepared_gpu_script_runs_tables_this_parser_accepts(tmp_path, monkeypatch):
+    # analysis/gpu_spectral.sh, run with a `python` that only records its arguments: every command it
+    # would run is a `spectral.tasks table` that parses, names its PEs correctly and runs the paper's setting
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "python").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "calls.txt"}\n')
+    (shim / "python").chmod(0o755)
+    env = {"PATH": f"{shim}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    subprocess.run(["bash", str(ROOT / "analysis" / "gpu_spectral.sh"), str(tmp_path / "out")], check=True,
+                   env=env, capture_output=True, timeout=60)
+    calls = [line.split() for line in (tmp_path / "calls.txt").read_text().splitlines()]
+    assert len(calls) == 2 and all(c[:3] == ["-m", "spectral.tasks", "table"] for c in calls)
+    seen = []
+    monkeypatch.setattr(st, "run_all", lambda tasks, pes, seeds, preset, cache, workers, over:
+                        seen.append((tasks, pes, seeds, preset, workers, over)) or [])
+    monkeypatch.setattr(st, "write_report", lambda results, out, name: None)
+    for c in calls:
+        assert st.main(c[2:]) == 0
+    assert [(s[0], s[1]) for s in seen] == [([1], ["sin+rope", "rope", "sin", "mla"]), ([2], ["rope", "sin+rope", "mla"])]
+    assert all(s[3] == "medium" and s[4] == 8 and s[5]["wiring"] == s[5]["betas"] == "paper" and s[5]["device"] == "cuda"
+               and s[5]["max_minutes"] == 4 for s in seen)
