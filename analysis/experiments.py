@@ -878,7 +878,7 @@ def combine_agreement(results: Path, seeds: int) -> None:
 # The smallest effect of interest δ of each metric (for the equivalence test, TOST): a claim that
 # an arm is better is "no effect ≥ δ" when the data exclude every difference of δ or more.
 DELTA = {"bpb": 0.01, "loss": 0.01, "top1": 1.0, "accuracy": 1.0, "acc": 1.0, "cosine": 0.01, "epochs": 1.0,
-         "auc": 0.02}
+         "auc": 0.02, "concentration": 0.05}
 FAMILIES = ("regimes", "PE", "λ", "Spectral")          # Holm-adjusted within each
 
 
@@ -1538,12 +1538,30 @@ def _spectral_wiring_claims(results: Path, out: list) -> None:
                          f"{float(r['concentration_max']):.2f}], acc {float(r['test_acc_mean']):.1f}"
                          if r.get("concentration_median") not in (None, "", "None") else f"{pe}: no drop ≥ 1 point"
                          for pe, r in rows.items())
+        # the graded reading: C_l per layer and seed (None: no ablation in that layer costs 1 point)
+        cl = {}
+        for f in sorted(tab.glob("synthetic_*_runs.json")):
+            for r in json.loads(f.read_text()):
+                if r["config"]["task"] == 1:
+                    cl.setdefault(r["config"]["pe"], {})[r["config"]["seed"]] = r["ablation"]["concentration"]
+        per_layer = "; ".join(
+            f"{pe} C per layer " + ", ".join(
+                f"L{l} {st.median(v):.2f} [{min(v):.2f}, {max(v):.2f}]" if v else f"L{l} —"
+                for l, v in enumerate([[c[l] for c in runs.values() if c[l] is not None]
+                                       for l in range(max(len(c) for c in runs.values()))]))
+            for pe, runs in cl.items())
         for pe in ("sin+rope", "rope"):
             if pe in rows:
                 k, n = int(rows[pe]["deposit_runs"]), int(rows[pe]["seeds"])
                 _claim(out, "spectral", None, f"RoPE concentrates positional processing in one early head ({pe}, "
                        f"{w} wiring, {be} betas; claim: in most runs)", _proportion_verdict(k, n, 0.5),
-                       f"deposit in {verdicts.proportion(k, n)} of {pe} runs; {conc}")
+                       f"deposit in {verdicts.proportion(k, n)} of {pe} runs; {conc}; {per_layer}")
+            if pe in cl and "sin" in cl:
+                # graded: is layer 0's loss more concentrated in one head with RoPE than with sin? (paired by seed)
+                data = {q: {"seed": list(cl[q]), "c": [c[0] for c in cl[q].values()]} for q in (pe, "sin")}
+                res = _test(data, pe, "sin", "c", "concentration", False)
+                _claim(out, "spectral", "Spectral", f"RoPE's early-layer ablation loss is more concentrated in one head "
+                       f"than sin's: C₀ ({pe} vs sin, {w} wiring, {be} betas)", res)
 
 
 PAPER_TASK2_GAP = 20.0   # points: the size of gap the paper reports on Task 2 (MLA ~97 vs RoPE ~69, unverified), rounded down

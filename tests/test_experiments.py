@@ -847,9 +847,18 @@ def test_spectral_wiring_plans_the_factorial_and_names_the_wiring_in_its_verdict
     rows = [dict(zip(cols, r)) for r in ((1, "sin+rope", 5, 97.0, 5, 0.9, 0.8, 0.95), (1, "rope", 5, 90.0, 0, 0.4, 0.3, 0.5),
                                          (1, "mla", 5, 92.0, 0, None, None, None))]
     training.write_csv(tab / "synthetic_small_results.csv", rows, cols)
+    # the per-run C_l: sin+rope's layer 0 concentrated (0.8 + 0.01 s), sin's even (0.3 + 0.01 s); rope's seed 4
+    # has no drop ≥ 1 point in layer 0 (None: left out of its pairs)
+    c0 = {"sin+rope": lambda s: 0.8 + 0.01 * s, "sin": lambda s: 0.3 + 0.01 * s, "rope": lambda s: None if s == 4 else 0.3}
+    runs = [{"config": {"task": 1, "pe": pe, "seed": s}, "ablation": {"concentration": [f(s), 0.5]}}
+            for pe, f in c0.items() for s in range(5)]
+    (tab / "synthetic_small_runs.json").write_text(json.dumps(runs))
     lines = [r for r in ex.claims(tmp_path / "res") if "paper wiring, paper betas" in r[1]]
-    assert [r[2] for r in lines] == ["supported", "contradicted"]             # 5/5 vs 0/5 against "most"
+    assert [r[2] for r in lines] == ["supported", "supported", "contradicted", "no effect ≥ δ"]
     assert "sin+rope: C 0.90 [0.80, 0.95], acc 97.0" in lines[0][3] and "mla: no drop ≥ 1 point" in lines[0][3]
+    assert "sin+rope C per layer L0 0.82 [0.80, 0.84], L1 0.50 [0.50, 0.50]" in lines[0][3]
+    assert lines[1][1].startswith("RoPE's early-layer ablation loss is more concentrated in one head than sin's: C₀ (sin+rope")
+    assert "4 pairs" in lines[3][3]                                # rope's seed 4 has no C₀
 
 
 def test_val_loss_auc_is_the_trapezoid_mean_of_the_evaluations():
