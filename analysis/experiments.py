@@ -150,9 +150,10 @@ LM_LAM = {"rope": ["--pe", "rope"],
           "rope-extra-qk": ["--pe", "rope", "--extra-qk"],
           "none": ["--pe", "none"],
           "none-softplus+0.05": ["--pe", "none", "--lam", "0.05", "--lam-mode", "softplus-diag"]}
-# the follow-up at four times the steps (1,600), 4 seeds: the three arms that decide the mechanism —
-# the sign pair (λ −0.1 vs +0.1) and the capacity control against the seed's λ −0.1
-LM_LAM_LONG = {a: LM_LAM[a] + ["--steps", "1600"] for a in ("rope-lam-0.1", "rope-lam+0.1", "rope-extra-qk")}
+# the follow-up at four times the budget's steps (its exp_flags: 1,600 on the CPU), 4 seeds: the three
+# arms that decide the mechanism — the sign pair (λ −0.1 vs +0.1) and the capacity control against
+# the seed's λ −0.1
+LM_LAM_LONG = {a: LM_LAM[a] for a in ("rope-lam-0.1", "rope-lam+0.1", "rope-extra-qk")}
 VIT_PE = {"none": ["--pe", "none"], "learned": ["--pe", "learned"], "sin2d": ["--pe", "sin2d"],
           "rope-axial": ["--pe", "rope-axial"], "rope-mixed": ["--pe", "rope-mixed"],
           "rope-axial-lam-0.1": ["--pe", "rope-axial", "--lam", "-0.1"],
@@ -226,7 +227,8 @@ BUDGETS = {
                                       "--device", "cpu"],
                       spectral=["--preset", "small", "--seeds", "0,1,2", "--pes", SPECTRAL_PES, "--device", "cpu"],
                       device="cpu", speed=["--suite"], phase=["--instances", "102", "--t-end", "2000"],
-                      tied=[], tied_seeds=5, exp_seeds={"lm-regimes-sym": 6, "lm-lam": 8, "tied-pe": 3, "lm-regimes-track": 2, "lm-lam-long": 4, "vit-hard": 5}),
+                      tied=[], tied_seeds=5, exp_seeds={"lm-regimes-sym": 6, "lm-lam": 8, "tied-pe": 3, "lm-regimes-track": 2, "lm-lam-long": 4, "vit-hard": 5},
+                      exp_flags={"lm-lam-long": ["--steps", "1600"]}),
     # one GPU: a 6 × 256 language model for 3,000 steps, 4,000-step ViTs, the Spectral paper's model
     "gpu": dict(seeds=3, jobs=1, lm=["--d-model", "256", "--n-layers", "6", "--n-heads", "8", "--seq-len", "256",
                                      "--steps", "3000", "--eval-every", "0", "--device", "cuda"],
@@ -239,7 +241,8 @@ BUDGETS = {
                                 "--device", "cuda"],
                 spectral=["--preset", "medium", "--seeds", "0,1,2", "--pes", SPECTRAL_PES, "--device", "cuda"],
                 device="cuda", speed=["--device", "cuda"], phase=["--instances", "102", "--t-end", "2000"],
-                tied=[], tied_seeds=5, exp_seeds={"lm-regimes-sym": 6, "lm-lam": 8, "tied-pe": 3, "lm-regimes-track": 2, "lm-lam-long": 4, "vit-hard": 5}),
+                tied=[], tied_seeds=5, exp_seeds={"lm-regimes-sym": 6, "lm-lam": 8, "tied-pe": 3, "lm-regimes-track": 2, "lm-lam-long": 4, "vit-hard": 5},
+                exp_flags={"lm-lam-long": ["--steps", "12000"]}),
 }
 TRAINING = {  # experiment → (script, variants, budget key, results sub-folder, corpus flags)
     "lm-regimes": ("train_lm.py", LM_REGIMES, "lm", "lm/regimes", []),
@@ -322,7 +325,8 @@ def plan_training(exp: str, budget: str, results: Path, runs: Path, enwiki: Path
     later = getattr(SCRIPTS[script], "ADDED_LATER", {})          # settings newer than some kept runs
     for seed in range(n_seeds(exp, budget)):
         for name, flags in variants.items():
-            argv = [*corpus, *b[key], *flags, "--seed", str(seed)]        # a variant's flag wins over the budget's
+            # a variant's flag wins over the experiment's in this budget (exp_flags), which wins over the budget's
+            argv = [*corpus, *b[key], *b.get("exp_flags", {}).get(exp, []), *flags, "--seed", str(seed)]
             kept, run = results / sub / f"{name}-s{seed}", runs / exp / f"{name}-s{seed}"
             rows.append((name, seed, kept))
             expected = _expected_config(script, argv)

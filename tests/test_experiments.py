@@ -761,6 +761,11 @@ def test_lam_long_plans_three_arms_at_1600_steps(tmp_path):
     assert len(jobs) == 3 * 4 and ex.n_seeds("lm-lam-long", "cpu-small") == 4
     for argv, *_ in jobs:                               # [python, script, *flags, --out, folder]
         assert ex._expected_config("train_lm.py", argv[2:-2])["steps"] == 1600
+    # the length is the budget's (exp_flags), not the variant's: the smoke budget runs it in 3 steps
+    _, smoke = ex.plan_training("lm-lam-long", "smoke", tmp_path / "r", tmp_path / "w", None)
+    assert {ex._expected_config("train_lm.py", argv[2:-2])["steps"] for argv, *_ in smoke} == {3}
+    _, gpu = ex.plan_training("lm-lam-long", "gpu", tmp_path / "r", tmp_path / "w", None)
+    assert {ex._expected_config("train_lm.py", argv[2:-2])["steps"] for argv, *_ in gpu} == {4 * 3000}
 
 
 def test_the_depth_table_reads_each_layer_of_each_kept_seed(tmp_path):
