@@ -1528,10 +1528,24 @@ def _spectral_lr_claims(results: Path, out: list) -> None:
                f"exact p {t['p_exact']:.3g} (floor {t['p_floor']:.3g}), Holm p {p_adj:.3g}; {lr_txt}")
 
 
+def layer_deposits(ablation: dict) -> list[bool]:
+    """Per layer l: does one head carry the layer's loss? drop_lh = baseline − grid_lh (the points
+    lost by ablating head h of layer l); a deposit when the layer's largest drop is ≥
+    stt.DEPOSIT_MIN_DROP and ≥ stt.DEPOSIT_RATIO × its runner-up in the SAME layer (the criterion
+    of spectral.tasks.deposit_stats, which applies it only to the largest drop of the whole model)."""
+    out = []
+    for row in ablation["grid"]:
+        d = sorted((ablation["baseline"] - g for g in row), reverse=True)
+        runner = max(d[1], 0.0) if len(d) > 1 else 0.0
+        out.append(d[0] >= stt.DEPOSIT_MIN_DROP and d[0] >= stt.DEPOSIT_RATIO * runner)
+    return out
+
+
 def _spectral_wiring_claims(results: Path, out: list) -> None:
     """The deposit where the paper made it (issue #14): for each wiring × betas cell, how often a
-    RoPE run (sin+rope, the paper's "RoPE", and pure rope) shows a single-head deposit, with the
-    graded concentration C of every PE beside it."""
+    RoPE run (sin+rope, the paper's "RoPE", and pure rope) shows a single-head deposit in its early
+    layer (layer 0, layer_deposits), with the graded concentration C of every PE beside it and a
+    paired test of layer 0's C with RoPE against sin."""
     for w, be in SPECTRAL_WIRING:
         tab = results / "spectral" / "wiring" / f"{w}-betas-{be}"
         rows = {r["pe"]: r for f in sorted(tab.glob("synthetic_*_results.csv")) for r in csv.DictReader(open(f))
@@ -1542,12 +1556,15 @@ def _spectral_wiring_claims(results: Path, out: list) -> None:
                          f"{float(r['concentration_max']):.2f}], acc {float(r['test_acc_mean']):.1f}"
                          if r.get("concentration_median") not in (None, "", "None") else f"{pe}: no drop ≥ 1 point"
                          for pe, r in rows.items())
-        # the graded reading: C_l per layer and seed (None: no ablation in that layer costs 1 point)
-        cl = {}
+        # the graded reading: C_l per layer and seed (None: no ablation in that layer costs 1 point);
+        # and the deposit judged within each layer (layer_deposits), so that an early head's deposit
+        # is not hidden by a larger, shared loss in a later layer
+        cl, dep = {}, {}
         for f in sorted(tab.glob("synthetic_*_runs.json")):
             for r in json.loads(f.read_text()):
                 if r["config"]["task"] == 1:
                     cl.setdefault(r["config"]["pe"], {})[r["config"]["seed"]] = r["ablation"]["concentration"]
+                    dep.setdefault(r["config"]["pe"], []).append(layer_deposits(r["ablation"]))
         per_layer = "; ".join(
             f"{pe} C per layer " + ", ".join(
                 f"L{l} {st.median(v):.2f} [{min(v):.2f}, {max(v):.2f}]" if v else f"L{l} —"
@@ -1555,11 +1572,15 @@ def _spectral_wiring_claims(results: Path, out: list) -> None:
                                        for l in range(max(len(c) for c in runs.values()))]))
             for pe, runs in cl.items())
         for pe in ("sin+rope", "rope"):
-            if pe in rows:
-                k, n = int(rows[pe]["deposit_runs"]), int(rows[pe]["seeds"])
+            if pe in dep:
+                k0, n = sum(d[0] for d in dep[pe]), len(dep[pe])
+                by_layer = ", ".join(f"layer {l} {sum(d[l] for d in dep[pe])}/{n}" for l in range(len(dep[pe][0])))
+                glob = f"; by the largest drop anywhere {rows[pe]['deposit_runs']}/{rows[pe]['seeds']}" if pe in rows else ""
                 _claim(out, "spectral", None, f"RoPE concentrates positional processing in one early head ({pe}, "
-                       f"{w} wiring, {be} betas; claim: in most runs)", _proportion_verdict(k, n, 0.5),
-                       f"deposit in {verdicts.proportion(k, n)} of {pe} runs; {conc}; {per_layer}")
+                       f"{w} wiring, {be} betas; a deposit in layer 0, judged within the layer; claim: in most runs)",
+                       _proportion_verdict(k0, n, 0.5),
+                       f"deposit in layer 0 in {verdicts.proportion(k0, n)} of {pe} runs (per layer: {by_layer}{glob}); "
+                       f"{conc}; {per_layer}")
             if pe in cl and "sin" in cl:
                 # graded: is layer 0's loss more concentrated in one head with RoPE than with sin? (paired by seed)
                 data = {q: {"seed": list(cl[q]), "c": [c[0] for c in cl[q].values()]} for q in (pe, "sin")}

@@ -16,6 +16,7 @@ import traceback
 
 import numpy as np
 import pytest
+import torch
 
 import train_tied
 import training
@@ -855,11 +856,20 @@ def test_spectral_wiring_plans_the_factorial_and_names_the_wiring_in_its_verdict
     # the per-run C_l: sin+rope's layer 0 concentrated (0.8 + 0.01 s), sin's even (0.3 + 0.01 s); rope's seed 4
     # has no drop ≥ 1 point in layer 0 (None: left out of its pairs)
     c0 = {"sin+rope": lambda s: 0.8 + 0.01 * s, "sin": lambda s: 0.3 + 0.01 * s, "rope": lambda s: None if s == 4 else 0.3}
-    runs = [{"config": {"task": 1, "pe": pe, "seed": s}, "ablation": {"concentration": [f(s), 0.5]}}
+    # the ablation grids (test accuracy with head h of layer l zeroed, baseline 97): sin+rope's layer 0 has
+    # one head costing 40 points (others 5) in every seed, while its layer 1 loses more and shares it; rope
+    # has no layer-0 deposit (40 vs 15: under 4×) but the largest-drop-anywhere criterion would see one in layer 1
+    grid = {"sin+rope": [[57, 92, 92, 92], [30, 35, 40, 45]], "rope": [[57, 82, 92, 92], [27, 92, 92, 92]],
+            "sin": [[90, 90, 90, 90], [90, 90, 90, 90]]}
+    runs = [{"config": {"task": 1, "pe": pe, "seed": s},
+             "ablation": {"concentration": [f(s), 0.5], "baseline": 97.0, "grid": grid[pe]}}
             for pe, f in c0.items() for s in range(5)]
     (tab / "synthetic_small_runs.json").write_text(json.dumps(runs))
     lines = [r for r in ex.claims(tmp_path / "res") if "paper wiring, paper betas" in r[1]]
     assert [r[2] for r in lines] == ["supported", "supported", "contradicted", "no effect ≥ δ"]
+    assert "deposit in layer 0 in 100.0% [56.6, 100.0] (5/5) of sin+rope runs (per layer: layer 0 5/5, layer 1 0/5; " \
+           "by the largest drop anywhere 5/5)" in lines[0][3]
+    assert "(per layer: layer 0 0/5, layer 1 5/5; by the largest drop anywhere 0/5)" in lines[2][3]
     assert "sin+rope: C 0.90 [0.80, 0.95], acc 97.0" in lines[0][3] and "mla: no drop ≥ 1 point" in lines[0][3]
     assert "sin+rope C per layer L0 0.82 [0.80, 0.84], L1 0.50 [0.50, 0.50]" in lines[0][3]
     assert lines[1][1].startswith("RoPE's early-layer ablation loss is more concentrated in one head than sin's: C₀ (sin+rope")
@@ -937,3 +947,16 @@ def test_task2_gap_lines_pair_mla_with_each_rope_by_seed_and_say_whether_the_pap
     none = lines["MLA beats RoPE on Task 2 (counting), the paper's gap: MLA vs sin+rope, paper wiring, paper betas"]
     assert none[2] != "supported" and "excludes a gap of the paper's size" in none[3]
     assert sum("Task 2 (counting)" in k for k in lines) == 4
+
+
+def test_layer_deposits_agree_with_deposit_stats_in_the_layer_of_the_largest_drop():
+    # spectral.tasks.deposit_stats judges only the largest drop of the whole model; layer_deposits applies
+    # the same criterion within every layer, so the two must agree in that layer (random grids)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        base = 90.0
+        grid = base - torch.rand(3, 4, generator=g) * torch.tensor([60.0, 10.0, 1.0, 0.5])[torch.randperm(4, generator=g)]
+        grid = grid * (torch.rand(3, 1, generator=g) < 0.8) + base * (torch.rand(3, 1, generator=g) >= 0.8)
+        ref = stt.deposit_stats(base, grid)
+        mine = ex.layer_deposits({"baseline": base, "grid": grid.tolist()})
+        assert mine[ref["top_layer"]] == ref["deposit"]
