@@ -66,7 +66,7 @@ Run from the project folder. Experiments (each training run is its own process,
     spectral-wiring  the deposit in the paper's setting: wiring (paper / standard) × betas (paper /
                    standard) × sin+rope / rope / sin / MLA × 5 seeds, with the concentration C
                                                                                → results/spectral/wiring
-    spectral-task2 Task 2's RoPE vs MLA gap: the standard setting and the paper's (wiring + betas) ×
+    spectral-task2 Task 2's RoPE vs MLA gap: wiring (paper / standard) × betas (paper / standard) ×
                    rope / sin+rope / MLA × 5 seeds                             → results/spectral/task2
     speed          python -m analysis.bench (--suite on CPU)                   → results/speed
 
@@ -186,9 +186,9 @@ SPECTRAL_LR_PES = ("rope", "sin+rope", "sin", "learned")
 # sin+rope (the paper's "RoPE"), rope, sin and MLA over 5 seeds, with the per-head ablations
 SPECTRAL_WIRING = tuple((w, b) for w in ("paper", "standard") for b in ("paper", "standard"))
 SPECTRAL_WIRING_PES = "sin+rope,rope,sin,mla"
-# Task 2's RoPE vs MLA gap (issue #14, item 4): the standard setting and the paper's (its wiring and
-# betas together), rope, sin+rope (APE + RoPE, the paper's "RoPE") and MLA, 5 seeds
-SPECTRAL_TASK2 = (("standard", "standard"), ("paper", "paper"))
+# Task 2's RoPE vs MLA gap (issue #14, item 4): wiring × betas (the paper's setting is both), rope,
+# sin+rope (APE + RoPE, the paper's "RoPE") and MLA, 5 seeds
+SPECTRAL_TASK2 = (("standard", "standard"), ("paper", "paper"), ("paper", "standard"), ("standard", "paper"))
 SPECTRAL_TASK2_PES = "rope,sin+rope,mla"
 # The pretrained token probe has no seed: its randomness is the text. Seed 0 is analysis.reports'
 # own paragraph; seeds 1, 2 are these two, of the same length and register.
