@@ -505,10 +505,8 @@ def train(cfg: dict, args, rt: training.Runtime) -> int:
                                                    max(1, k), k, 0) if len(y)]
         return images.normalise(torch.cat(xs).to(fields_dev), data.norm)
 
-    def fields(drop_rope=False):
-        return training.layer_fields(model, probe_images(8), drop_rope=drop_rope)
     if start == 0 and rt.is_main:
-        run.write_json("layers-init.json", fields())
+        run.write_json("layers-init.json", training.layer_fields(model, probe_images(8)))
     title = (f"{data.name} pe={cfg['pe']} λ={cfg['lam']:g} ({cfg['lam_mode']}) regime={cfg['regime']} "
              f"{cfg['n_layers']}×{cfg['d_model']}")
     if rt.is_main:
@@ -542,8 +540,11 @@ def train(cfg: dict, args, rt: training.Runtime) -> int:
     if rt.is_main:
         # the probe and the regime report work in float64, which MPS lacks: there, on the CPU
         model.to(fields_dev).eval()
+        # one load: the first probe_batch images for the token probe, the first 8 (the init record's) for the fields
+        x_val = probe_images(max(8, args.probe_batch))
+        x_fields = x_val[:8]
         with training.autocast(rt):
-            training.write_probe(training.token_probe(model, probe_images(args.probe_batch)),
+            training.write_probe(training.token_probe(model, x_val[:args.probe_batch]),
                                  run, title, what="validation images")
         report = regime_report(model)
         training.write_csv(run.path / "regimes.csv", report)
@@ -559,8 +560,9 @@ def train(cfg: dict, args, rt: training.Runtime) -> int:
                    # LayerNorm'd inputs (t = 20), init and end (2-D RoPE: also with RoPE dropped)
                    "layers": {"init": json.loads((run.path / "layers-init.json").read_text())
                               if (run.path / "layers-init.json").exists() else None,
-                              "end": fields(),
-                              **({"end_no_rope": fields(drop_rope=True)} if model.rope else {})}}
+                              "end": training.layer_fields(model, x_fields),
+                              **({"end_no_rope": training.layer_fields(model, x_fields, drop_rope=True)}
+                                 if model.rope else {})}}
         run.write_json("summary.json", summary)
         top5 = f", top-5 {ev['val']['top5']:.2f}%" if "top5" in ev["val"] else ""
         print(f"done: step {result['step']}, validation top-1 {ev['val']['top1']:.2f}%{top5}, "

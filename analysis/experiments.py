@@ -41,7 +41,7 @@ Run from the project folder. Experiments (each training run is its own process,
     vit-pe         none / learned / sin2d / rope-axial / rope-mixed and three λ variants on the
                    embedded `shapes` images                                    → results/vit/pe-lam*
     vit-hard       the task that does not saturate (shapes-hard, --preset hard): every PE × λ ∈ {0,
-                   softplus 0.05, −0.1}, and free / PD / ND (symmetric A) on learned PE, 5 seeds;
+                   softplus 0.05, −0.1}, and free / PD / ND (symmetric A) on sin2d and rope-axial, 5 seeds;
                    top-1, area under the validation-loss curve, realised regimes → results/vit/hard*
     tied-mlm       the weight-tied ODE model (train_tied.py): free / PD / HD / ND (symmetric A) at
                    horizons T = 1, 4, 16 on masked bytes, 5 seeds; realised regime and field fate
@@ -1528,24 +1528,20 @@ def _spectral_lr_claims(results: Path, out: list) -> None:
                f"exact p {t['p_exact']:.3g} (floor {t['p_floor']:.3g}), Holm p {p_adj:.3g}; {lr_txt}")
 
 
-def layer_deposits(ablation: dict) -> list[bool]:
-    """Per layer l: does one head carry the layer's loss? drop_lh = baseline − grid_lh (the points
-    lost by ablating head h of layer l); a deposit when the layer's largest drop is ≥
-    stt.DEPOSIT_MIN_DROP and ≥ stt.DEPOSIT_RATIO × its runner-up in the SAME layer (the criterion
-    of spectral.tasks.deposit_stats, which applies it only to the largest drop of the whole model)."""
-    out = []
-    for row in ablation["grid"]:
-        d = sorted((ablation["baseline"] - g for g in row), reverse=True)
-        runner = max(d[1], 0.0) if len(d) > 1 else 0.0
-        out.append(d[0] >= stt.DEPOSIT_MIN_DROP and d[0] >= stt.DEPOSIT_RATIO * runner)
-    return out
+def _per_layer_text(cs: list) -> str:
+    """C_l over runs, per layer: "L0 median [min, max], L1 …" (a run's None: no drop ≥ 1 point there)."""
+    parts = []
+    for l in range(max(len(c) for c in cs)):
+        v = [c[l] for c in cs if c[l] is not None]
+        parts.append(f"L{l} {st.median(v):.2f} [{min(v):.2f}, {max(v):.2f}]" if v else f"L{l} —")
+    return ", ".join(parts)
 
 
 def _spectral_wiring_claims(results: Path, out: list) -> None:
     """The deposit where the paper made it (issue #14): for each wiring × betas cell, how often a
     RoPE run (sin+rope, the paper's "RoPE", and pure rope) shows a single-head deposit in its early
-    layer (layer 0, layer_deposits), with the graded concentration C of every PE beside it and a
-    paired test of layer 0's C with RoPE against sin."""
+    layer (layer 0, spectral.tasks.layer_deposits), with the graded concentration C of every PE
+    beside it and a paired test of layer 0's C with RoPE against sin."""
     for w, be in SPECTRAL_WIRING:
         tab = results / "spectral" / "wiring" / f"{w}-betas-{be}"
         rows = {r["pe"]: r for f in sorted(tab.glob("synthetic_*_results.csv")) for r in csv.DictReader(open(f))
@@ -1557,20 +1553,16 @@ def _spectral_wiring_claims(results: Path, out: list) -> None:
                          if r.get("concentration_median") not in (None, "", "None") else f"{pe}: no drop ≥ 1 point"
                          for pe, r in rows.items())
         # the graded reading: C_l per layer and seed (None: no ablation in that layer costs 1 point);
-        # and the deposit judged within each layer (layer_deposits), so that an early head's deposit
+        # and the deposit judged within each layer (stt.layer_deposits), so that an early head's deposit
         # is not hidden by a larger, shared loss in a later layer
         cl, dep = {}, {}
         for f in sorted(tab.glob("synthetic_*_runs.json")):
             for r in json.loads(f.read_text()):
                 if r["config"]["task"] == 1:
                     cl.setdefault(r["config"]["pe"], {})[r["config"]["seed"]] = r["ablation"]["concentration"]
-                    dep.setdefault(r["config"]["pe"], []).append(layer_deposits(r["ablation"]))
-        per_layer = "; ".join(
-            f"{pe} C per layer " + ", ".join(
-                f"L{l} {st.median(v):.2f} [{min(v):.2f}, {max(v):.2f}]" if v else f"L{l} —"
-                for l, v in enumerate([[c[l] for c in runs.values() if c[l] is not None]
-                                       for l in range(max(len(c) for c in runs.values()))]))
-            for pe, runs in cl.items())
+                    dep.setdefault(r["config"]["pe"], []).append(stt.layer_deposits(r["ablation"]["baseline"],
+                                                                                   r["ablation"]["grid"]))
+        per_layer = "; ".join(f"{pe} C per layer {_per_layer_text(list(runs.values()))}" for pe, runs in cl.items())
         for pe in ("sin+rope", "rope"):
             if pe in dep:
                 k0, n = sum(d[0] for d in dep[pe]), len(dep[pe])
@@ -1593,8 +1585,8 @@ PAPER_TASK2_GAP = 20.0   # points: the size of gap the paper reports on Task 2 (
 
 
 def _spectral_task2_claims(results: Path, out: list) -> None:
-    """Task 2's RoPE vs MLA gap (issue #14, item 4): in the standard setting and in the paper's
-    (its wiring and betas), MLA against rope and against sin+rope, paired by seed; beside each,
+    """Task 2's RoPE vs MLA gap (issue #14, item 4): in each wiring × betas cell (the paper's setting
+    is both of theirs), MLA against rope and against sin+rope, paired by seed; beside each,
     whether the interval excludes a gap of the paper's size (PAPER_TASK2_GAP points)."""
     for w, be in SPECTRAL_TASK2:
         acc = {}

@@ -484,15 +484,32 @@ def concentration(base, grid, min_drop=1.0):
     return [None if float(m) < min_drop else float(m / t) for m, t in zip(top, total)]
 
 
+def is_deposit(top: float, runner: float) -> bool:
+    """Our single-head-deposit criterion: one head's drop ≥ DEPOSIT_MIN_DROP points and ≥
+    DEPOSIT_RATIO × the runner-up of its own layer (a negative runner-up counts as 0)."""
+    return top >= DEPOSIT_MIN_DROP and top >= DEPOSIT_RATIO * max(runner, 0.0)
+
+
+def layer_deposits(base, grid) -> list[bool]:
+    """Per layer l, is_deposit of that layer's largest drop against its runner-up, drop_lh = base −
+    grid_lh. Unlike deposit_stats, which judges only the largest drop of the whole model, an early
+    layer's deposit is not hidden by a larger, shared loss in a later layer. grid: (L, H)."""
+    drop = float(base) - torch.as_tensor(grid, dtype=torch.float64)
+    out = []
+    for row in drop:
+        v = row.sort(descending=True).values
+        out.append(is_deposit(float(v[0]), float(v[1]) if len(v) > 1 else 0.0))
+    return out
+
+
 def deposit_stats(base, grid):
     """Per run: the largest drop (points), where it is, the runner-up in that layer and the verdict."""
     drop = base - grid                                        # accuracy lost by ablating (l, h)
     l, h = divmod(int(drop.argmax()), drop.shape[1])
     top = float(drop[l, h])
     runner = float(torch.cat((drop[l, :h], drop[l, h + 1:])).max()) if drop.shape[1] > 1 else 0.0
-    deposit = top >= DEPOSIT_MIN_DROP and top >= DEPOSIT_RATIO * max(runner, 0.0)
-    return {"top_drop": top, "top_layer": l, "top_head": h, "runner_up_drop": runner, "deposit": bool(deposit),
-            "concentration": concentration(base, grid)}
+    return {"top_drop": top, "top_layer": l, "top_head": h, "runner_up_drop": runner,
+            "deposit": is_deposit(top, runner), "concentration": concentration(base, grid)}
 
 
 def run_config(task, pe, preset="small", seed=0, **overrides):

@@ -16,7 +16,6 @@ import traceback
 
 import numpy as np
 import pytest
-import torch
 
 import train_tied
 import training
@@ -947,16 +946,3 @@ def test_task2_gap_lines_pair_mla_with_each_rope_by_seed_and_say_whether_the_pap
     none = lines["MLA beats RoPE on Task 2 (counting), the paper's gap: MLA vs sin+rope, paper wiring, paper betas"]
     assert none[2] != "supported" and "excludes a gap of the paper's size" in none[3]
     assert sum("Task 2 (counting)" in k for k in lines) == 4
-
-
-def test_layer_deposits_agree_with_deposit_stats_in_the_layer_of_the_largest_drop():
-    # spectral.tasks.deposit_stats judges only the largest drop of the whole model; layer_deposits applies
-    # the same criterion within every layer, so the two must agree in that layer (random grids)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(300):
-        base = 90.0
-        grid = base - torch.rand(3, 4, generator=g) * torch.tensor([60.0, 10.0, 1.0, 0.5])[torch.randperm(4, generator=g)]
-        grid = grid * (torch.rand(3, 1, generator=g) < 0.8) + base * (torch.rand(3, 1, generator=g) >= 0.8)
-        ref = stt.deposit_stats(base, grid)
-        mine = ex.layer_deposits({"baseline": base, "grid": grid.tolist()})
-        assert mine[ref["top_layer"]] == ref["deposit"]

@@ -368,3 +368,16 @@ def test_the_prepared_gpu_script_runs_tables_this_parser_accepts(tmp_path, monke
     assert [(s[0], s[1]) for s in seen] == [([1], ["sin+rope", "rope", "sin", "mla"]), ([2], ["rope", "sin+rope", "mla"])]
     assert all(s[3] == "medium" and s[4] == 8 and s[5]["wiring"] == s[5]["betas"] == "paper" and s[5]["device"] == "cuda"
                and s[5]["max_minutes"] == 4 for s in seen)
+
+
+def test_layer_deposits_agree_with_deposit_stats_in_the_layer_of_the_largest_drop():
+    # spectral.tasks.deposit_stats judges only the largest drop of the whole model; layer_deposits applies
+    # the same criterion within every layer, so the two must agree in that layer (random grids)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        base = 90.0
+        grid = base - torch.rand(3, 4, generator=g) * torch.tensor([60.0, 10.0, 1.0, 0.5])[torch.randperm(4, generator=g)]
+        grid = grid * (torch.rand(3, 1, generator=g) < 0.8) + base * (torch.rand(3, 1, generator=g) >= 0.8)
+        ref = st.deposit_stats(base, grid)
+        mine = st.layer_deposits(base, grid.tolist())
+        assert mine[ref["top_layer"]] == ref["deposit"]
