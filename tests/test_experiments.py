@@ -196,11 +196,17 @@ def test_every_budget_plans_runs_the_scripts_accept(tmp_path, budget):
     for exp, (script, variants, key, *_rest) in ex.TRAINING.items():
         rows, jobs = ex.plan_training(exp, budget, tmp_path / "r", tmp_path / "w", enwiki)
         b = ex.BUDGETS[budget]
-        assert len(rows) == len(jobs) == len(variants) * ex.n_seeds(exp, budget)
+        seeds = ex.arm_seeds(exp, budget)
+        assert len(rows) == len(jobs) == sum(seeds.values()) >= len(variants) * ex.n_seeds(exp, budget)
+        assert sorted({(name, s) for name, s, _ in rows}) == sorted((n, s) for n in variants for s in range(seeds[n]))
         assert ex.n_seeds(exp, budget) == b.get("exp_seeds", {}).get(exp, b.get(f"{key}_seeds", b["seeds"]))
         assert all(j[0][1] == str(ex.ROOT / script) and "--out" in j[0] for j in jobs)
     if budget == "cpu-small":                            # the seed counts
         assert (ex.n_seeds("lm-regimes-sym", budget), ex.n_seeds("lm-lam", budget), ex.n_seeds("lm-pe", budget)) == (6, 8, 3)
+        vh = ex.arm_seeds("vit-hard", budget)         # 10 seeds only where the 5-seed interval stayed wide
+        assert {n for n, k in vh.items() if k == 10} == set(ex.VIT_HARD_WIDE) == {
+            "sin2d", "sin2d-pd-sym", "sin2d-nd-sym", "rope-axial", "rope-axial-pd-sym", "rope-axial-nd-sym"}
+        assert set(vh.values()) == {5, 10}
     for step in ex.ONE_SHOT:
         for cmd in ex.one_shot_commands(step, budget, tmp_path / "r", tmp_path / "w", 2):
             assert cmd[1] == "-m" and (ex.ROOT / (cmd[2].replace(".", "/") + ".py")).exists()
