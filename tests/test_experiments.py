@@ -897,7 +897,8 @@ def test_vit_hard_chance_is_the_majority_share_of_the_validation_split():
 
 def test_vit_hard_plans_its_grid_and_judges_with_the_floor_the_curve_and_the_realised_regime(tmp_path):
     rows, jobs = ex.plan_training("vit-hard", "cpu-small", tmp_path / "res", tmp_path / "runs", None)
-    assert len(rows) == (5 * 3 + 2 * 2) * 5 == len(jobs)                # PE × λ, and PD / ND on two PEs; 5 seeds
+    # PE × λ, and PD / ND on two PEs, 5 seeds; seeds 5–9 for the six wide arms (free, PD, ND on two PEs)
+    assert len(rows) == (5 * 3 + 2 * 2) * 5 + 6 * 5 == len(jobs)
     assert jobs[0][0][2:6] == ["--preset", "hard", "--pe", "none"]
     assert any(j[0][2:10] == ["--preset", "hard", "--pe", "sin2d", "--regime", "convergent", "--symmetric-A", "--seed"]
                for j in jobs)
@@ -922,7 +923,7 @@ def test_vit_hard_plans_its_grid_and_judges_with_the_floor_the_curve_and_the_rea
         fake.append((name, seed, kept))
     ex.tabulate("vit-hard", fake, tmp_path / "res")
     md = (tmp_path / "res" / "vit" / "hard.md").read_text()
-    assert "area under the validation-loss curve" in md and "| rope-axial | 5 | 87.00 ± 1.58 |" in md
+    assert "area under the validation-loss curve" in md and "| rope-axial | 10 | 89.50 ± 3.03 |" in md
     lines = {r[1]: r for r in ex.claims(tmp_path / "res")}
     lam = lines["The λ-term improves a ViT: λ = −0.1 (the seed's sign) (rope-axial, ViT, shapes-hard)"]
     assert lam[2] == "supported" and "area under the val-loss curve rope-axial-lam-0.1" in lam[3]
@@ -933,8 +934,12 @@ def test_vit_hard_plans_its_grid_and_judges_with_the_floor_the_curve_and_the_rea
     assert nd[2] == "supported" and "ND: max α(V O) over layers -0.10 ± 0.00 → -0.10 ± 0.00" in nd[3]
     fate = lines["(the phase diagrams' bidirectional prediction, in trained models) RoPE keeps a layer's own field "
                  "from converging: the trained rope-axial ViTs, RoPE kept vs dropped in each layer's field"]
-    assert fate[2] == "supported" and "(layers × 8 validation images × 5 seeds)" in fate[3]
+    assert fate[2] == "supported" and "(layers × 8 validation images × 10 seeds)" in fate[3]
     assert lines["2-D RoPE (rope-axial) beats absolute PE (learned) on a ViT (ViT, shapes-hard)"][2] == "supported"
+    # the control of the ND-vs-free line: PD-sym is free's equal here (same fake accuracy), so no loss
+    ctrl = lines["(control for the line above) The symmetric-A constraint alone costs accuracy: free attention "
+                 "beats PD-sym (sin2d, ViT, shapes-hard)"]
+    assert ctrl[2] == "no effect ≥ δ" and "10 pairs" in ctrl[3]
 
 
 def test_task2_gap_lines_pair_mla_with_each_rope_by_seed_and_say_whether_the_papers_gap_is_excluded(tmp_path):
