@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -727,7 +728,8 @@ class Fates:
 @flush_subnormals()
 def integrate_each(X0: torch.Tensor, Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, t_save,
                    *, dt: float = 0.05, rtol: float = 1e-6, atol: float = 1e-9, max_norm: float = 1e6,
-                   min_norm: float = 0.0, max_steps: int = 200_000, **options) -> Fates:
+                   min_norm: float = 0.0, max_steps: int = 200_000, resume: dict | None = None,
+                   snapshot=None, snapshot_every_s: float = 600.0, **options) -> Fates:
     """Dormand–Prince 5(4) with a step size PER INSTANCE, for long horizons over many instances.
 
     integrate(method="dopri5") moves the whole batch with one step size, the smallest any instance
@@ -740,6 +742,12 @@ def integrate_each(X0: torch.Tensor, Q: torch.Tensor, K: torch.Tensor, V: torch.
     solver's absolute tolerance an explicit method no longer tracks the decay, so stop there) or
     has tried max_steps steps (its budget; t_reached says where it stopped). t_save: increasing save times (t_save[0] = 0 ↔ X0), each one landed on
     exactly. X0, Q, K, V: (B, n, d), (B, d, d_k), (B, d, d_k), (B, d, d); options as for velocity().
+
+    Long runs can be stopped and resumed: every snapshot_every_s seconds (wall clock) the loop calls
+    snapshot(state) with its whole state, a dict of tensors, before it takes the next step; passing
+    that dict back as resume= continues from there. Each instance's step depends only on its own
+    state, so a resumed run ends with the same trajectories as one never stopped, to the last bit
+    (tested). A state made for other inputs, tolerances or save times is refused (ValueError).
     """
     _check_inputs(X0, Q, K, V, **options)
     t_save = torch.as_tensor(t_save, dtype=torch.float64).flatten()
@@ -753,6 +761,11 @@ def integrate_each(X0: torch.Tensor, Q: torch.Tensor, K: torch.Tensor, V: torch.
         raise ValueError(f"min_norm must be a number in [0, max_norm), got {min_norm!r}.")
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps <= 0:
         raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}.")
+    if snapshot is not None and not callable(snapshot):
+        raise ValueError(f"snapshot must be a function of one argument (the state), got {snapshot!r}.")
+    if isinstance(snapshot_every_s, bool) or not isinstance(snapshot_every_s, (int, float)) \
+            or not (math.isfinite(snapshot_every_s) and snapshot_every_s >= 0):
+        raise ValueError(f"snapshot_every_s must be a finite number of seconds >= 0, got {snapshot_every_s!r}.")
     if X0.ndim != 3 or any(t.ndim != 3 or t.shape[0] != X0.shape[0] for t in (Q, K, V)):
         raise ValueError("integrate_each takes one batch dimension: X0 (B, n, d) and Q, K, V (B, ·, ·).")
     B, T, t_end = X0.shape[0], t_save.numel(), float(t_save[-1])
@@ -765,19 +778,40 @@ def integrate_each(X0: torch.Tensor, Q: torch.Tensor, K: torch.Tensor, V: torch.
         q_, k_, v_ = p.pop("Q"), p.pop("K"), p.pop("V")
         return _prepared_field(q_, k_, v_, **p, **scalars)
 
-    out = X0.unsqueeze(0).repeat(T, 1, 1, 1)                  # row 0 = X0; later rows overwritten
-    t_reached = torch.full((B,), t_end, dtype=torch.float64)
-    blown = torch.zeros(B, dtype=torch.bool)
-    settled = torch.zeros(B, dtype=torch.bool)
-    steps = torch.zeros(B, dtype=torch.long)
-    # the compact working batch: instance indices and their state, time, step size, next save row
-    act = torch.arange(B)
-    x, tb = X0.clone(), torch.zeros(B, dtype=torch.float64)
-    hb = torch.full((B,), float(dt), dtype=torch.float64)
-    nxt = torch.ones(B, dtype=torch.long)
-    f = field_on(act)
-    k1 = f(0.0, x)
+    # what a saved state must agree with to be resumed here: the inputs (by shape and exact sums),
+    # the save times, the tolerances and the field's options
+    key = {"shape": list(X0.shape), "sums": [float(m.double().sum()) for m in (X0, Q, K, V)],
+           "abs_sums": [float(m.double().abs().sum()) for m in (X0, Q, K, V)], "t_save": t_save.tolist(),
+           "solver": [dt, rtol, atol, max_norm, min_norm, max_steps],
+           "options": sorted((k, repr(v) if not isinstance(v, torch.Tensor) else float(v.double().sum()))
+                             for k, v in options.items())}
+    names = ("out", "t_reached", "blown", "settled", "steps", "act", "x", "tb", "hb", "nxt", "k1")
+    if resume is not None:
+        if not isinstance(resume, dict) or resume.get("key") != key or any(n not in resume for n in names):
+            raise ValueError("resume= holds the state of a different run (other inputs, save times, "
+                             "tolerances or options); start without it.")
+        out, t_reached, blown, settled, steps, act, x, tb, hb, nxt, k1 = (resume[n] for n in names)
+        f = field_on(act)
+    else:
+        out = X0.unsqueeze(0).repeat(T, 1, 1, 1)              # row 0 = X0; later rows overwritten
+        t_reached = torch.full((B,), t_end, dtype=torch.float64)
+        blown = torch.zeros(B, dtype=torch.bool)
+        settled = torch.zeros(B, dtype=torch.bool)
+        steps = torch.zeros(B, dtype=torch.long)
+        # the compact working batch: instance indices and their state, time, step size, next save row
+        act = torch.arange(B)
+        x, tb = X0.clone(), torch.zeros(B, dtype=torch.float64)
+        hb = torch.full((B,), float(dt), dtype=torch.float64)
+        nxt = torch.ones(B, dtype=torch.long)
+        f = field_on(act)
+        k1 = f(0.0, x)
+    last_snap = time.monotonic()
     while act.numel():
+        if snapshot is not None and time.monotonic() - last_snap >= snapshot_every_s:
+            # copies: the loop goes on writing into its own tensors in place
+            snapshot(dict(zip(names, (v.clone() for v in (out, t_reached, blown, settled, steps, act, x,
+                                                          tb, hb, nxt, k1))), key=key))
+            last_snap = time.monotonic()
         target = t_save[nxt]
         h = torch.minimum(hb, target - tb)                     # land exactly on the next save time
         x5, err_vec, k7 = dopri5_step(f, 0.0, x, h.to(x.dtype)[:, None, None], k1)
@@ -856,14 +890,17 @@ def fate(slope: float, settled: bool, blown: bool) -> str:
     return "grows"
 
 
-def field_fates(Q, K, V, X0, t_save, *, max_steps: int = 10_000, **opts) -> dict:
+def field_fates(Q, K, V, X0, t_save, *, max_steps: int = 10_000, resume=None, snapshot=None,
+                snapshot_every_s: float = 600.0, **opts) -> dict:
     """Integrate dX/dt = velocity(X, Q, K, V, **opts) from each X0[b] (per-instance dopri5, rtol
     1e-6) through the save times t_save, and classify each instance's fate by its late log–log
-    slope (`fate`). Also a trained layer's fate probe (train_tied.py). Q, K, V: (B, d, ·)."""
+    slope (`fate`). Also a trained layer's fate probe (train_tied.py). Q, K, V: (B, d, ·).
+    resume / snapshot / snapshot_every_s: integrate_each's, to stop a long run and go on later."""
     W = Q @ K.transpose(-1, -2)
     A = regimes.value_form(W, V)
     fr = integrate_each(X0, Q, K, V, t_save, rtol=1e-6, atol=1e-12, min_norm=FATE_MIN_NORM,
-                        max_norm=FATE_MAX_NORM, max_steps=max_steps, **opts)
+                        max_norm=FATE_MAX_NORM, max_steps=max_steps, resume=resume, snapshot=snapshot,
+                        snapshot_every_s=snapshot_every_s, **opts)
     N = token_norm(fr.X)                                              # (T, B) mean token norm
     power, rate = late_slopes(fr.t, N, fr.t_reached)
     Xe = fr.X[-1]

@@ -28,8 +28,9 @@ every PE and mask sees the same instances, so their differences are paired):
     scale  initial scale X₀ ~ s·N(0, 1), s ∈ {0.5, 1, 2} × d ∈ {4, 16, 64} × PE ∈ {none, RoPE 10⁴}
            × mask, n = 8
 
-Each cell is written to DIR/cells/<cell>.json as soon as it is done (a killed run loses at most
-that cell); then DIR/phase.csv (one row per cell: counts of each fate, the share converging with its
+Each cell is written to DIR/cells/<cell>.json as soon as it is done; while it runs, the integrator's
+state is saved every 5 minutes to DIR/cells/.<cell>.partial.pt, so a killed run loses at most five
+minutes of work and the next run goes on from there. Then DIR/phase.csv (one row per cell: counts of each fate, the share converging with its
 Wilson 95% interval, the share of instances whose V is not Hurwitz, mean ρ, median late slope and
 ‖Ẋ‖/‖X‖) and the figures DIR/pe.png (one panel per mask × PE, d × n, colour = share converging),
 DIR/rho.png (share converging and share non-Hurwitz against ρ) and DIR/scale.png.
@@ -107,9 +108,26 @@ def instances(c: dict, per_seed: int, seed: int):
     return Q, K, V, c["scale"] * X0
 
 
-def run_cell(c: dict, n_inst: int, t_end: float, n_save: int = 61, max_steps: int = 10_000) -> dict:
-    """Integrate one cell's instances (n_inst, split over SEEDS) and summarise their fates."""
+def run_cell(c: dict, n_inst: int, t_end: float, n_save: int = 61, max_steps: int = 10_000,
+             partial: Path | None = None, snapshot_every_s: float = 300.0) -> dict:
+    """Integrate one cell's instances (n_inst, split over SEEDS) and summarise their fates.
+
+    partial: a file for the integrator's state, rewritten every snapshot_every_s seconds, so that a
+    killed cell loses at most that much work: a later call with the same file goes on from it (to
+    the same result, bit for bit; a file from another run, or unreadable, is set aside with a
+    message and the cell starts afresh). The caller deletes it once the cell is written."""
     t0 = time.time()
+    before, resume = 0.0, None
+    if partial is not None and partial.exists():
+        try:
+            saved = torch.load(partial)
+            resume, before = saved["state"], float(saved["seconds"])
+        except Exception as e:                       # truncated or foreign file: start afresh
+            tqdm.write(f"{partial.name}: cannot be read ({type(e).__name__}); the cell starts afresh")
+
+    def snapshot(state):
+        done = before + time.time() - t0
+        training.atomic_write(partial, lambda tmp: torch.save({"state": state, "seconds": done}, tmp))
     per_seed = max(1, math.ceil(n_inst / len(SEEDS)))
     opts = pe_options(c["pe"], c["d"])
     if c["mask"] == "causal":
@@ -117,9 +135,17 @@ def run_cell(c: dict, n_inst: int, t_end: float, n_save: int = 61, max_steps: in
     t_save = log_times(t_end, n_save)
     # the three sampling seeds' instances integrate as one batch (one step-size per instance)
     Q, K, V, X0 = (torch.cat(m) for m in zip(*(instances(c, per_seed, seed) for seed in SEEDS)))
-    rec = field_fates(Q, K, V, X0, t_save, max_steps=max_steps, **opts)
-    return {"cell": c, "instances": len(rec["fate"]), "t_end": t_end, "seconds": round(time.time() - t0, 2),
-            "records": rec}
+    snap = dict(snapshot=snapshot if partial is not None else None, snapshot_every_s=snapshot_every_s)
+    try:
+        rec = field_fates(Q, K, V, X0, t_save, max_steps=max_steps, resume=resume, **snap, **opts)
+    except ValueError as e:
+        if resume is None or "different run" not in str(e):
+            raise
+        tqdm.write(f"{partial.name}: saved for another run (other instances or settings); the cell starts afresh")
+        before, t0 = 0.0, time.time()
+        rec = field_fates(Q, K, V, X0, t_save, max_steps=max_steps, **snap, **opts)
+    return {"cell": c, "instances": len(rec["fate"]), "t_end": t_end,
+            "seconds": round(before + time.time() - t0, 2), "records": rec}
 
 
 def summarise(res: dict) -> dict:
@@ -365,9 +391,11 @@ def main(argv=None) -> int:
         print(f"{len(mine)} cells in this part, {len(mine) - len(todo)} already done", flush=True)
         for c in tqdm(todo, desc="phase cells"):
             n_inst = a.instances if c["n"] < 128 else max(3, a.instances // 2)
-            res = run_cell(c, n_inst, a.t_end, max_steps=a.max_steps)
+            partial = out / "cells" / f".{cell_name(c)}.partial.pt"
+            res = run_cell(c, n_inst, a.t_end, max_steps=a.max_steps, partial=partial)
             path = out / "cells" / f"{cell_name(c)}.json"
             training.atomic_write(path, lambda tmp: tmp.write_text(json.dumps(res)))
+            partial.unlink(missing_ok=True)
             s = summarise(res)
             tqdm.write(f"{cell_name(c)}: converges {100 * s['share_converges']:.0f}% "
                        f"[{100 * s['converges_lo']:.0f}, {100 * s['converges_hi']:.0f}], plateau {s['plateau']}, "

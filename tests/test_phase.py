@@ -91,6 +91,42 @@ def test_a_stiff_instance_does_not_make_the_others_pay():
     assert int(fr.n_steps[easy].max()) < 600 and bool((fr.t_reached[easy] == 3.0).all())
 
 
+def test_integrate_each_resumed_from_a_snapshot_ends_bit_for_bit_as_one_never_stopped(tmp_path):
+    """The seeded stiff batch above: five instances leave early, one spends its budget. Snapshots
+    taken before steps 10, 200 and 700 (some instances already gone by then), written to disk and
+    read back, each resume to the very same trajectories, times, step counts and flags."""
+    g = gen(4)
+    Q, K, V = regimes.sample_instances("intermediate", 4, 6, generator=g)
+    X0 = torch.randn(6, 5, 4, generator=g, dtype=f64)
+    ts = torch.linspace(0, 3.0, 7, dtype=f64)
+    kw = dict(rtol=1e-10, atol=1e-12, max_steps=800)
+    ref = oa.integrate_each(X0, Q, K, V, ts, **kw)
+    seen, kept = [0], {}
+
+    def snap(state):                      # snapshot_every_s=0: called before every step
+        seen[0] += 1
+        if seen[0] in (10, 200, 700):
+            torch.save(state, tmp_path / f"s{seen[0]}.pt")
+            kept[seen[0]] = int(state["act"].numel())
+
+    full = oa.integrate_each(X0, Q, K, V, ts, snapshot=snap, snapshot_every_s=0, **kw)
+    assert min(kept.values()) < 6 and max(kept.values()) == 6      # one snapshot after some left
+    for r in (full, *(oa.integrate_each(X0, Q, K, V, ts, resume=torch.load(tmp_path / f"s{k}.pt"), **kw)
+                      for k in kept)):
+        assert torch.equal(r.X, ref.X) and torch.equal(r.t_reached, ref.t_reached)
+        assert torch.equal(r.n_steps, ref.n_steps)
+        assert torch.equal(r.blown, ref.blown) and torch.equal(r.settled, ref.settled)
+    state = torch.load(tmp_path / "s200.pt")
+    with pytest.raises(ValueError, match="different run"):        # other inputs
+        oa.integrate_each(X0 * 2, Q, K, V, ts, resume=state, **kw)
+    with pytest.raises(ValueError, match="different run"):        # other tolerance
+        oa.integrate_each(X0, Q, K, V, ts, resume=state, rtol=1e-9, atol=1e-12, max_steps=800)
+    with pytest.raises(ValueError, match="different run"):        # other field
+        oa.integrate_each(X0, Q, K, V, ts, resume=state, causal=True, **kw)
+    with pytest.raises(ValueError, match="snapshot"):
+        oa.integrate_each(X0, Q, K, V, ts, snapshot="not a function", **kw)
+
+
 def test_integrate_each_freezes_blown_settled_and_over_budget_instances():
     g = gen(5)
     d, n = 4, 6
@@ -260,3 +296,24 @@ def test_cells_flag_runs_only_the_named_cell_at_its_own_horizon(tmp_path):
     assert [p.name for p in (tmp_path / "cells").iterdir()] == [f"{name}.json"]
     res = json.loads((tmp_path / "cells" / f"{name}.json").read_text())
     assert res["t_end"] == 50 and res["records"]["times"][-1] == pytest.approx(50)
+
+
+def test_a_cell_goes_on_from_its_partial_file_and_sets_a_bad_one_aside(tmp_path, capsys):
+    """run_cell(partial=...) saves the integrator's state (here every 20 ms); a second call
+    with that file goes on from it and gives the very records a run never stopped gives. A file
+    that cannot be read, or was saved for another cell, is set aside with a message."""
+    c = dict(grid="pe", d=4, n=8, pe="rope1e4", mask="causal", rho=None, scale=1.0)
+    ref = phase.run_cell(c, 6, t_end=30.0)["records"]
+    part = tmp_path / ".cell.partial.pt"
+    assert phase.run_cell(c, 6, t_end=30.0, partial=part, snapshot_every_s=0.02)["records"] == ref
+    assert part.exists()                                   # the last state saved
+    saved = torch.load(part)
+    assert int(saved["state"]["act"].numel()) >= 1 and saved["seconds"] >= 0
+    assert phase.run_cell(c, 6, t_end=30.0, partial=part)["records"] == ref
+    assert capsys.readouterr().out == ""                    # resumed, nothing set aside
+    part.write_bytes(b"truncated")
+    assert phase.run_cell(c, 6, t_end=30.0, partial=part)["records"] == ref
+    assert "cannot be read" in capsys.readouterr().out
+    phase.run_cell(dict(c, d=8), 6, t_end=30.0, partial=part, snapshot_every_s=0.02)   # another cell's
+    assert phase.run_cell(c, 6, t_end=30.0, partial=part)["records"] == ref
+    assert "saved for another run" in capsys.readouterr().out
