@@ -7,6 +7,7 @@
     python -m analysis.phase --report --out DIR               # only rebuild the CSV and figures
     python -m analysis.phase --cells NAME --t-end 20000 --out DIR   # one cell, a longer horizon
     python -m analysis.phase --report --horizon 2000 --out DIR      # ... its fates at 2000 vs 20000
+    python -m analysis.phase --compare REF --out DIR          # DIR's fates against REF's, per instance
 
 Every instance is drawn convergent by construction (W_sym ≻ 0, A_sym ≺ 0: regimes.sample_instances)
 and integrated to t = 2000 (default) with a step size per instance (ode_attention.integrate_each,
@@ -189,6 +190,37 @@ def write_report(out: Path) -> list[dict]:
     return rows
 
 
+def write_compare(out: Path, ref: Path) -> list[dict]:
+    """DIR/compare.csv: every cell DIR and REF both hold, instance by instance (the same instances:
+    cells are seeded by name). Per cell: the instances whose fate differs, how they moved (REF → DIR),
+    the largest difference of late slope, and both cells' own timings. For a re-run of the grid
+    with other code, on another machine or with the load gone: what changed, and what it cost."""
+    rows = []
+    for p in sorted((out / "cells").glob("*.json")):
+        q = ref / "cells" / p.name
+        if not q.exists():
+            continue
+        a, b = json.loads(p.read_text()), json.loads(q.read_text())
+        fa, fb = a["records"]["fate"], b["records"]["fate"]
+        if len(fa) != len(fb) or a["t_end"] != b["t_end"]:
+            raise ValueError(f"{p.name}: {len(fa)} instances to t = {a['t_end']:g} here, {len(fb)} to "
+                             f"t = {b['t_end']:g} in {ref}: not the same cell.")
+        moves: dict = {}
+        for x, y in zip(fb, fa):
+            if x != y:
+                moves[f"{x}→{y}"] = moves.get(f"{x}→{y}", 0) + 1
+        ds = [abs(x - y) for x, y in zip(a["records"]["slope"], b["records"]["slope"]) if x == x and y == y]
+        rows.append({"cell": p.name[:-5], "n": a["cell"]["n"], "d": a["cell"]["d"], "instances": len(fa),
+                     "fates_changed": sum(moves.values()),
+                     "moves": "; ".join(f"{k} {v}" for k, v in sorted(moves.items())) or "none",
+                     "max_slope_diff": max(ds) if ds else math.nan,
+                     "seconds": a["seconds"], "ref_seconds": b["seconds"]})
+    if not rows:
+        raise ValueError(f"{out / 'cells'} and {ref / 'cells'} have no cell in common.")
+    training.write_csv(out / "compare.csv", rows)
+    return rows
+
+
 def fates_at(res: dict, t_cut: float) -> list[str]:
     """Each instance's fate as if the horizon had been t_cut < t_end: the same rule (`fate`) on the
     stored norm trajectory cut at t_cut (cells written since the trajectory is kept)."""
@@ -341,6 +373,8 @@ def main(argv=None) -> int:
                    help="run this many parts at once, each a single-thread process (--part i/jobs)")
     p.add_argument("--pilot", action="store_true", help="time one small cell per axis value and stop")
     p.add_argument("--report", action="store_true", help="only rebuild phase.csv and the figures")
+    p.add_argument("--compare", default=None, metavar="REF",
+                   help="compare --out's cells with REF's, instance by instance, into OUT/compare.csv")
     p.add_argument("--horizon", type=float, default=None, metavar="T",
                    help="with --report: also DIR/horizon.csv, each cell's fates at T against its t_end")
     a = p.parse_args(argv)
@@ -368,6 +402,15 @@ def main(argv=None) -> int:
         out = Path(a.out)
         if a.horizon is not None and not (math.isfinite(a.horizon) and a.horizon > 0):
             raise ValueError(f"--horizon must be a positive time, got {a.horizon}.")
+        if a.compare is not None:
+            if not (Path(a.compare) / "cells").is_dir() or not (out / "cells").is_dir():
+                raise ValueError(f"--compare needs two phase folders with cells/ inside: {a.compare} and {out}.")
+            rows = write_compare(out, Path(a.compare))
+            k, n = sum(r["fates_changed"] for r in rows), sum(r["instances"] for r in rows)
+            s, s_ref = sum(r["seconds"] for r in rows), sum(r["ref_seconds"] for r in rows)
+            print(f"{len(rows)} cells in common: {k} of {n} instances changed fate; {s / 3600:.2f} CPU-hours "
+                  f"here against {s_ref / 3600:.2f} in {a.compare} → {out / 'compare.csv'}")
+            return 0
         if a.report:
             rows = write_report(out)
             print(f"{len(rows)} cells → {out / 'phase.csv'}")

@@ -317,3 +317,29 @@ def test_a_cell_goes_on_from_its_partial_file_and_sets_a_bad_one_aside(tmp_path,
     phase.run_cell(dict(c, d=8), 6, t_end=30.0, partial=part, snapshot_every_s=0.02)   # another cell's
     assert phase.run_cell(c, 6, t_end=30.0, partial=part)["records"] == ref
     assert "saved for another run" in capsys.readouterr().out
+
+
+def test_compare_counts_the_instances_whose_fate_moved(tmp_path, capsys):
+    """The same cell run twice has the same fates (0 changed); one fate edited in the reference is
+    found and named; folders without a common cell, or a cell of another size, are refused."""
+    c = dict(grid="pe", d=4, n=8, pe="none", mask="causal", rho=None, scale=1.0)
+    name = f"{phase.cell_name(c)}.json"
+    for folder in ("a", "b"):
+        (tmp_path / folder / "cells").mkdir(parents=True)
+        res = phase.run_cell(c, 6, t_end=30.0)
+        (tmp_path / folder / "cells" / name).write_text(json.dumps(res))
+    assert phase.main(["--compare", str(tmp_path / "b"), "--out", str(tmp_path / "a")]) == 0
+    assert "0 of 6 instances changed fate" in capsys.readouterr().out
+    edited = json.loads((tmp_path / "b" / "cells" / name).read_text())
+    edited["records"]["fate"][2] = "plateau"
+    (tmp_path / "b" / "cells" / name).write_text(json.dumps(edited))
+    row = phase.write_compare(tmp_path / "a", tmp_path / "b")[0]
+    assert row["fates_changed"] == 1 and row["moves"] == f"plateau→{res['records']['fate'][2]} 1"
+    assert (tmp_path / "a" / "compare.csv").exists()
+    (tmp_path / "c" / "cells").mkdir(parents=True)
+    assert phase.main(["--compare", str(tmp_path / "c"), "--out", str(tmp_path / "a")]) == 2
+    assert phase.main(["--compare", str(tmp_path / "nowhere"), "--out", str(tmp_path / "a")]) == 2
+    short = dict(res, records=dict(res["records"], fate=res["records"]["fate"][:3]))
+    (tmp_path / "c" / "cells" / name).write_text(json.dumps(short))
+    assert phase.main(["--compare", str(tmp_path / "c"), "--out", str(tmp_path / "a")]) == 2
+    assert "not the same cell" in capsys.readouterr().err
