@@ -710,6 +710,11 @@ def integrate(X0: torch.Tensor, Q: torch.Tensor, K: torch.Tensor, V: torch.Tenso
                       t_stall=t_stall.reshape(bshape))
 
 
+class ResumeMismatch(ValueError):
+    """integrate_each(resume=state) was given the state of another run (other inputs, save times,
+    tolerances or options): a ValueError, its own type so that a caller can start afresh instead."""
+
+
 @dataclass
 class Fates:
     """What integrate_each() returns. t: (T,) save times; X: (T, B, n, d) states there (an instance
@@ -747,7 +752,8 @@ def integrate_each(X0: torch.Tensor, Q: torch.Tensor, K: torch.Tensor, V: torch.
     snapshot(state) with its whole state, a dict of tensors, before it takes the next step; passing
     that dict back as resume= continues from there. Each instance's step depends only on its own
     state, so a resumed run ends with the same trajectories as one never stopped, to the last bit
-    (tested). A state made for other inputs, tolerances or save times is refused (ValueError).
+    (tested). A state made for other inputs, tolerances or save times is refused (ResumeMismatch,
+    a ValueError).
     """
     _check_inputs(X0, Q, K, V, **options)
     t_save = torch.as_tensor(t_save, dtype=torch.float64).flatten()
@@ -779,17 +785,18 @@ def integrate_each(X0: torch.Tensor, Q: torch.Tensor, K: torch.Tensor, V: torch.
         return _prepared_field(q_, k_, v_, **p, **scalars)
 
     # what a saved state must agree with to be resumed here: the inputs (by shape and exact sums),
-    # the save times, the tolerances and the field's options
-    key = {"shape": list(X0.shape), "sums": [float(m.double().sum()) for m in (X0, Q, K, V)],
-           "abs_sums": [float(m.double().abs().sum()) for m in (X0, Q, K, V)], "t_save": t_save.tolist(),
-           "solver": [dt, rtol, atol, max_norm, min_norm, max_steps],
-           "options": sorted((k, repr(v) if not isinstance(v, torch.Tensor) else float(v.double().sum()))
-                             for k, v in options.items())}
+    # the save times, the tolerances and the field's options (only built when a state is saved or read)
+    key = None if resume is None and snapshot is None else {
+        "shape": list(X0.shape), "sums": [float(m.double().sum()) for m in (X0, Q, K, V)],
+        "abs_sums": [float(m.double().abs().sum()) for m in (X0, Q, K, V)], "t_save": t_save.tolist(),
+        "solver": [dt, rtol, atol, max_norm, min_norm, max_steps],
+        "options": sorted((k, repr(v) if not isinstance(v, torch.Tensor) else float(v.double().sum()))
+                          for k, v in options.items())}
     names = ("out", "t_reached", "blown", "settled", "steps", "act", "x", "tb", "hb", "nxt", "k1")
     if resume is not None:
         if not isinstance(resume, dict) or resume.get("key") != key or any(n not in resume for n in names):
-            raise ValueError("resume= holds the state of a different run (other inputs, save times, "
-                             "tolerances or options); start without it.")
+            raise ResumeMismatch("resume= holds the state of a different run (other inputs, save times, "
+                                 "tolerances or options); start without it.")
         out, t_reached, blown, settled, steps, act, x, tb, hb, nxt, k1 = (resume[n] for n in names)
         f = field_on(act)
     else:

@@ -31,9 +31,9 @@ every PE and mask sees the same instances, so their differences are paired):
 
 Each cell is written to DIR/cells/<cell>.json as soon as it is done; while it runs, the integrator's
 state is saved every 5 minutes to DIR/cells/.<cell>.partial.pt, so a killed run loses at most five
-minutes of work and the next run goes on from there. Then DIR/phase.csv (one row per cell: counts of each fate, the share converging with its
-Wilson 95% interval, the share of instances whose V is not Hurwitz, mean ρ, median late slope and
-‖Ẋ‖/‖X‖) and the figures DIR/pe.png (one panel per mask × PE, d × n, colour = share converging),
+minutes of work and the next run goes on from there. Then DIR/phase.csv (one row per cell: counts
+of each fate, the share converging with its Wilson 95% interval, the share of instances whose V is
+not Hurwitz, mean ρ, median late slope and ‖Ẋ‖/‖X‖) and the figures DIR/pe.png (one panel per mask × PE, d × n, colour = share converging),
 DIR/rho.png (share converging and share non-Hurwitz against ρ) and DIR/scale.png.
 """
 
@@ -46,6 +46,7 @@ import statistics as st
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -139,9 +140,7 @@ def run_cell(c: dict, n_inst: int, t_end: float, n_save: int = 61, max_steps: in
     snap = dict(snapshot=snapshot if partial is not None else None, snapshot_every_s=snapshot_every_s)
     try:
         rec = field_fates(Q, K, V, X0, t_save, max_steps=max_steps, resume=resume, **snap, **opts)
-    except ValueError as e:
-        if resume is None or "different run" not in str(e):
-            raise
+    except oa.ResumeMismatch:
         tqdm.write(f"{partial.name}: saved for another run (other instances or settings); the cell starts afresh")
         before, t0 = 0.0, time.time()
         rec = field_fates(Q, K, V, X0, t_save, max_steps=max_steps, **snap, **opts)
@@ -205,10 +204,7 @@ def write_compare(out: Path, ref: Path) -> list[dict]:
         if len(fa) != len(fb) or a["t_end"] != b["t_end"]:
             raise ValueError(f"{p.name}: {len(fa)} instances to t = {a['t_end']:g} here, {len(fb)} to "
                              f"t = {b['t_end']:g} in {ref}: not the same cell.")
-        moves: dict = {}
-        for x, y in zip(fb, fa):
-            if x != y:
-                moves[f"{x}→{y}"] = moves.get(f"{x}→{y}", 0) + 1
+        moves = Counter(f"{x}→{y}" for x, y in zip(fb, fa) if x != y)
         ds = [abs(x - y) for x, y in zip(a["records"]["slope"], b["records"]["slope"]) if x == x and y == y]
         rows.append({"cell": p.name[:-5], "n": a["cell"]["n"], "d": a["cell"]["d"], "instances": len(fa),
                      "fates_changed": sum(moves.values()),

@@ -117,7 +117,7 @@ def test_integrate_each_resumed_from_a_snapshot_ends_bit_for_bit_as_one_never_st
         assert torch.equal(r.n_steps, ref.n_steps)
         assert torch.equal(r.blown, ref.blown) and torch.equal(r.settled, ref.settled)
     state = torch.load(tmp_path / "s200.pt")
-    with pytest.raises(ValueError, match="different run"):        # other inputs
+    with pytest.raises(oa.ResumeMismatch, match="different run"):  # other inputs (a ValueError)
         oa.integrate_each(X0 * 2, Q, K, V, ts, resume=state, **kw)
     with pytest.raises(ValueError, match="different run"):        # other tolerance
         oa.integrate_each(X0, Q, K, V, ts, resume=state, rtol=1e-9, atol=1e-12, max_steps=800)
